@@ -1,0 +1,85 @@
+#include "pagedkv/attention_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "pagedkv/half_convert.h"
+#include "pagedkv/parallel.h"
+
+namespace pagedkv {
+namespace {
+
+// Keys a query at `pos` may see, as [begin, end) ranges: the sinks, then the window up to pos.
+// Blocks outside both ranges are never touched, as in the kernel.
+struct KeyRanges {
+  int32_t sink_end;      // keys [0, sink_end) are sinks (already clipped to pos + 1)
+  int32_t window_begin;  // keys [window_begin, pos + 1)
+};
+
+KeyRanges key_ranges(const PagedAttentionParams& p, int32_t pos) {
+  int32_t wb = window_start(pos, p.window);
+  int32_t se = p.window > 0 ? std::min(p.sink_tokens, wb) : 0;
+  return {se, wb};
+}
+
+// One (sequence, kv head) pair: every query row of the sequence, every query head of the group.
+void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head,
+                std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& qf) {
+  const int32_t group = p.num_q_heads / p.num_kv_heads;
+  const int32_t D = p.head_dim, bs = p.block_size;
+  const int32_t* table = p.block_table + int64_t(seq) * p.max_blocks;
+  for (int32_t row = p.q_indptr[seq]; row < p.q_indptr[seq + 1]; ++row) {
+    const int32_t pos = query_position(p, seq, row);
+    const KeyRanges kr = key_ranges(p, pos);
+    const int32_t num_keys = kr.sink_end + (pos + 1 - kr.window_begin);
+    scores.resize(size_t(num_keys));
+    for (int32_t g = 0; g < group; ++g) {
+      const int32_t qh = kv_head * group + g;
+      const int64_t qbase = (int64_t(row) * p.num_q_heads + qh) * D;
+      qf.resize(size_t(D));
+      for (int32_t d = 0; d < D; ++d) qf[size_t(d)] = load_as_float(p.q, qbase + d, p.dtype);
+      // Pass 1: scores. Key index i counts sinks first, then the window.
+      float max_score = -std::numeric_limits<float>::infinity();
+      for (int32_t i = 0; i < num_keys; ++i) {
+        const int32_t j = i < kr.sink_end ? i : kr.window_begin + (i - kr.sink_end);
+        const int64_t base = tile_offset(p, table[j / bs], 0, kv_head) + int64_t(j % bs) * D;
+        float dot = 0.f;
+        for (int32_t d = 0; d < D; ++d) dot += qf[size_t(d)] * load_as_float(p.pool, base + d, p.dtype);
+        scores[size_t(i)] = dot * p.scale;
+        max_score = std::max(max_score, scores[size_t(i)]);
+      }
+      // Pass 2: softmax-weighted sum of V.
+      acc.assign(size_t(D), 0.f);
+      float sum = 0.f;
+      for (int32_t i = 0; i < num_keys; ++i) {
+        const int32_t j = i < kr.sink_end ? i : kr.window_begin + (i - kr.sink_end);
+        const float w = std::exp(scores[size_t(i)] - max_score);
+        sum += w;
+        const int64_t base = tile_offset(p, table[j / bs], 1, kv_head) + int64_t(j % bs) * D;
+        for (int32_t d = 0; d < D; ++d) acc[size_t(d)] += w * load_as_float(p.pool, base + d, p.dtype);
+      }
+      const float inv = 1.f / sum;
+      for (int32_t d = 0; d < D; ++d) store_from_float(p.out, qbase + d, acc[size_t(d)] * inv, p.dtype);
+      if (p.lse) p.lse[int64_t(row) * p.num_q_heads + qh] = max_score + std::log(sum);
+    }
+  }
+}
+
+}  // namespace
+
+void attention_cpu(const PagedAttentionParams& p, int num_threads) {
+  const int64_t items = int64_t(p.num_seqs) * p.num_kv_heads;
+  // Threads cost tens of microseconds to start: only worth it for real work.
+  int64_t work = 0;
+  for (int32_t s = 0; s < p.num_seqs; ++s)
+    work += int64_t(p.q_indptr[s + 1] - p.q_indptr[s]) * p.kv_lens[s] * p.num_q_heads * p.head_dim;
+  if (work < (1 << 16)) num_threads = 1;
+  parallel_for(items, num_threads, [&](int64_t item) {
+    thread_local std::vector<float> scores, acc, qf;
+    attend_one(p, int32_t(item / p.num_kv_heads), int32_t(item % p.num_kv_heads), scores, acc, qf);
+  });
+}
+
+}  // namespace pagedkv

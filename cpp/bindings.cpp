@@ -1,0 +1,215 @@
+// The nanobind module pagedkv._C: tensors cross as DLPack arrays, never copied. The Python class
+// PagedKV (python/pagedkv/cache.py) checks arguments first with messages in Python's terms; the
+// checks here guard the raw pointers whatever the caller.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <optional>
+
+#include "pagedkv/engine.h"
+#include "pagedkv/errors.h"
+#ifdef PAGEDKV_WITH_CUDA
+#include "pagedkv/cuda_context.h"
+#endif
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using namespace pagedkv;
+
+namespace {
+
+using Array = nb::ndarray<nb::c_contig>;
+
+nb::dlpack::dtype to_dlpack(DType d) {
+  switch (d) {
+    case DType::f32: return nb::dtype<float>();
+    case DType::f16: return {uint8_t(nb::dlpack::dtype_code::Float), 16, 1};
+    default: return {uint8_t(nb::dlpack::dtype_code::Bfloat), 16, 1};
+  }
+}
+
+// The data pointer of `a` after checking it matches the cache: dtype, device, element count.
+void* checked(const Engine& e, const Array& a, const char* name, int64_t elems, DType dtype) {
+  const CacheConfig& c = e.config();
+  PKV_CHECK(a.dtype() == to_dlpack(dtype), TypeMismatch, name, " must be ", dtype_name(dtype));
+  const int want_dev = c.on_cuda ? nb::device::cuda::value : nb::device::cpu::value;
+  PKV_CHECK(a.device_type() == want_dev && (!c.on_cuda || a.device_id() == c.cuda_device),
+            ArgumentError, name, " must be on the cache's device");
+  PKV_CHECK(int64_t(a.size()) == elems, ArgumentError, name, " has ", a.size(), " elements, expected ",
+            elems);
+  return a.data();
+}
+
+void register_exceptions(nb::module_& m) {
+  static nb::object out_of_blocks = nb::steal(PyErr_NewExceptionWithDoc(
+      "pagedkv._C.OutOfBlocksError", "Every tier of the cache is full.", PyExc_MemoryError, nullptr));
+  m.attr("OutOfBlocksError") = out_of_blocks;
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const ArgumentError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const TypeMismatch& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const UnknownSequence& e) {
+      PyErr_SetString(PyExc_KeyError, e.what());
+    } catch (const LayerOutOfRange& e) {
+      PyErr_SetString(PyExc_IndexError, e.what());
+    } catch (const OutOfBlocks& e) {
+      PyErr_SetString(out_of_blocks.ptr(), e.what());
+    } catch (const Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+}
+
+nb::dict stats_dict(const Stats& s) {
+  nb::dict d;
+  d["device_blocks_used"] = s.device_blocks_used;
+  d["device_blocks_free"] = s.device_blocks_free;
+  d["host_blocks_used"] = s.host_blocks_used;
+  d["host_blocks_free"] = s.host_blocks_free;
+  d["disk_blocks_used"] = s.disk_blocks_used;
+  d["disk_blocks_free"] = s.disk_blocks_free;
+  const TransferCounters& c = s.counters;
+  d["blocks_to_host"] = c.blocks_to_host;
+  d["blocks_from_host"] = c.blocks_from_host;
+  d["blocks_to_disk"] = c.blocks_to_disk;
+  d["blocks_from_disk"] = c.blocks_from_disk;
+  d["bytes_to_host"] = c.bytes_to_host;
+  d["bytes_from_host"] = c.bytes_from_host;
+  d["bytes_to_disk"] = c.bytes_to_disk;
+  d["bytes_from_disk"] = c.bytes_from_disk;
+  d["evictions"] = c.evictions;
+  d["drops"] = c.drops;
+  d["device_hits"] = c.device_hits;
+  d["device_misses"] = c.device_misses;
+  d["cow_copies"] = c.cow_copies;
+  d["transfer_wait_s"] = c.transfer_wait_s;
+  d["num_sequences"] = s.num_sequences;
+  return d;
+}
+
+void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  register_exceptions(m);
+
+  m.def("cuda_available", [] {
+#ifdef PAGEDKV_WITH_CUDA
+    return cuda_device_present();
+#else
+    return false;
+#endif
+  }, "Whether this build has CUDA kernels and a GPU with a driver that can run them.");
+  m.def("built_with_cuda", [] {
+#ifdef PAGEDKV_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+
+  nb::class_<Engine>(m, "Engine")
+      .def("__init__",
+           [](Engine* self, int32_t num_layers, int32_t num_kv_heads, int32_t head_dim,
+              int32_t block_size, int32_t dtype, int64_t device_blocks, int64_t host_blocks,
+              int64_t disk_blocks, std::string disk_path, int32_t window, int32_t sink_tokens,
+              bool retain, bool on_cuda, int32_t cuda_device) {
+             CacheConfig c;
+             c.num_layers = num_layers;
+             c.num_kv_heads = num_kv_heads;
+             c.head_dim = head_dim;
+             c.block_size = block_size;
+             PKV_CHECK(dtype >= 0 && dtype <= 2, TypeMismatch, "dtype code ", dtype, " is unknown");
+             c.dtype = DType(dtype);
+             c.device_blocks = device_blocks;
+             c.host_blocks = host_blocks;
+             c.disk_blocks = disk_blocks;
+             c.disk_path = std::move(disk_path);
+             c.window = window;
+             c.sink_tokens = sink_tokens;
+             c.retain = retain;
+             c.on_cuda = on_cuda;
+             c.cuda_device = cuda_device;
+             new (self) Engine(c);
+           },
+           "num_layers"_a, "num_kv_heads"_a, "head_dim"_a, "block_size"_a, "dtype"_a,
+           "device_blocks"_a, "host_blocks"_a, "disk_blocks"_a, "disk_path"_a, "window"_a,
+           "sink_tokens"_a, "retain"_a, "on_cuda"_a, "cuda_device"_a)
+      .def("add_sequence", &Engine::add_sequence)
+      .def("fork", &Engine::fork, "seq"_a)
+      .def("free", &Engine::free, "seq"_a)
+      .def("append",
+           [](Engine& e, const std::vector<SeqId>& seqs, int32_t layer,
+              const std::vector<int32_t>& lengths, const Array& k, const Array& v, uintptr_t stream) {
+             const CacheConfig& c = e.config();
+             int64_t rows = 0;
+             for (int32_t n : lengths) rows += n;
+             const int64_t elems = rows * c.num_kv_heads * c.head_dim;
+             const void* kp = checked(e, k, "k", elems, c.dtype);
+             const void* vp = checked(e, v, "v", elems, c.dtype);
+             nb::gil_scoped_release release;
+             e.append(seqs, layer, lengths, kp, vp, as_stream(stream));
+           },
+           "seqs"_a, "layer"_a, "lengths"_a, "k"_a.noconvert(), "v"_a.noconvert(), "stream"_a)
+      .def("attend",
+           [](Engine& e, const std::vector<SeqId>& seqs, int32_t layer,
+              const std::vector<int32_t>& lengths, const Array& q, const Array& out,
+              std::optional<Array> lse, int32_t num_q_heads, float scale, int32_t window,
+              uintptr_t stream) {
+             const CacheConfig& c = e.config();
+             int64_t rows = 0;
+             for (int32_t n : lengths) rows += n;
+             AttendArgs a;
+             a.num_q_heads = num_q_heads;
+             a.q = checked(e, q, "q", rows * num_q_heads * c.head_dim, c.dtype);
+             a.out = checked(e, out, "out", rows * num_q_heads * c.head_dim, c.dtype);
+             if (lse) a.lse = static_cast<float*>(checked(e, *lse, "lse", rows * num_q_heads, DType::f32));
+             a.scale = scale;
+             a.window = window;
+             a.stream = as_stream(stream);
+             nb::gil_scoped_release release;
+             e.attend(seqs, layer, lengths, a);
+           },
+           "seqs"_a, "layer"_a, "lengths"_a, "q"_a.noconvert(), "out"_a.noconvert(),
+           "lse"_a.noconvert().none(), "num_q_heads"_a, "scale"_a, "window"_a, "stream"_a)
+      .def("gather",
+           [](Engine& e, SeqId seq, int32_t layer, const Array& k_out, const Array& v_out,
+              uintptr_t stream) {
+             const CacheConfig& c = e.config();
+             const int64_t elems = int64_t(e.seq_len(seq, layer)) * c.num_kv_heads * c.head_dim;
+             void* kp = checked(e, k_out, "k_out", elems, c.dtype);
+             void* vp = checked(e, v_out, "v_out", elems, c.dtype);
+             e.gather(seq, layer, kp, vp, as_stream(stream));
+           },
+           "seq"_a, "layer"_a, "k_out"_a.noconvert(), "v_out"_a.noconvert(), "stream"_a)
+      .def("seq_len", &Engine::seq_len, "seq"_a, "layer"_a)
+      .def("block_table",
+           [](const Engine& e, SeqId seq) {
+             std::vector<std::tuple<std::string, int32_t>> out;
+             for (const BlockLoc& l : e.block_table(seq)) out.emplace_back(tier_name(l.tier), l.slot);
+             return out;
+           },
+           "seq"_a)
+      .def("stats", [](const Engine& e) { return stats_dict(e.stats()); })
+      .def("sequences", &Engine::sequences)
+      .def("check_invariants", &Engine::check_invariants)
+      .def("num_sms", &Engine::num_sms)
+      .def("pool",
+           [](const Engine& e) {
+             const CacheConfig& c = e.config();
+             size_t shape[6] = {size_t(e.pool_blocks(Tier::device)), size_t(c.num_layers), 2,
+                                size_t(c.num_kv_heads), size_t(c.block_size), size_t(c.head_dim)};
+             const int dev = c.on_cuda ? nb::device::cuda::value : nb::device::cpu::value;
+             return nb::ndarray<>(e.pool_data(Tier::device), 6, shape, nb::handle(), nullptr,
+                                  to_dlpack(c.dtype), dev, c.on_cuda ? c.cuda_device : 0);
+           },
+           nb::rv_policy::reference_internal);
+}

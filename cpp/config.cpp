@@ -1,0 +1,25 @@
+#include "pagedkv/config.h"
+
+#include "pagedkv/errors.h"
+
+namespace pagedkv {
+
+void validate_config(const CacheConfig& c) {
+  PKV_CHECK(c.num_layers > 0, ArgumentError, "num_layers must be positive, got ", c.num_layers);
+  PKV_CHECK(c.num_kv_heads > 0, ArgumentError, "num_kv_heads must be positive, got ", c.num_kv_heads);
+  PKV_CHECK(c.head_dim > 0 && c.head_dim <= 512, ArgumentError,
+            "head_dim must be in 1..512, got ", c.head_dim);
+  PKV_CHECK(c.block_size > 0 && c.block_size <= 1024, ArgumentError,
+            "block_size must be in 1..1024, got ", c.block_size);
+  PKV_CHECK(c.device_blocks > 0, ArgumentError, "device_blocks must be positive, got ", c.device_blocks);
+  PKV_CHECK(c.device_blocks < (int64_t(1) << 31), ArgumentError,
+            "device_blocks must be below 2^31, got ", c.device_blocks);
+  PKV_CHECK(c.host_blocks >= 0, ArgumentError, "host_blocks must be >= 0, got ", c.host_blocks);
+  PKV_CHECK(c.disk_blocks >= 0, ArgumentError, "disk_blocks must be >= 0, got ", c.disk_blocks);
+  PKV_CHECK(c.window >= 0, ArgumentError, "window must be positive or None, got ", c.window);
+  PKV_CHECK(c.sink_tokens >= 0, ArgumentError, "sink_tokens must be >= 0, got ", c.sink_tokens);
+  PKV_CHECK(c.sink_tokens == 0 || c.window > 0, ArgumentError,
+            "sink_tokens needs a window: sink tokens are the keys kept outside the window");
+}
+
+}  // namespace pagedkv

@@ -1,0 +1,146 @@
+// Engine lifecycle and bookkeeping: construction, sequences, forks, frees and read-only queries.
+#include "pagedkv/engine.h"
+
+#include <algorithm>
+#include <unordered_set>
+
+#include "pagedkv/errors.h"
+#ifdef PAGEDKV_WITH_CUDA
+#include "pagedkv/cuda_context.h"
+#endif
+
+namespace pagedkv {
+
+#ifndef PAGEDKV_WITH_CUDA
+class CudaContext {};  // CPU-only builds hold no CUDA state
+#endif
+
+Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
+  validate_config(cfg_);
+  PKV_CHECK(cfg_.host_blocks == 0, ArgumentError,
+            "host_blocks: the pinned host tier is not available in this version");
+  PKV_CHECK(cfg_.disk_blocks == 0, ArgumentError,
+            "disk_blocks: the disk tier is not available in this version");
+  const size_t bytes = size_t(cfg_.device_blocks) * size_t(cfg_.block_bytes());
+  if (cfg_.on_cuda) {
+#ifdef PAGEDKV_WITH_CUDA
+    PKV_CHECK(cfg_.dtype != DType::f32, TypeMismatch,
+              "dtype: the CUDA kernels take float16 or bfloat16, got float32");
+    cuda_ = std::make_unique<CudaContext>(cfg_.cuda_device);
+    device_pool_ = BlockPool(cfg_.device_blocks,
+                             TierMemory(MemoryKind::cuda_device, bytes, cfg_.cuda_device));
+#else
+    PKV_FAIL(ArgumentError, "device: this build of pagedkv has no CUDA support");
+#endif
+  } else {
+    device_pool_ = BlockPool(cfg_.device_blocks, TierMemory(MemoryKind::host, bytes, 0));
+  }
+}
+
+Engine::~Engine() = default;
+
+SeqId Engine::add_sequence() {
+  SeqId id = next_seq_++;
+  SequenceTable t;
+  t.lens.assign(size_t(cfg_.num_layers), 0);
+  t.scope_start.assign(size_t(cfg_.num_layers), 0);
+  tables_.emplace(id, std::move(t));
+  return id;
+}
+
+SeqId Engine::fork(SeqId parent) {
+  const SequenceTable& src = table(parent, "fork()");
+  SequenceTable copy = src;
+  for (BlockId id : copy.blocks)
+    if (id != kNoBlock) directory_.retain(id);
+  SeqId id = next_seq_++;
+  tables_.emplace(id, std::move(copy));
+  ++version_;
+  return id;
+}
+
+void Engine::free(SeqId seq) {
+  SequenceTable& t = table(seq, "free()");
+  for (BlockId id : t.blocks) {
+    if (id == kNoBlock) continue;
+    const BlockLoc loc = directory_.loc(id);
+    if (directory_.release(id)) device_pool_.release(loc.slot);
+  }
+  tables_.erase(seq);
+  ++version_;
+}
+
+const SequenceTable& Engine::table(SeqId seq, const char* what) const {
+  auto it = tables_.find(seq);
+  PKV_CHECK(it != tables_.end(), UnknownSequence, what, ": unknown sequence id ", seq);
+  return it->second;
+}
+
+SequenceTable& Engine::table(SeqId seq, const char* what) {
+  return const_cast<SequenceTable&>(static_cast<const Engine*>(this)->table(seq, what));
+}
+
+void Engine::check_layer(int32_t layer, const char* what) const {
+  PKV_CHECK(layer >= 0 && layer < cfg_.num_layers, LayerOutOfRange, what, ": layer ", layer,
+            " is out of range for a cache of ", cfg_.num_layers, " layers");
+}
+
+void Engine::check_batch(const std::vector<SeqId>& seqs, const std::vector<int32_t>& lengths,
+                         const char* what) const {
+  PKV_CHECK(seqs.size() == lengths.size(), ArgumentError, what, ": lengths has ", lengths.size(),
+            " entries but seqs has ", seqs.size());
+  std::unordered_set<SeqId> seen;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    table(seqs[i], what);
+    PKV_CHECK(seen.insert(seqs[i]).second, ArgumentError, what, ": seqs lists sequence ", seqs[i],
+              " twice");
+    PKV_CHECK(lengths[i] >= 0, ArgumentError, what, ": lengths[", i, "] is negative (", lengths[i], ")");
+  }
+}
+
+int32_t Engine::seq_len(SeqId seq, int32_t layer) const {
+  const SequenceTable& t = table(seq, "seq_len()");
+  check_layer(layer, "seq_len()");
+  return t.lens[size_t(layer)];
+}
+
+std::vector<BlockLoc> Engine::block_table(SeqId seq) const {
+  const SequenceTable& t = table(seq, "block_table()");
+  std::vector<BlockLoc> out;
+  out.reserve(t.blocks.size());
+  for (BlockId id : t.blocks) out.push_back(id == kNoBlock ? BlockLoc{} : directory_.loc(id));
+  return out;
+}
+
+Stats Engine::stats() const {
+  Stats s;
+  s.device_blocks_used = device_pool_.num_used();
+  s.device_blocks_free = device_pool_.num_free();
+  s.num_sequences = int64_t(tables_.size());
+  s.counters = counters_;
+  return s;
+}
+
+std::vector<SeqId> Engine::sequences() const {
+  std::vector<SeqId> ids;
+  for (const auto& kv : tables_) ids.push_back(kv.first);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+void* Engine::pool_data(Tier tier) const {
+  return tier == Tier::device ? device_pool_.data() : nullptr;
+}
+
+int64_t Engine::pool_blocks(Tier tier) const {
+  return tier == Tier::device ? device_pool_.capacity() : 0;
+}
+
+int Engine::num_sms() const {
+#ifdef PAGEDKV_WITH_CUDA
+  if (cuda_) return cuda_->num_sms();
+#endif
+  return 0;
+}
+
+}  // namespace pagedkv

@@ -1,0 +1,72 @@
+// The page-table view that one attention call reads. The CUDA kernels and the CPU reference read
+// this same struct and share its indexing helpers, so they cannot disagree about the layout.
+//
+// Pool layout (DESIGN.md §3), in elements of `dtype`:
+//   pool: [num_slots][num_layers][2 (K,V)][num_kv_heads][block_size][head_dim]
+// Query row r of sequence i (q_indptr[i] <= r < q_indptr[i+1]) sits at position
+//   kv_lens[i] - (q_indptr[i+1] - r)
+// i.e. the rows of a sequence are its newest tokens, and it sees key j when j <= position and,
+// with a window, j > position - window or j < sink_tokens.
+#pragma once
+#include <cstdint>
+
+#include "pagedkv/types.h"
+
+#if defined(__CUDACC__)
+#define PKV_HD __host__ __device__ __forceinline__
+#else
+#define PKV_HD inline
+#endif
+
+namespace pagedkv {
+
+struct PagedAttentionParams {
+  const void* q = nullptr;              // [num_rows, num_q_heads, head_dim] contiguous, dtype
+  void* out = nullptr;                  // [num_rows, num_q_heads, head_dim] contiguous, dtype
+  float* lse = nullptr;                 // [num_rows, num_q_heads] float32 natural log, or nullptr
+  const void* pool = nullptr;           // [num_slots, num_layers, 2, num_kv_heads, block_size, head_dim]
+  const int32_t* block_table = nullptr; // [num_seqs, max_blocks] pool slot of each logical block; -1 = none
+  const int32_t* kv_lens = nullptr;     // [num_seqs] tokens this layer of each sequence has seen
+  const int32_t* q_indptr = nullptr;    // [num_seqs + 1] row offsets; q_indptr[0] == 0
+  int32_t num_seqs = 0;
+  int32_t num_rows = 0;     // == q_indptr[num_seqs]
+  int32_t max_q_len = 0;    // max over i of q_indptr[i+1] - q_indptr[i]
+  int32_t max_blocks = 0;   // row stride of block_table
+  int32_t num_q_heads = 0;  // a multiple of num_kv_heads
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 0;
+  int32_t num_layers = 0;
+  int32_t layer = 0;
+  int32_t window = 0;       // <= 0: full causal
+  int32_t sink_tokens = 0;  // only meaningful with window > 0
+  float scale = 1.f;
+  DType dtype = DType::f16; // of q, out and pool
+};
+
+// Element offset of the [block_size][head_dim] tile of (slot, layer, kv, head) in the pool.
+PKV_HD int64_t tile_offset(const PagedAttentionParams& p, int32_t slot, int32_t kv, int32_t head) {
+  return ((((int64_t)slot * p.num_layers + p.layer) * 2 + kv) * p.num_kv_heads + head) *
+         (int64_t)p.block_size * p.head_dim;
+}
+
+// Position (0-based, over all tokens of the sequence in this layer) of query row r of sequence i.
+PKV_HD int32_t query_position(const PagedAttentionParams& p, int32_t seq, int32_t row) {
+  return p.kv_lens[seq] - (p.q_indptr[seq + 1] - row);
+}
+
+// Whether the query at position `pos` sees key `j`.
+PKV_HD bool key_visible(int32_t j, int32_t pos, int32_t window, int32_t sink_tokens) {
+  if (j > pos) return false;
+  if (window <= 0) return true;
+  return j > pos - window || j < sink_tokens;
+}
+
+// First key of the sliding part of the window for a query at `pos` (0 without a window).
+PKV_HD int32_t window_start(int32_t pos, int32_t window) {
+  if (window <= 0) return 0;
+  int32_t s = pos - window + 1;
+  return s > 0 ? s : 0;
+}
+
+}  // namespace pagedkv

@@ -1,0 +1,36 @@
+// The shape of a cache: fixed at construction, read by every part of the engine.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "pagedkv/types.h"
+
+namespace pagedkv {
+
+struct CacheConfig {
+  int32_t num_layers = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 16;
+  DType dtype = DType::f16;
+  int64_t device_blocks = 0;  // hot tier capacity (GPU memory, or host memory when on_cuda is false)
+  int64_t host_blocks = 0;    // pinned host tier (the tiers issue)
+  int64_t disk_blocks = 0;    // disk tier (the tiers issue)
+  std::string disk_path;
+  int32_t window = 0;       // <= 0: full causal attention; else each query sees its last `window` keys
+  int32_t sink_tokens = 0;  // with a window, the first `sink_tokens` keys stay visible
+  bool retain = true;       // with a window: false frees out-of-scope blocks at once
+  bool on_cuda = false;     // the device tier is GPU memory
+  int32_t cuda_device = 0;
+
+  // Elements of one [block_size][head_dim] tile, and bytes of one whole block (all layers, K and V).
+  int64_t tile_elems() const { return int64_t(block_size) * head_dim; }
+  int64_t block_elems() const { return int64_t(num_layers) * 2 * num_kv_heads * tile_elems(); }
+  int64_t block_bytes() const { return block_elems() * int64_t(dtype_size(dtype)); }
+  bool windowed() const { return window > 0; }
+};
+
+// Validates a configuration; throws ArgumentError naming the first bad field.
+void validate_config(const CacheConfig& c);
+
+}  // namespace pagedkv

@@ -1,0 +1,76 @@
+// The engine's CUDA-side state: device properties, grow-only device buffers for per-call metadata
+// and split-K scratch, and a pinned staging ring for host -> device metadata copies.
+// Only CUDA builds compile this; the engine reaches it through a pointer.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace pagedkv {
+
+// Throws CudaError with the call's text and the CUDA message when `err` is not cudaSuccess.
+void cuda_check(cudaError_t err, const char* what, const char* file, int line);
+#define PKV_CUDA(call) ::pagedkv::cuda_check((call), #call, __FILE__, __LINE__)
+
+// Whether a CUDA device and a driver that can run our kernels are present. Never throws.
+bool cuda_device_present();
+
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer();
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  // Grows (never shrinks) to at least `bytes`; growing frees the old buffer, which waits for the
+  // device, so callers size buffers before capturing graphs.
+  void* reserve(size_t bytes);
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+class CudaContext {
+ public:
+  explicit CudaContext(int device);
+  ~CudaContext();
+
+  int device() const { return device_; }
+  int num_sms() const { return num_sms_; }
+
+  // Copies `bytes` from host memory to `dst` (device) on `stream` through the pinned ring, so the
+  // caller may reuse `src` at once and the host never waits for the copy.
+  void upload(void* dst, const void* src, size_t bytes, cudaStream_t stream);
+
+  DeviceBuffer table;      // step plan block tables
+  DeviceBuffer meta;       // per-call kv_lens, q_indptr, slot mappings
+  DeviceBuffer workspace;  // split-K partial results
+
+ private:
+  void* stage(const void* src, size_t bytes, cudaStream_t stream);
+  int device_ = 0;
+  int num_sms_ = 0;
+  static constexpr int kSegments = 16;
+  static constexpr size_t kSegmentBytes = size_t(1) << 20;
+  char* ring_ = nullptr;                       // [kSegments * kSegmentBytes] pinned
+  std::vector<cudaEvent_t> segment_done_;      // [kSegments] recorded when the cursor leaves one
+  std::vector<bool> segment_pending_;          // [kSegments] an event was recorded and not waited
+  int segment_ = 0;
+  size_t offset_ = 0;                          // within the current segment
+};
+
+// Makes `device` current for the lifetime of the guard and restores the previous one after.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+
+ private:
+  int previous_ = -1;
+};
+
+}  // namespace pagedkv

@@ -1,0 +1,45 @@
+// Exceptions of the core. The binding layer maps each one to the Python exception of DESIGN.md §4:
+//   ArgumentError -> ValueError, TypeMismatch -> TypeError, UnknownSequence -> KeyError,
+//   LayerOutOfRange -> IndexError, OutOfBlocks -> pagedkv.OutOfBlocksError (a MemoryError),
+//   anything else (CudaError, InternalError) -> RuntimeError.
+#pragma once
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace pagedkv {
+
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct ArgumentError : Error { using Error::Error; };
+struct TypeMismatch : Error { using Error::Error; };
+struct UnknownSequence : Error { using Error::Error; };
+struct LayerOutOfRange : Error { using Error::Error; };
+struct OutOfBlocks : Error { using Error::Error; };
+struct CudaError : Error { using Error::Error; };
+struct InternalError : Error { using Error::Error; };
+
+namespace detail {
+template <typename... Args>
+std::string concat(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+template <typename E, typename... Args>
+[[noreturn]] void raise(const char* file, int line, const Args&... args) {
+  // The message comes first so that Python users read it first; the location follows.
+  throw E(concat(args..., " [", file, ":", line, "]"));
+}
+}  // namespace detail
+
+}  // namespace pagedkv
+
+// PKV_CHECK(cond, ExcType, message parts...): throws ExcType with the parts and file:line.
+#define PKV_CHECK(cond, Exc, ...)                                                \
+  do {                                                                           \
+    if (!(cond)) ::pagedkv::detail::raise<::pagedkv::Exc>(__FILE__, __LINE__, __VA_ARGS__); \
+  } while (0)
+
+#define PKV_FAIL(Exc, ...) ::pagedkv::detail::raise<::pagedkv::Exc>(__FILE__, __LINE__, __VA_ARGS__)

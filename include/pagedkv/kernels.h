@@ -1,0 +1,37 @@
+// CUDA entry points. Raw pointers, sizes and a stream in; a cudaError_t out. They know nothing
+// of Python or torch; the engine validates every argument before calling them.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "pagedkv/attention_params.h"
+
+namespace pagedkv::cuda {
+
+// Scatter new K/V rows into their pool slots for one layer.
+struct KVWriteParams {
+  const void* k = nullptr;                 // [num_rows, num_kv_heads, head_dim] contiguous
+  const void* v = nullptr;                 // [num_rows, num_kv_heads, head_dim] contiguous
+  void* pool = nullptr;                    // [num_slots, num_layers, 2, num_kv_heads, block_size, head_dim]
+  const int32_t* slot_mapping = nullptr;   // [num_rows] slot * block_size + offset of each row
+  int32_t num_rows = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 0;
+  int32_t num_layers = 0;
+  int32_t layer = 0;
+  DType dtype = DType::f16;
+};
+cudaError_t kv_write(const KVWriteParams& p, cudaStream_t stream);
+
+// Scratch bytes paged_attention needs for these params (split-K partials); `num_sms` of the device.
+size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sms);
+
+// Attention over the block table: decode (one row per sequence) and multi-token causal queries.
+// `workspace` holds at least paged_attention_workspace_bytes(p, num_sms) bytes of device memory.
+cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size_t workspace_bytes,
+                            int num_sms, cudaStream_t stream);
+
+}  // namespace pagedkv::cuda

@@ -1,0 +1,223 @@
+"""PagedKV: the public Python API of DESIGN.md §4 over the C++ engine."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _C
+from ._checks import DTYPE_CODES, check_tensor, int_list, split_lengths
+
+_POLICIES = ("lru", "window", "hybrid")
+
+
+def _positive_int(value, name: str, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"PagedKV(): {name} must be an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"PagedKV(): {name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
+    return value
+
+
+class PagedKV:
+    """A paged KV cache: fixed-size blocks of `block_size` tokens, each holding every layer.
+
+    The device pool is `kv.pool`, a zero-copy tensor of shape
+    [device_blocks, num_layers, 2, num_kv_heads, block_size, head_dim].
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int = 16,
+                 dtype: torch.dtype = torch.float16, device="cuda", device_blocks: int | None = None,
+                 host_blocks: int = 0, disk_blocks: int = 0, disk_path=None, policy="lru",
+                 window: int | None = None, sink_tokens: int = 0, retain: bool = True,
+                 rope=None, positions: str = "original"):
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("block_size", block_size)):
+            _positive_int(value, name)
+        if device_blocks is None:
+            raise TypeError("PagedKV(): device_blocks is required (the hot tier's capacity in blocks)")
+        _positive_int(device_blocks, "device_blocks")
+        _positive_int(host_blocks, "host_blocks", allow_zero=True)
+        _positive_int(disk_blocks, "disk_blocks", allow_zero=True)
+        _positive_int(sink_tokens, "sink_tokens", allow_zero=True)
+        if dtype not in DTYPE_CODES:
+            raise TypeError(f"PagedKV(): dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"PagedKV(): device {device!r} is not a device: {e}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"PagedKV(): device must be 'cpu' or 'cuda', got {device}")
+        if device.type == "cuda":
+            if not _C.built_with_cuda():
+                raise ValueError("PagedKV(): device='cuda' but this build of pagedkv has no CUDA kernels")
+            if not (_C.cuda_available() and torch.cuda.is_available()):
+                raise ValueError("PagedKV(): device='cuda' but no usable CUDA GPU is present")
+            device = torch.device("cuda", device.index if device.index is not None
+                                  else torch.cuda.current_device())
+            if dtype == torch.float32:
+                raise TypeError("PagedKV(): dtype on CUDA must be float16 or bfloat16, got float32")
+        if window is not None:
+            _positive_int(window, "window")
+        elif sink_tokens:
+            raise ValueError("PagedKV(): sink_tokens needs a window (sinks are kept outside it)")
+        if not isinstance(retain, bool):
+            raise TypeError(f"PagedKV(): retain must be a bool, got {type(retain).__name__}")
+        if isinstance(policy, str) and policy not in _POLICIES:
+            raise ValueError(f"PagedKV(): policy must be one of {_POLICIES} or a policy object, got {policy!r}")
+        if positions not in ("original", "cache"):
+            raise ValueError(f"PagedKV(): positions must be 'original' or 'cache', got {positions!r}")
+        if host_blocks or disk_blocks:
+            raise NotImplementedError("PagedKV(): host and disk tiers (host_blocks, disk_blocks) "
+                                      "come with the tiers issue; use the device tier for now")
+        if rope is not None or positions != "original":
+            raise NotImplementedError("PagedKV(): rope/positions='cache' come with the streaming issue")
+
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.block_size, self.dtype, self.device = block_size, dtype, device
+        self.device_blocks, self.host_blocks, self.disk_blocks = device_blocks, host_blocks, disk_blocks
+        self.window, self.sink_tokens, self.retain = window, sink_tokens, retain
+        self.policy = policy
+        self._engine = _C.Engine(
+            num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            block_size=block_size, dtype=DTYPE_CODES[dtype], device_blocks=device_blocks,
+            host_blocks=host_blocks, disk_blocks=disk_blocks, disk_path=str(disk_path or ""),
+            window=window or 0, sink_tokens=sink_tokens, retain=retain,
+            on_cuda=device.type == "cuda", cuda_device=device.index or 0)
+        self._pool = None
+
+    # -- sequences -------------------------------------------------------------------------
+    def add_sequence(self) -> int:
+        return self._engine.add_sequence()
+
+    def fork(self, seq: int) -> int:
+        """A new sequence sharing every block of `seq`; a write into a shared block copies it."""
+        return self._engine.fork(self._seq_id(seq, "fork()"))
+
+    def free(self, seq: int) -> None:
+        self._engine.free(self._seq_id(seq, "free()"))
+
+    # -- data ------------------------------------------------------------------------------
+    def append(self, seqs, layer: int, k: torch.Tensor, v: torch.Tensor, lengths=None) -> None:
+        """Writes rows of K and V ([N, num_kv_heads, head_dim]); rows of seqs[i] are consecutive."""
+        where = "append()"
+        seq_list = int_list(seqs, "seqs", where)
+        layer = self._layer(layer, where)
+        tail = (self.num_kv_heads, self.head_dim)
+        check_tensor(k, "k", where, self.dtype, self.device, 3, tail)
+        check_tensor(v, "v", where, self.dtype, self.device, 3, tail)
+        if v.shape[0] != k.shape[0]:
+            raise ValueError(f"{where}: v has {v.shape[0]} rows but k has {k.shape[0]}")
+        self._contiguous(k, "k", where)
+        self._contiguous(v, "v", where)
+        lens = split_lengths(lengths, seq_list, k.shape[0], where)
+        self._engine.append(seq_list, layer, lens, k, v, self._stream())
+
+    def attend(self, seqs, layer: int, q: torch.Tensor, lengths=None, scale: float | None = None,
+               return_lse: bool = False, window: int | None = None):
+        """Causal attention of q ([N, num_q_heads, head_dim], the newest lengths[i] tokens of
+        seqs[i]) over the cache. Returns out [N, num_q_heads, head_dim] (and lse [N, num_q_heads],
+        float32, natural log, with return_lse)."""
+        where = "attend()"
+        seq_list = int_list(seqs, "seqs", where)
+        layer = self._layer(layer, where)
+        check_tensor(q, "q", where, self.dtype, self.device, 3)
+        if q.shape[2] != self.head_dim:
+            raise ValueError(f"{where}: q must have shape [N, num_q_heads, {self.head_dim}], got {list(q.shape)}")
+        hq = q.shape[1]
+        if hq == 0 or hq % self.num_kv_heads:
+            raise ValueError(f"{where}: q has {hq} heads; num_q_heads must be a positive multiple "
+                             f"of num_kv_heads={self.num_kv_heads}")
+        self._contiguous(q, "q", where)
+        lens = split_lengths(lengths, seq_list, q.shape[0], where)
+        if scale is None:
+            scale = 1.0 / math.sqrt(self.head_dim)
+        elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"{where}: scale must be a positive finite number, got {scale!r}")
+        win = self._window_arg(window, where)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+        self._engine.attend(seq_list, layer, lens, q, out, lse, hq, float(scale), win, self._stream())
+        return (out, lse) if return_lse else out
+
+    def gather(self, seq: int, layer: int = 0):
+        """(k, v), each [seq_len, num_kv_heads, head_dim]: the stored KV of one layer of `seq`."""
+        seq = self._seq_id(seq, "gather()")
+        layer = self._layer(layer, "gather()")
+        n = self._engine.seq_len(seq, layer)
+        k = torch.empty((n, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        if n:
+            self._engine.gather(seq, layer, k, v, self._stream())
+        return k, v
+
+    # -- inspection ------------------------------------------------------------------------
+    def seq_len(self, seq: int, layer: int = 0) -> int:
+        return self._engine.seq_len(self._seq_id(seq, "seq_len()"), self._layer(layer, "seq_len()"))
+
+    def block_table(self, seq: int) -> list[tuple[str, int]]:
+        return [tuple(x) for x in self._engine.block_table(self._seq_id(seq, "block_table()"))]
+
+    def stats(self) -> dict:
+        return self._engine.stats()
+
+    def sequences(self) -> list[int]:
+        return list(self._engine.sequences())
+
+    def check_invariants(self) -> None:
+        """Raises RuntimeError naming the first broken engine invariant."""
+        self._engine.check_invariants()
+
+    @property
+    def pool(self) -> torch.Tensor:
+        """The device tier, zero-copy: [device_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]."""
+        if self._pool is None:
+            self._pool = torch.from_dlpack(self._engine.pool())
+        return self._pool
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        scope = "full causal" if self.window is None else f"window={self.window}, sinks={self.sink_tokens}, retain={self.retain}"
+        return (f"PagedKV(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"block_size={self.block_size}, dtype={str(self.dtype)[6:]}, device={self.device}, "
+                f"{scope}, device_blocks {s['device_blocks_used']}/{self.device_blocks} used "
+                f"({self.block_bytes / 2**20:.2f} MiB each), sequences={s['num_sequences']})")
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block: every layer, K and V, of block_size tokens."""
+        return (self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim
+                * torch.empty((), dtype=self.dtype).element_size())
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _stream(self) -> int:
+        if self.device.type != "cuda":
+            return 0
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def _layer(self, layer, where: str) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{where}: layer must be an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"{where}: layer {layer} is out of range for a cache of {self.num_layers} layers")
+        return layer
+
+    @staticmethod
+    def _seq_id(seq, where: str) -> int:
+        if isinstance(seq, torch.Tensor) and seq.dim() == 0 and not seq.dtype.is_floating_point:
+            seq = int(seq)
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            raise TypeError(f"{where}: seq must be an int sequence id, got {type(seq).__name__}")
+        return seq
+
+    @staticmethod
+    def _contiguous(t: torch.Tensor, name: str, where: str) -> None:
+        if not t.is_contiguous():
+            raise ValueError(f"{where}: {name} must be contiguous (pagedkv never copies inputs to make them fit)")
+
+    def _window_arg(self, window, where: str) -> int:
+        if window is None:
+            return -1
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"{where}: window must be a non-negative int (0 = full causal), got {window!r}")
+        return window
