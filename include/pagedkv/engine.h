@@ -65,6 +65,7 @@ class Engine {
   void check_invariants() const;
 
  private:
+  friend struct EngineTestAccess;  // tests/cpp: corrupts state to prove check_invariants() sees it
   const SequenceTable& table(SeqId seq, const char* what) const;
   SequenceTable& table(SeqId seq, const char* what);
   void check_layer(int32_t layer, const char* what) const;

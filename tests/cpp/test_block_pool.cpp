@@ -1,0 +1,59 @@
+// Allocator and block directory: free lists, reference counts, id recycling.
+#include <gtest/gtest.h>
+
+#include <set>
+
+#include "pagedkv/block_directory.h"
+#include "pagedkv/block_pool.h"
+#include "pagedkv/errors.h"
+
+using namespace pagedkv;
+
+TEST(BlockPool, AllocatesEverySlotOnceThenThrows) {
+  BlockPool pool(5, TierMemory(MemoryKind::host, 5 * 64, 0));
+  std::set<int32_t> seen;
+  for (int i = 0; i < 5; ++i) seen.insert(pool.allocate());
+  EXPECT_EQ(seen, (std::set<int32_t>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(pool.num_free(), 0);
+  EXPECT_THROW(pool.allocate(), OutOfBlocks);
+  EXPECT_EQ(pool.num_used(), 5);
+}
+
+TEST(BlockPool, ReleaseReturnsSlotAndRejectsDoubleRelease) {
+  BlockPool pool(3, TierMemory(MemoryKind::host, 3 * 64, 0));
+  int32_t a = pool.allocate();
+  int32_t b = pool.allocate();
+  pool.release(a);
+  EXPECT_FALSE(pool.is_taken(a));
+  EXPECT_TRUE(pool.is_taken(b));
+  EXPECT_THROW(pool.release(a), InternalError);
+  EXPECT_THROW(pool.release(7), InternalError);
+  EXPECT_EQ(pool.allocate(), a);  // last released is reused first
+  EXPECT_EQ(pool.num_free(), 1);
+}
+
+TEST(BlockPool, MemoryIsAlignedAndSized) {
+  BlockPool pool(4, TierMemory(MemoryKind::host, 4 * 1000, 0));
+  ASSERT_NE(pool.data(), nullptr);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(pool.data()) % 256, 0u);
+}
+
+TEST(BlockDirectory, RefcountsAndRecycling) {
+  BlockDirectory dir;
+  BlockId a = dir.create({Tier::device, 3});
+  BlockId b = dir.create({Tier::device, 4});
+  EXPECT_NE(a, b);
+  dir.retain(a);
+  EXPECT_EQ(dir.refcount(a), 2);
+  EXPECT_FALSE(dir.release(a));
+  EXPECT_TRUE(dir.is_live(a));
+  EXPECT_TRUE(dir.release(a));
+  EXPECT_FALSE(dir.is_live(a));
+  EXPECT_THROW(dir.release(a), InternalError);
+  EXPECT_THROW(dir.retain(a), InternalError);
+  EXPECT_EQ(dir.num_live(), 1);
+  BlockId c = dir.create({Tier::device, 9});
+  EXPECT_EQ(c, a);  // ids are recycled
+  EXPECT_EQ(dir.loc(c).slot, 9);
+  EXPECT_EQ(dir.loc(b).slot, 4);
+}
