@@ -190,6 +190,11 @@ NB_MODULE(_C, m) {
              e.gather(seq, layer, kp, vp, as_stream(stream));
            },
            "seq"_a, "layer"_a, "k_out"_a.noconvert(), "v_out"_a.noconvert(), "stream"_a)
+      .def("prepare",
+           [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
+             return e.prepare(seqs, as_stream(stream));
+           },
+           "seqs"_a, "stream"_a)
       .def("seq_len", &Engine::seq_len, "seq"_a, "layer"_a)
       .def("block_table",
            [](const Engine& e, SeqId seq) {

@@ -37,6 +37,7 @@ void Engine::append(const std::vector<SeqId>& seqs, int32_t layer,
     for (int64_t b = old_len / bs; b < last; ++b) {
       BlockId id = t.blocks[size_t(b)];
       PKV_CHECK(id != kNoBlock, InternalError, "append() writes into a dropped block");
+      if (directory_.refcount(id) == 1) continue;
       if (directory_.refcount(id) - released[id] > 1) {
         ++needed;
         ++released[id];

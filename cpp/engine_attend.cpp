@@ -40,6 +40,11 @@ const StepPlan& Engine::plan_for(const std::vector<SeqId>& seqs, void* stream) {
   return plan_;
 }
 
+int32_t Engine::prepare(const std::vector<SeqId>& seqs, void* stream) {
+  check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "prepare()");
+  return plan_for(seqs, stream).max_blocks;
+}
+
 // Blocks that rows [len - n, len) of a sequence read: the sink blocks and those from the first
 // row's window start on. Throws when a window without retention already dropped one of them.
 int64_t Engine::check_in_scope(SeqId seq, const SequenceTable& t, int32_t layer, int32_t n,

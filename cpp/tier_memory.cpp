@@ -1,6 +1,7 @@
 #include "pagedkv/tier_memory.h"
 
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <utility>
 
@@ -17,6 +18,8 @@ TierMemory::TierMemory(MemoryKind kind, size_t bytes, int cuda_device)
   if (kind == MemoryKind::host) {
     data_ = std::aligned_alloc(256, (bytes + 255) & ~size_t(255));
     PKV_CHECK(data_ != nullptr, OutOfBlocks, "could not allocate ", bytes, " bytes of host memory");
+    // Touch every page now: first-touch faults would otherwise land on appends, mid-decode.
+    std::memset(data_, 0, bytes);
     return;
   }
 #ifdef PAGEDKV_WITH_CUDA

@@ -48,6 +48,9 @@ class Engine {
   // The rows of seqs[i] are its last lengths[i] tokens in `layer`.
   void attend(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
               const AttendArgs& args);
+  // Builds (or reuses) the block table of this batch, as attend() does once per step; returns
+  // its row stride. Lets a caller pay the host-side preparation before the first layer.
+  int32_t prepare(const std::vector<SeqId>& seqs, void* stream);
   // Copies the stored K/V of one layer into k_out, v_out: [seq_len, num_kv_heads, head_dim].
   void gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream);
 

@@ -140,6 +140,11 @@ class PagedKV:
         self._engine.attend(seq_list, layer, lens, q, out, lse, hq, float(scale), win, self._stream())
         return (out, lse) if return_lse else out
 
+    def prepare(self, seqs) -> None:
+        """Builds the block table of this batch now (attend() otherwise does it at its first
+        call of a step); later calls with the same batch and no block change reuse it."""
+        self._engine.prepare(int_list(seqs, "seqs", "prepare()"), self._stream())
+
     def gather(self, seq: int, layer: int = 0):
         """(k, v), each [seq_len, num_kv_heads, head_dim]: the stored KV of one layer of `seq`."""
         seq = self._seq_id(seq, "gather()")

@@ -1,0 +1,63 @@
+"""`python -m pagedkv bench host`: host-side cost of a decode step.
+
+Per decode step of `seqs` sequences over `layers` layers: one append per layer (slot reservation,
+block allocation when a sequence crosses a block boundary, the row writes) and the block-table
+preparation that attend() does once per step. Attention itself is left out (that is the kernel
+benchmark); on the CPU the row writes are memcpy into the host pool.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..cache import PagedKV
+from .common import save, summary
+
+
+def run(seqs: int = 256, layers: int = 32, kv_heads: int = 8, head_dim: int = 128,
+        block_size: int = 16, prompt: int = 32, steps: int = 64, device: str = "cpu") -> dict:
+    dtype = torch.bfloat16
+    blocks = seqs * ((prompt + steps + 2 * block_size) // block_size + 1)
+    kv = PagedKV(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                 dtype=dtype, device=device, device_blocks=blocks)
+    ids = [kv.add_sequence() for _ in range(seqs)]
+    rows = torch.randn(seqs * prompt, kv_heads, head_dim, device=device).to(dtype)
+    for layer in range(layers):
+        kv.append(ids, layer, rows, rows)
+    step_kv = [torch.randn(seqs, kv_heads, head_dim, device=device).to(dtype) for _ in range(layers)]
+    append_s, prepare_s = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        for layer in range(layers):
+            kv.append(ids, layer, step_kv[layer], step_kv[layer])
+        t1 = time.perf_counter()
+        kv.prepare(ids)
+        t2 = time.perf_counter()
+        append_s.append(t1 - t0)
+        prepare_s.append(t2 - t1)
+    crossings = sum(1 for s in range(prompt, prompt + steps) if s % block_size == 0)
+    res = {"config": dict(seqs=seqs, layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+                          block_size=block_size, prompt=prompt, steps=steps, device=device,
+                          dtype=str(dtype)),
+           "append_per_step_s": summary(append_s), "prepare_per_step_s": summary(prepare_s),
+           "steps_with_new_blocks": crossings,
+           "kv_bytes_written_per_step": seqs * layers * 2 * kv_heads * head_dim * 2}
+    return res
+
+
+def main(args) -> None:
+    res = run(seqs=args.seqs, layers=args.layers, steps=args.steps, device=args.device)
+    a, p = res["append_per_step_s"], res["prepare_per_step_s"]
+    c = res["config"]
+    print(f"host-side cost per decode step: {c['seqs']} sequences x {c['layers']} layers, "
+          f"block {c['block_size']}, {c['device']}")
+    print(f"  {'part':<28}{'median us':>12}{'p10 us':>10}{'p90 us':>10}{'us/seq/layer':>14}")
+    for name, s in (("append (all layers)", a), ("block-table preparation", p)):
+        per = s["median"] * 1e6 / (c["seqs"] * (c["layers"] if name.startswith("append") else 1))
+        print(f"  {name:<28}{s['median']*1e6:>12.1f}{s['p10']*1e6:>10.1f}{s['p90']*1e6:>10.1f}{per:>14.3f}")
+    gbs = res["kv_bytes_written_per_step"] / a["median"] / 1e9
+    print(f"  append moves {res['kv_bytes_written_per_step']/2**20:.1f} MiB of K/V per step "
+          f"({gbs:.1f} GB/s including bookkeeping); {res['steps_with_new_blocks']} of {c['steps']} "
+          f"steps allocated new blocks")
+    print(f"  saved {save('host', res)}")
