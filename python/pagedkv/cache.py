@@ -132,7 +132,9 @@ class PagedKV:
         lens = split_lengths(lengths, seq_list, q.shape[0], where)
         if scale is None:
             scale = 1.0 / math.sqrt(self.head_dim)
-        elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not (scale > 0 and math.isfinite(scale)):
+        elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise TypeError(f"{where}: scale must be a float, got {type(scale).__name__}")
+        elif not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"{where}: scale must be a positive finite number, got {scale!r}")
         win = self._window_arg(window, where)
         out = torch.empty_like(q)
@@ -223,6 +225,8 @@ class PagedKV:
     def _window_arg(self, window, where: str) -> int:
         if window is None:
             return -1
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"{where}: window must be an int or None, got {type(window).__name__}")
+        if window < 0:
             raise ValueError(f"{where}: window must be a non-negative int (0 = full causal), got {window!r}")
         return window
