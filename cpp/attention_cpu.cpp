@@ -24,7 +24,24 @@ KeyRanges key_ranges(const PagedAttentionParams& p, int32_t pos) {
   return {se, wb};
 }
 
+// Element loads specialised per storage type, so the inner loops carry no dtype switch.
+template <DType D>
+struct Elem;
+template <>
+struct Elem<DType::f32> {
+  static float load(const void* b, int64_t i) { return static_cast<const float*>(b)[i]; }
+};
+template <>
+struct Elem<DType::f16> {
+  static float load(const void* b, int64_t i) { return f16_to_float(static_cast<const uint16_t*>(b)[i]); }
+};
+template <>
+struct Elem<DType::bf16> {
+  static float load(const void* b, int64_t i) { return bf16_to_float(static_cast<const uint16_t*>(b)[i]); }
+};
+
 // One (sequence, kv head) pair: every query row of the sequence, every query head of the group.
+template <DType DT>
 void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head,
                 std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& qf) {
   const int32_t group = p.num_q_heads / p.num_kv_heads;
@@ -46,7 +63,7 @@ void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head,
         const int32_t j = i < kr.sink_end ? i : kr.window_begin + (i - kr.sink_end);
         const int64_t base = tile_offset(p, table[j / bs], 0, kv_head) + int64_t(j % bs) * D;
         float dot = 0.f;
-        for (int32_t d = 0; d < D; ++d) dot += qf[size_t(d)] * load_as_float(p.pool, base + d, p.dtype);
+        for (int32_t d = 0; d < D; ++d) dot += qf[size_t(d)] * Elem<DT>::load(p.pool, base + d);
         scores[size_t(i)] = dot * p.scale;
         max_score = std::max(max_score, scores[size_t(i)]);
       }
@@ -58,7 +75,7 @@ void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head,
         const float w = std::exp(scores[size_t(i)] - max_score);
         sum += w;
         const int64_t base = tile_offset(p, table[j / bs], 1, kv_head) + int64_t(j % bs) * D;
-        for (int32_t d = 0; d < D; ++d) acc[size_t(d)] += w * load_as_float(p.pool, base + d, p.dtype);
+        for (int32_t d = 0; d < D; ++d) acc[size_t(d)] += w * Elem<DT>::load(p.pool, base + d);
       }
       const float inv = 1.f / sum;
       for (int32_t d = 0; d < D; ++d) store_from_float(p.out, qbase + d, acc[size_t(d)] * inv, p.dtype);
@@ -78,7 +95,12 @@ void attention_cpu(const PagedAttentionParams& p, int num_threads) {
   if (work < (1 << 16)) num_threads = 1;
   parallel_for(items, num_threads, [&](int64_t item) {
     thread_local std::vector<float> scores, acc, qf;
-    attend_one(p, int32_t(item / p.num_kv_heads), int32_t(item % p.num_kv_heads), scores, acc, qf);
+    const int32_t seq = int32_t(item / p.num_kv_heads), head = int32_t(item % p.num_kv_heads);
+    switch (p.dtype) {
+      case DType::f32: attend_one<DType::f32>(p, seq, head, scores, acc, qf); break;
+      case DType::f16: attend_one<DType::f16>(p, seq, head, scores, acc, qf); break;
+      default: attend_one<DType::bf16>(p, seq, head, scores, acc, qf); break;
+    }
   });
 }
 
