@@ -23,6 +23,9 @@ def main(argv=None) -> int:
     host.add_argument("--steps", type=int, default=64)
     host.add_argument("--device", default="cpu")
 
+    kern = bsub.add_parser("kernel", help="paged decode attention vs SDPA, FlashInfer, copy ceiling")
+    kern.add_argument("--quick", action="store_true", help="first two rows only")
+
     args = ap.parse_args(argv)
     if args.cmd == "demo":
         from .demo import run
@@ -33,6 +36,10 @@ def main(argv=None) -> int:
         from .bench.host import main as host_main
 
         host_main(args)
+    elif args.bench == "kernel":
+        from .bench.kernel import main as kernel_main
+
+        kernel_main(args)
     return 0
 
 
