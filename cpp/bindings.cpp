@@ -41,6 +41,9 @@ void* checked(const Engine& e, const Array& a, const char* name, int64_t elems, 
             ArgumentError, name, " must be on the cache's device");
   PKV_CHECK(int64_t(a.size()) == elems, ArgumentError, name, " has ", a.size(), " elements, expected ",
             elems);
+  // The kernels read and write whole 16-byte vectors.
+  PKV_CHECK(!c.on_cuda || reinterpret_cast<uintptr_t>(a.data()) % 16 == 0, ArgumentError, name,
+            " must start on a 16-byte boundary (a view at an odd offset? pass a fresh tensor)");
   return a.data();
 }
 

@@ -26,6 +26,9 @@ Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
 #ifdef PAGEDKV_WITH_CUDA
     PKV_CHECK(cfg_.dtype != DType::f32, TypeMismatch,
               "dtype: the CUDA kernels take float16 or bfloat16, got float32");
+    const int32_t d = cfg_.head_dim;
+    PKV_CHECK(d == 64 || d == 80 || d == 96 || d == 128 || d == 256, ArgumentError,
+              "head_dim: the CUDA kernels take 64, 80, 96, 128 or 256, got ", d);
     cuda_ = std::make_unique<CudaContext>(cfg_.cuda_device);
     device_pool_ = BlockPool(cfg_.device_blocks,
                              TierMemory(MemoryKind::cuda_device, bytes, cfg_.cuda_device));

@@ -1,0 +1,210 @@
+// Host side of paged attention: dtype/head_dim dispatch, the split-K heuristic, the workspace
+// layout and the two launches. Kernels: paged_attention_kernel.cuh, paged_attention_merge.cuh.
+#include <algorithm>
+#include <atomic>
+#include <type_traits>
+
+#include "paged_attention_kernel.cuh"
+#include "paged_attention_merge.cuh"
+#include "pagedkv/kernels.h"
+
+namespace pagedkv::cuda {
+namespace detail {
+
+// Test hook (tests/cuda/paged_attention_check.cu): > 0 forces that many splits.
+int g_force_splits = 0;
+
+constexpr int kStages = 2;
+constexpr int kMaxSplits = 256;
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>, integral_constant<HD>) for the runtime dtype and head_dim.
+template <typename F>
+cudaError_t dispatch(DType dtype, int head_dim, F&& f) {
+  auto by_hd = [&](auto tag) -> cudaError_t {
+    switch (head_dim) {
+      case 64: return f(tag, std::integral_constant<int, 64>{});
+      case 80: return f(tag, std::integral_constant<int, 80>{});
+      case 96: return f(tag, std::integral_constant<int, 96>{});
+      case 128: return f(tag, std::integral_constant<int, 128>{});
+      case 256: return f(tag, std::integral_constant<int, 256>{});
+      default: return cudaErrorNotSupported;
+    }
+  };
+  if (dtype == DType::f16) return by_hd(Tag<__half>{});
+  if (dtype == DType::bf16) return by_hd(Tag<__nv_bfloat16>{});
+  return cudaErrorNotSupported;  // f32 runs on the CPU reference only
+}
+
+struct Plan {
+  int nwarps = 4;
+  size_t smem = 0;
+  int ctas_per_sm = 1;
+  int n_mtiles = 1;
+  int splits = 1;
+  bool pdl = false;  // sm_90+: the merge launches while the main kernel drains
+};
+
+// Per-instance launch facts, computed once (occupancy does not change between calls, and doing
+// it once keeps the per-call path free of anything but the launches).
+template <typename T, int HD, int NWARPS>
+struct Instance {
+  using Shape = AttnShape<HD, NWARPS, kStages>;
+  static constexpr auto kernel = paged_attention_kernel<T, HD, NWARPS, kStages>;
+  static constexpr size_t smem = Shape::template smem_bytes<T>();
+  static cudaError_t prepare(int* ctas_per_sm) {
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    static std::atomic<uint64_t> configured{0};  // bit d: attribute set on device d
+    const uint64_t bit = uint64_t(1) << (dev & 63);
+    if (!(configured.load() & bit)) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (err != cudaSuccess) return err;
+      configured.fetch_or(bit);
+    }
+    static const int occ = [] {
+      int n = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, NWARPS * 32, smem) != cudaSuccess) {
+        (void)cudaGetLastError();
+        n = 1;
+      }
+      return std::max(n, 1);
+    }();
+    *ctas_per_sm = occ;
+    return cudaSuccess;
+  }
+  static void launch(dim3 grid, cudaStream_t st, const PagedAttentionParams& p, int splits, float* po, float* pl) {
+    kernel<<<grid, NWARPS * 32, smem, st>>>(p, splits, po, pl);
+  }
+};
+
+// Splits per (seq, kv head, m-tile): the count that best fills whole waves of resident CTAs,
+// from what the host knows (max_blocks bounds the context; kv_lens stay on the device).
+inline int choose_splits(const PagedAttentionParams& p, int num_sms, const Plan& plan) {
+  if (g_force_splits > 0) return g_force_splits;
+  const int64_t units = int64_t(p.num_seqs) * p.num_kv_heads * plan.n_mtiles;
+  int64_t max_keys = int64_t(p.max_blocks) * p.block_size;
+  if (p.window > 0)
+    max_keys = std::min<int64_t>(max_keys, int64_t(p.window) + std::max(p.sink_tokens, 0) + p.max_q_len);
+  const int64_t max_chunks = (max_keys + 15) / 16;
+  // At least two chunks per warp per split, or the ring never fills.
+  const int cap = int(std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, max_chunks / (2 * plan.nwarps))));
+  const int64_t full_slots = int64_t(std::max(num_sms, 1)) * plan.ctas_per_sm;
+  // Enough units for a wave: split only to even out the last wave. Fewer: split-K aiming at two
+  // resident CTAs per SM, which measured faster than three (cuda/NOTES.md, batch 1 x 32K).
+  const int64_t slots =
+      units >= full_slots ? full_slots : int64_t(std::max(num_sms, 1)) * std::min(plan.ctas_per_sm, 2);
+  // Time ~ waves x (chunk rounds per CTA + ~2 rounds of per-CTA overhead: first-load latency,
+  // Q tile, epilogue, its share of the merge); a round is one chunk for each warp.
+  const int64_t rounds = (max_chunks + plan.nwarps - 1) / plan.nwarps;
+  auto cost = [&](int64_t s) { return ((units * s + slots - 1) / slots) * ((rounds + s - 1) / s + 2); };
+  int best = 1;
+  for (int s = 2; s <= cap; ++s)
+    if (cost(s) < cost(best)) best = s;
+  return best;
+}
+
+inline size_t split_bytes(const PagedAttentionParams& p, int splits) {
+  if (splits <= 1) return 0;
+  const size_t rows_heads = size_t(p.num_rows) * p.num_q_heads;
+  return size_t(splits) * rows_heads * (size_t(p.head_dim) + 1) * sizeof(float);
+}
+
+template <typename T, int HD>
+cudaError_t make_plan(const PagedAttentionParams& p, int num_sms, Plan* plan) {
+  int dev = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  plan->nwarps = 4, plan->smem = Instance<T, HD, 4>::smem;
+  if constexpr (HD == 256) {  // sm_86/89 give a block 99 KB: half the warps, half the rings
+    if (Instance<T, HD, 4>::smem > size_t(optin)) plan->nwarps = 2, plan->smem = Instance<T, HD, 2>::smem;
+  }
+  if (plan->nwarps == 4) {
+    err = Instance<T, HD, 4>::prepare(&plan->ctas_per_sm);
+  } else if constexpr (HD == 256) {
+    err = Instance<T, HD, 2>::prepare(&plan->ctas_per_sm);
+  }
+  if (err != cudaSuccess) return err;
+  int major = 0;
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return err;
+  plan->pdl = major >= 9;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  plan->n_mtiles = (p.max_q_len * group + 15) / 16;
+  plan->splits = choose_splits(p, num_sms, *plan);
+  return cudaSuccess;
+}
+
+inline bool params_ok(const PagedAttentionParams& p) {
+  return p.num_kv_heads > 0 && p.num_q_heads > 0 && p.num_q_heads % p.num_kv_heads == 0 &&
+         p.block_size > 0 && p.num_seqs >= 0 && p.max_q_len >= 0;
+}
+
+}  // namespace detail
+
+size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sms) {
+  if (!detail::params_ok(p) || p.num_rows == 0) return 0;
+  size_t bytes = 0;
+  detail::dispatch(p.dtype, p.head_dim, [&](auto tag, auto hd) {
+    using T = typename decltype(tag)::type;
+    detail::Plan plan;
+    const cudaError_t err = detail::make_plan<T, decltype(hd)::value>(p, num_sms, &plan);
+    if (err == cudaSuccess) bytes = detail::split_bytes(p, plan.splits);
+    return err;
+  });
+  return bytes;
+}
+
+cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size_t workspace_bytes,
+                            int num_sms, cudaStream_t stream) {
+  if (!detail::params_ok(p)) return cudaErrorInvalidValue;
+  if (p.num_rows == 0 || p.num_seqs == 0) return cudaSuccess;
+  return detail::dispatch(p.dtype, p.head_dim, [&](auto tag, auto hd) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    constexpr int HD = decltype(hd)::value;
+    detail::Plan plan;
+    cudaError_t err = detail::make_plan<T, HD>(p, num_sms, &plan);
+    if (err != cudaSuccess) return err;
+    int splits = plan.splits;
+    if (detail::split_bytes(p, splits) > workspace_bytes || workspace == nullptr) {
+      // Less scratch than asked for: fewest-splits fallback still computes the right answer.
+      const size_t per_split = detail::split_bytes(p, 2) / 2;
+      splits = workspace == nullptr ? 1 : int(std::min<size_t>(splits, workspace_bytes / per_split));
+      if (splits < 2) splits = 1;
+    }
+    if (plan.n_mtiles > 65535 || splits > 65535) return cudaErrorInvalidConfiguration;
+    float* part_o = static_cast<float*>(workspace);
+    float* part_lse = splits > 1 ? part_o + size_t(splits) * p.num_rows * p.num_q_heads * HD : nullptr;
+    const dim3 grid(unsigned(p.num_seqs) * unsigned(p.num_kv_heads), plan.n_mtiles, splits);
+    if (plan.nwarps == 4) {
+      detail::Instance<T, HD, 4>::launch(grid, stream, p, splits, part_o, part_lse);
+    } else if constexpr (HD == 256) {
+      detail::Instance<T, HD, 2>::launch(grid, stream, p, splits, part_o, part_lse);
+    }
+    err = cudaGetLastError();
+    if (err != cudaSuccess || splits == 1) return err;
+    const int64_t rows_heads = int64_t(p.num_rows) * p.num_q_heads;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(unsigned(rows_heads));
+    cfg.blockDim = dim3(detail::kMergeThreads);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = plan.pdl ? 1 : 0;
+    err = cudaLaunchKernelEx(&cfg, detail::merge_splits_kernel<T, HD>, static_cast<const float*>(part_o),
+                             static_cast<const float*>(part_lse), splits, rows_heads,
+                             static_cast<T*>(p.out), p.lse);
+    if (err != cudaSuccess) return err;
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace pagedkv::cuda

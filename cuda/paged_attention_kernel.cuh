@@ -1,0 +1,323 @@
+// The split-K paged attention kernel (decode and multi-token causal queries).
+//
+// Work split. One CTA = (sequence, KV head, m-tile of 16 packed query rows, split). A packed row
+// m = qrow_local * group + g is query head kvh * group + g of the sequence's qrow_local-th row, so
+// every query head of a GQA group (and every query row of a short multi-token step) shares one
+// read of each KV chunk: the 16 packed rows are the M dimension of mma.sync m16n8k16.
+//
+// Key order. The keys that some row of the m-tile can see are [0, n_sink) (attention sinks) then
+// [ws, max_pos] (the window of the lowest row, or everything); they are numbered 0..n_keys-1 in
+// that "virtual" order and cut into chunks of 16. Keys outside it, and so whole blocks outside
+// every row's scope, are never addressed. A split takes a contiguous run of chunks; inside the
+// CTA, warp w takes chunks w, w + NWARPS, ... and streams them through its own STAGES-deep
+// cp.async ring in shared memory (only __syncwarp in the loop), keeping its own online-softmax
+// state. The warps' states are merged in shared memory at the end; splits are merged by
+// merge_splits_kernel (paged_attention_merge.cuh) from float partials in the workspace.
+#pragma once
+#include <cfloat>
+
+#include "mma_ptx.cuh"
+#include "pagedkv/attention_params.h"
+
+namespace pagedkv::cuda::detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int HD, int NWARPS, int STAGES>
+struct AttnShape {
+  static constexpr int kChunk = 16;        // keys per warp step: the k of one P.V mma
+  static constexpr int kStride = HD + 8;   // smem row stride (elements); the extra 16 B put the
+                                           // 8 rows one ldmatrix reads on 8 distinct bank quads
+  static constexpr int kTile = kChunk * kStride;  // one K (or V) chunk
+  static constexpr int kWarpElems = STAGES * 2 * kTile;
+  static constexpr int kQElems = 16 * kStride;
+  static constexpr int kThreads = NWARPS * 32;
+  static constexpr int kVecs = HD / 8;     // 16-byte vectors per row
+  static constexpr int kOStride = HD + 4;  // float row stride when a warp's O is parked in smem
+  static_assert(16 * kOStride * 4 <= kWarpElems * 2, "warp O must fit in its KV ring");
+  template <typename T>
+  static constexpr size_t smem_bytes() {
+    return size_t(kQElems + NWARPS * kWarpElems) * sizeof(T);
+  }
+};
+
+// The keys some row of an m-tile sees, in virtual order (see top of file).
+struct KeyScope {
+  int n_sink;  // virtual [0, n_sink) are keys [0, n_sink)
+  int ws;      // virtual [n_sink, n_keys) are keys [ws, ws + n_keys - n_sink)
+  int n_keys;
+  __device__ __forceinline__ int key(int v) const { return v < n_sink ? v : ws + (v - n_sink); }
+};
+
+__device__ __forceinline__ KeyScope make_scope(int min_pos, int max_pos, int window, int sinks) {
+  KeyScope s;
+  s.ws = window_start(min_pos, window);
+  s.n_sink = window > 0 ? min(max(sinks, 0), s.ws) : 0;
+  s.n_keys = s.n_sink + (max_pos + 1 - s.ws);
+  return s;
+}
+
+// Pool element offset of the K row of virtual key c * 16 + (lane & 15), or -1 past the scope.
+// Lanes 0-15 and 16-31 resolve the same 16 rows (one block-table lookup per row per chunk); the
+// result is consumed one pipeline step later, so the lookup's latency hides behind compute.
+__device__ __forceinline__ int64_t resolve_row(const PagedAttentionParams& p, const int32_t* bt_row,
+                                               const KeyScope& sc, int kvh, int c, int lane) {
+  const int v = c * 16 + (lane & 15);
+  if (v >= sc.n_keys) return -1;
+  const int key = sc.key(v);
+  const int lb = key / p.block_size;
+  return tile_offset(p, bt_row[lb], 0, kvh) + int64_t(key - lb * p.block_size) * p.head_dim;
+}
+
+// Issue the cp.async copies of one chunk (16 keys x HD of K and of V) into sK/sV; `off` is this
+// lane's resolve_row. Index map: vector it = lane + 32 i of the chunk is row it / kVecs, 16-byte
+// column it % kVecs, so a warp instruction reads whole 256-byte rows. Rows past the scope are
+// zero-filled.
+template <typename T, int HD, int NWARPS, int STAGES>
+__device__ __forceinline__ void issue_chunk(const T* pool, int64_t off, int64_t v_off, T* sK,
+                                            T* sV, int lane) {
+  using S = AttnShape<HD, NWARPS, STAGES>;
+#pragma unroll
+  for (int i = 0; i < S::kChunk * S::kVecs / 32; ++i) {
+    const int it = lane + 32 * i;
+    const int r = it / S::kVecs, cv = it % S::kVecs;
+    const int64_t o = __shfl_sync(0xffffffffu, off, r);
+    const bool ok = o >= 0;
+    const T* src = pool + (ok ? o + cv * 8 : 0);
+    cp_async_16(sK + r * S::kStride + cv * 8, src, ok);
+    cp_async_16(sV + r * S::kStride + cv * 8, ok ? src + v_off : src, ok);
+  }
+}
+
+template <typename T, int HD, int NWARPS, int STAGES>
+__global__ void __launch_bounds__(NWARPS * 32)
+    paged_attention_kernel(const PagedAttentionParams p, const int num_splits,
+                           float* __restrict__ part_o,    // [num_splits, num_rows, num_q_heads, HD]
+                           float* __restrict__ part_lse)  // [num_splits, num_rows, num_q_heads] log2
+{
+  using S = AttnShape<HD, NWARPS, STAGES>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [16][kStride]: the m-tile's packed query rows
+  __shared__ float s_m[NWARPS][16], s_l[NWARPS][16];
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Let the split merge (launched with programmatic serialisation) get resident early; it
+  // still waits for this whole grid before reading the partials.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+  const int kvh = blockIdx.x % p.num_kv_heads, seq = blockIdx.x / p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int row0 = p.q_indptr[seq];
+  const int q_len = p.q_indptr[seq + 1] - row0;
+  const int m0 = blockIdx.y * 16;
+  const int m_count = min(16, q_len * group - m0);
+  if (m_count <= 0) return;  // uniform over the CTA: shorter query than the grid's longest
+  const int first_pos = p.kv_lens[seq] - q_len;  // position of the sequence's first query row
+  const int min_pos = first_pos + m0 / group;
+  const int max_pos = first_pos + (m0 + m_count - 1) / group;
+  const KeyScope sc = make_scope(min_pos, max_pos, p.window, p.sink_tokens);
+  const int n_chunks = (sc.n_keys + S::kChunk - 1) / S::kChunk;
+  const int c_begin = int(int64_t(blockIdx.z) * n_chunks / num_splits);
+  const int c_end = int(int64_t(blockIdx.z + 1) * n_chunks / num_splits);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int quad_row = lane / 4, quad_col = 2 * (lane % 4);  // mma accumulator coordinates
+  T* ring = sQ + S::kQElems + warp * S::kWarpElems;          // this warp's STAGES x {K, V}
+  const T* pool = static_cast<const T*>(p.pool);
+  const int32_t* bt_row = p.block_table + int64_t(seq) * p.max_blocks;
+
+  // Positions of this lane's two accumulator rows (quad_row, quad_row + 8); padding rows past
+  // m_count borrow the last real row so their (discarded) softmax stays finite.
+  int pos[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) pos[h] = first_pos + (m0 + min(quad_row + 8 * h, m_count - 1)) / group;
+
+  const int my_first = c_begin + warp;
+  const int n_mine = my_first < c_end ? (c_end - my_first + NWARPS - 1) / NWARPS : 0;
+  const int64_t v_off = int64_t(p.num_kv_heads) * p.block_size * HD;  // K tile -> V tile
+  int64_t next_off = n_mine > 0 ? resolve_row(p, bt_row, sc, kvh, my_first, lane) : -1;
+  auto issue = [&](int i) {  // chunk i of this warp; resolves chunk i + 1 for the next call
+    T* st = ring + (i % STAGES) * 2 * S::kTile;
+    issue_chunk<T, HD, NWARPS, STAGES>(pool, next_off, v_off, st, st + S::kTile, lane);
+    if (i + 1 < n_mine) next_off = resolve_row(p, bt_row, sc, kvh, my_first + (i + 1) * NWARPS, lane);
+  };
+  // KV copies go out before the Q tile is loaded, so both latencies overlap.
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (i < n_mine) issue(i);
+    cp_async_commit();
+  }
+
+  // Q tile: thread t loads 16-byte vectors t, t + kThreads, ... of the [16][HD] packed rows.
+  const T* q = static_cast<const T*>(p.q);
+  for (int it = threadIdx.x; it < 16 * S::kVecs; it += S::kThreads) {
+    const int r = it / S::kVecs, cv = it % S::kVecs;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (r < m_count) {
+      const int m = m0 + r;
+      const int64_t qrow = row0 + m / group, head = int64_t(kvh) * group + m % group;
+      val = *reinterpret_cast<const uint4*>(q + (qrow * p.num_q_heads + head) * HD + cv * 8);
+    }
+    *reinterpret_cast<uint4*>(sQ + r * S::kStride + cv * 8) = val;
+  }
+  __syncthreads();
+
+  constexpr bool kQInRegs = HD <= 128;  // HD 256 would not leave room for O: re-read from smem
+  uint32_t qf[kQInRegs ? HD / 16 : 1][4];
+  // ldmatrix row addresses: A (Q) rows l%8 + 8*((l/8)%2), cols 8*(l/16); B (K) rows
+  // 8*(l/16) + l%8, cols 8*((l/8)%2); B (V, transposed) rows l%8 + 8*((l/8)%2), cols 8*(l/16).
+  const T* q_lane = sQ + (lane % 8 + 8 * ((lane / 8) % 2)) * S::kStride + 8 * (lane / 16);
+  const int k_lane = (8 * (lane / 16) + lane % 8) * S::kStride + 8 * ((lane / 8) % 2);
+  const int v_lane = (lane % 8 + 8 * ((lane / 8) % 2)) * S::kStride + 8 * (lane / 16);
+  if constexpr (kQInRegs) {
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) ldmatrix_x4(qf[kk], q_lane + kk * 16);
+  }
+
+  float o[HD / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < HD / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+  float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int i = 0; i < n_mine; ++i) {
+    if (i + STAGES - 1 < n_mine) issue(i + STAGES - 1);  // refills the stage freed last step
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    __syncwarp();  // every lane's copies of chunk i have landed
+    const T* sK = ring + (i % STAGES) * 2 * S::kTile;
+    const T* sV = sK + S::kTile;
+
+    // S = Q K^T for 16 keys: s[nt] holds keys 8 nt + quad_col + {0,1} of rows quad_row (+8).
+    float s[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t a[4], b[4];
+      if constexpr (kQInRegs) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) a[j] = qf[kk][j];
+      } else {
+        ldmatrix_x4(a, q_lane + kk * 16);
+      }
+      ldmatrix_x4(b, sK + k_lane + kk * 16);
+      mma_16816<T>(s[0], a, b[0], b[1]);
+      mma_16816<T>(s[1], a, b[2], b[3]);
+    }
+
+    // Mask only chunks that straddle an edge (scope end, causal diagonal, window start).
+    const int vbase = (my_first + i * NWARPS) * S::kChunk;
+    bool interior = vbase + S::kChunk <= sc.n_keys && sc.key(vbase + S::kChunk - 1) <= min_pos;
+    if (interior && p.window > 0 && vbase + S::kChunk > sc.n_sink)
+      interior = sc.key(max(vbase, sc.n_sink)) > max_pos - p.window;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        s[nt][j] *= scale_log2;
+        if (!interior) {
+          const int v = vbase + nt * 8 + quad_col + (j & 1);
+          if (v >= sc.n_keys || !key_visible(sc.key(v), pos[j / 2], p.window, p.sink_tokens))
+            s[nt][j] = -INFINITY;
+        }
+      }
+
+    // Online softmax in the log2 domain, rows quad_row (h = 0) and quad_row + 8 (h = 1).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_m[h], mx);
+      const float base = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep exp finite
+      const float alpha = ex2(row_m[h] - base);
+      row_m[h] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[nt][2 * h + e] = ex2(s[nt][2 * h + e] - base);
+          sum += s[nt][2 * h + e];
+        }
+      row_l[h] = row_l[h] * alpha + sum;
+#pragma unroll
+      for (int nd = 0; nd < HD / 8; ++nd) {
+        o[nd][2 * h] *= alpha;
+        o[nd][2 * h + 1] *= alpha;
+      }
+    }
+
+    // O += P V: the S accumulators of two n-tiles are exactly the A fragment of a k16 step.
+    const uint32_t pa[4] = {Pack<T>::two(s[0][0], s[0][1]), Pack<T>::two(s[0][2], s[0][3]),
+                            Pack<T>::two(s[1][0], s[1][1]), Pack<T>::two(s[1][2], s[1][3])};
+#pragma unroll
+    for (int dp = 0; dp < HD / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sV + v_lane + dp * 16);
+      mma_16816<T>(o[2 * dp], pa, b[0], b[1]);
+      mma_16816<T>(o[2 * dp + 1], pa, b[2], b[3]);
+    }
+    __syncwarp();  // all lanes done reading this stage before it is refilled
+  }
+  cp_async_wait<0>();
+  __syncwarp();
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_l[h] += __shfl_xor_sync(0xffffffffu, row_l[h], 1);
+    row_l[h] += __shfl_xor_sync(0xffffffffu, row_l[h], 2);
+  }
+  // Park this warp's unnormalised O in its own ring: float [16][kOStride].
+  float* sO = reinterpret_cast<float*>(ring);
+#pragma unroll
+  for (int nd = 0; nd < HD / 8; ++nd)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      *reinterpret_cast<float2*>(sO + (quad_row + 8 * h) * S::kOStride + nd * 8 + quad_col) =
+          make_float2(o[nd][2 * h], o[nd][2 * h + 1]);
+  if (lane % 4 == 0) {
+    s_m[warp][quad_row] = row_m[0], s_m[warp][quad_row + 8] = row_m[1];
+    s_l[warp][quad_row] = row_l[0], s_l[warp][quad_row + 8] = row_l[1];
+  }
+  __syncthreads();
+
+  // Merge the warps: thread t owns 8-float vectors t, t + kThreads, ... of the [16][HD] output.
+  for (int it = threadIdx.x; it < 16 * S::kVecs; it += S::kThreads) {
+    const int r = it / S::kVecs, cv = it % S::kVecs;
+    if (r >= m_count) continue;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, s_m[w][r]);
+    float acc[8] = {}, total = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) {
+      const float wt = s_m[w][r] == -INFINITY ? 0.f : ex2(s_m[w][r] - mx);
+      total += wt * s_l[w][r];
+      const float* src = reinterpret_cast<const float*>(sQ + S::kQElems + w * S::kWarpElems) +
+                         r * S::kOStride + cv * 8;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] += wt * src[j];
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    const float lse2 = total > 0.f ? mx + __log2f(total) : -INFINITY;
+    const int m = m0 + r;
+    const int64_t rh = int64_t(row0 + m / group) * p.num_q_heads + int64_t(kvh) * group + m % group;
+    if (num_splits == 1) {
+      uint4 vec;
+      uint32_t* w32 = reinterpret_cast<uint32_t*>(&vec);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) w32[j] = Pack<T>::two(acc[2 * j] * inv, acc[2 * j + 1] * inv);
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + rh * HD + cv * 8) = vec;
+      if (cv == 0 && p.lse != nullptr) p.lse[rh] = lse2 * kLn2;
+    } else {
+      const int64_t prh = int64_t(blockIdx.z) * p.num_rows * p.num_q_heads + rh;
+      float4* dst = reinterpret_cast<float4*>(part_o + prh * HD + cv * 8);
+      dst[0] = make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
+      dst[1] = make_float4(acc[4] * inv, acc[5] * inv, acc[6] * inv, acc[7] * inv);
+      if (cv == 0) part_lse[prh] = lse2;
+    }
+  }
+}
+
+}  // namespace pagedkv::cuda::detail

@@ -1,0 +1,427 @@
+// Standalone check and timing harness for cuda/paged_attention.cu and cuda/kv_write.cu.
+// Oracle: a naive float64 CPU loop over the same block table and pool, rounded to the dtype.
+// Every pool element no query may see is NaN, so reading one (or an unmapped block) shows up.
+//
+//   nvcc -std=c++17 -O3 -Iinclude -gencode=arch=compute_90a,code=sm_90a \
+//     tests/cuda/paged_attention_check.cu cuda/paged_attention.cu cuda/kv_write.cu -o build/pa_check
+//   build/pa_check            full sweep       build/pa_check --quick   small sweep (sanitizers)
+//   build/pa_check --bench [file]   decode timings (CUDA-graph replay), also written to file
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "pagedkv/kernels.h"
+
+namespace pagedkv::cuda::detail {
+extern int g_force_splits;
+}
+using namespace pagedkv;
+
+#define CK(x)                                                                              \
+  do {                                                                                     \
+    cudaError_t e_ = (x);                                                                  \
+    if (e_ != cudaSuccess) {                                                               \
+      std::fprintf(stderr, "%s:%d %s -> %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+static uint16_t to_bits(float f, DType d) {
+  if (d == DType::f16) {
+    __half h = __float2half_rn(f);
+    uint16_t b;
+    std::memcpy(&b, &h, 2);
+    return b;
+  }
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
+  return uint16_t(u >> 16);
+}
+static double from_bits(uint16_t b, DType d) {
+  if (d == DType::f16) {
+    __half h;
+    std::memcpy(&h, &b, 2);
+    return __half2float(h);
+  }
+  uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static uint16_t nan_bits(DType d) { return d == DType::f16 ? 0x7E00 : 0x7FC0; }
+
+template <typename F>
+static void parallel_for(int n, F f) {
+  const int nt = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<std::thread> ts;
+  for (int t = 0; t < nt; ++t)
+    ts.emplace_back([&, t] {
+      for (int i = t; i < n; i += nt) f(i);
+    });
+  for (auto& th : ts) th.join();
+}
+
+struct Case {
+  DType dtype = DType::bf16;
+  int hd = 128, group = 4, kvh = 2, bs = 16;
+  std::vector<int> q_lens{1}, kv_lens{1000};
+  int window = 0, sinks = 0, force_splits = 0;
+  bool lse = true;
+  float q_scale = 1.f;
+  std::string str() const {
+    char b[256];
+    int n = std::snprintf(b, sizeof b, "%s hd=%d g=%d kvh=%d bs=%d win=%d sink=%d split=%d lse=%d q/kv:",
+                          dtype_name(dtype), hd, group, kvh, bs, window, sinks, force_splits, int(lse));
+    for (size_t i = 0; i < q_lens.size(); ++i) n += std::snprintf(b + n, sizeof b - n, " %d/%d", q_lens[i], kv_lens[i]);
+    return b;
+  }
+};
+
+static int g_num_sms = 0;
+
+// Runs one case on the GPU and against the oracle; returns the worst error / tolerance.
+static double run_case(Case c, std::mt19937_64& rng) {
+  const int S = int(c.q_lens.size()), L = 2, layer = 1, Hq = c.kvh * c.group, hd = c.hd;
+  for (int i = 0; i < S; ++i) c.kv_lens[i] = std::max(c.kv_lens[i], c.q_lens[i]);
+  std::vector<int> q_indptr(S + 1, 0);
+  for (int i = 0; i < S; ++i) q_indptr[i + 1] = q_indptr[i] + c.q_lens[i];
+  const int rows = q_indptr[S];
+  int max_q = 0, max_blocks = 0;
+  for (int i = 0; i < S; ++i) {
+    max_q = std::max(max_q, c.q_lens[i]);
+    max_blocks = std::max(max_blocks, (c.kv_lens[i] + c.bs - 1) / c.bs + 1);  // +1: a spare -1 column
+  }
+  // Keys some query row of seq i can see (the union of the rows' scopes).
+  auto seen = [&](int i, int j) {
+    const int min_pos = c.kv_lens[i] - c.q_lens[i];
+    return j < c.kv_lens[i] && (c.window <= 0 || j < c.sinks || j > min_pos - c.window);
+  };
+  std::vector<int> bt(size_t(S) * max_blocks, -1);
+  int used = 0;
+  for (int i = 0; i < S; ++i)
+    for (int b = 0; b * c.bs < c.kv_lens[i]; ++b) {
+      bool any = false;
+      for (int t = 0; t < c.bs && !any; ++t) any = seen(i, b * c.bs + t);
+      if (any) bt[size_t(i) * max_blocks + b] = used++;
+    }
+  const int num_slots = used + 2;
+  std::vector<int> perm(num_slots);
+  for (int s = 0; s < num_slots; ++s) perm[s] = s;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  for (auto& x : bt) x = x < 0 ? -1 : perm[x];
+
+  PagedAttentionParams p;
+  p.num_seqs = S, p.num_rows = rows, p.max_q_len = max_q, p.max_blocks = max_blocks;
+  p.num_q_heads = Hq, p.num_kv_heads = c.kvh, p.head_dim = hd, p.block_size = c.bs;
+  p.num_layers = L, p.layer = layer, p.window = c.window, p.sink_tokens = c.sinks;
+  p.scale = float(1.0 / std::sqrt(double(hd))), p.dtype = c.dtype;
+
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> ud(-1.f, 1.f);
+  std::vector<uint16_t> pool(size_t(num_slots) * L * 2 * c.kvh * c.bs * hd, nan_bits(c.dtype));
+  for (int i = 0; i < S; ++i)
+    for (int j = 0; j < c.kv_lens[i]; ++j) {
+      if (!seen(i, j)) continue;
+      const int slot = bt[size_t(i) * max_blocks + j / c.bs];
+      for (int kv = 0; kv < 2; ++kv)
+        for (int h = 0; h < c.kvh; ++h) {
+          uint16_t* row = pool.data() + tile_offset(p, slot, kv, h) + size_t(j % c.bs) * hd;
+          for (int d = 0; d < hd; ++d) row[d] = to_bits(kv == 0 ? nd(rng) : ud(rng), c.dtype);
+        }
+    }
+  std::vector<uint16_t> q(size_t(rows) * Hq * hd);
+  for (auto& x : q) x = to_bits(nd(rng) * c.q_scale, c.dtype);
+
+  // Oracle.
+  std::vector<double> ref(q.size()), ref_lse(size_t(rows) * Hq);
+  std::vector<int> row_seq(rows);
+  for (int i = 0; i < S; ++i)
+    for (int r = q_indptr[i]; r < q_indptr[i + 1]; ++r) row_seq[r] = i;
+  parallel_for(rows * Hq, [&](int rh) {
+    const int r = rh / Hq, h = rh % Hq, i = row_seq[r], kvh = h / c.group;
+    const int pos = c.kv_lens[i] - (q_indptr[i + 1] - r);
+    std::vector<double> sc;
+    std::vector<int> keys;
+    double mx = -INFINITY;
+    for (int j = 0; j <= pos; ++j) {
+      if (!key_visible(j, pos, c.window, c.sinks)) continue;
+      const uint16_t* k = pool.data() + tile_offset(p, bt[size_t(i) * max_blocks + j / c.bs], 0, kvh) + size_t(j % c.bs) * hd;
+      double s = 0;
+      for (int d = 0; d < hd; ++d) s += from_bits(q[size_t(rh) * hd + d], c.dtype) * from_bits(k[d], c.dtype);
+      s *= p.scale;
+      sc.push_back(s), keys.push_back(j), mx = std::max(mx, s);
+    }
+    double sum = 0;
+    std::vector<double> acc(hd, 0.0);
+    for (size_t n = 0; n < keys.size(); ++n) {
+      const double w = std::exp(sc[n] - mx);
+      sum += w;
+      const int j = keys[n];
+      const uint16_t* v = pool.data() + tile_offset(p, bt[size_t(i) * max_blocks + j / c.bs], 1, kvh) + size_t(j % c.bs) * hd;
+      for (int d = 0; d < hd; ++d) acc[d] += w * from_bits(v[d], c.dtype);
+    }
+    for (int d = 0; d < hd; ++d) ref[size_t(rh) * hd + d] = acc[d] / sum;
+    ref_lse[rh] = mx + std::log(sum);
+  });
+
+  // GPU.
+  void *d_q, *d_out, *d_pool, *d_ws = nullptr;
+  int *d_bt, *d_kv, *d_qi;
+  float* d_lse;
+  CK(cudaMalloc(&d_q, q.size() * 2));
+  CK(cudaMalloc(&d_out, q.size() * 2));
+  CK(cudaMalloc(&d_pool, pool.size() * 2));
+  CK(cudaMalloc(&d_bt, bt.size() * 4));
+  CK(cudaMalloc(&d_kv, S * 4));
+  CK(cudaMalloc(&d_qi, (S + 1) * 4));
+  CK(cudaMalloc(&d_lse, ref_lse.size() * 4));
+  CK(cudaMemcpy(d_q, q.data(), q.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_pool, pool.data(), pool.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_kv, c.kv_lens.data(), S * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_qi, q_indptr.data(), (S + 1) * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemset(d_out, 0xFF, q.size() * 2));  // NaN poison
+  CK(cudaMemset(d_lse, 0xFF, ref_lse.size() * 4));
+  p.q = d_q, p.out = d_out, p.pool = d_pool, p.block_table = d_bt, p.kv_lens = d_kv, p.q_indptr = d_qi;
+  p.lse = c.lse ? d_lse : nullptr;
+  cuda::detail::g_force_splits = c.force_splits;
+  const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms);
+  if (ws) {
+    CK(cudaMalloc(&d_ws, ws));
+    CK(cudaMemset(d_ws, 0xFF, ws));
+  }
+  CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, 0));
+  CK(cudaDeviceSynchronize());
+  cuda::detail::g_force_splits = 0;
+  std::vector<uint16_t> out(q.size());
+  std::vector<float> lse(ref_lse.size());
+  CK(cudaMemcpy(out.data(), d_out, out.size() * 2, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(lse.data(), d_lse, lse.size() * 4, cudaMemcpyDeviceToHost));
+  for (void* ptr : {d_q, d_out, d_pool, (void*)d_bt, (void*)d_kv, (void*)d_qi, (void*)d_lse, d_ws}) CK(cudaFree(ptr));
+
+  const double tol = c.dtype == DType::bf16 ? 1e-2 : 3e-3;
+  double worst = 0;
+  for (size_t n = 0; n < out.size(); ++n) {
+    const double r = from_bits(to_bits(float(ref[n]), c.dtype), c.dtype);
+    const double e = std::fabs(from_bits(out[n], c.dtype) - r) / (tol + tol * std::fabs(ref[n]));
+    worst = std::isnan(e) ? INFINITY : std::max(worst, e);
+  }
+  if (c.lse)
+    for (size_t n = 0; n < lse.size(); ++n) {
+      const double e = std::fabs(lse[n] - ref_lse[n]) / (2e-3 + 1e-4 * std::fabs(ref_lse[n]));
+      worst = std::isnan(e) ? INFINITY : std::max(worst, e);
+    }
+  return worst;
+}
+
+// kv_write: bit-exact scatter, rows with slot -1 skipped, nothing else touched.
+static bool check_kv_write(std::mt19937_64& rng, DType dt, int hd, int bs) {
+  const int rows = 37, H = 3, L = 2, layer = 1, slots = (rows + bs - 1) / bs + 2;
+  const size_t esz = dtype_size(dt), row_elems = size_t(H) * hd;
+  std::vector<uint16_t> k(rows * row_elems * esz / 2), v(k.size()), pool(size_t(slots) * L * 2 * H * bs * hd * esz / 2, 0x5A5A);
+  for (auto& x : k) x = uint16_t(rng());
+  for (auto& x : v) x = uint16_t(rng());
+  std::vector<int> slot_map(slots * bs);
+  for (int s = 0; s < slots * bs; ++s) slot_map[s] = s;
+  std::shuffle(slot_map.begin(), slot_map.end(), rng);
+  slot_map.resize(rows);
+  slot_map[5] = -1;
+  std::vector<uint16_t> expect = pool;
+  const size_t e16 = esz / 2;  // uint16 words per element
+  for (int r = 0; r < rows; ++r) {
+    if (slot_map[r] < 0) continue;
+    const int slot = slot_map[r] / bs, off = slot_map[r] % bs;
+    for (int kv = 0; kv < 2; ++kv)
+      for (int h = 0; h < H; ++h)
+        for (size_t d = 0; d < hd * e16; ++d)
+          expect[((((size_t(slot) * L + layer) * 2 + kv) * H + h) * bs + off) * hd * e16 + d] =
+              (kv ? v : k)[(size_t(r) * H + h) * hd * e16 + d];
+  }
+  void *dk, *dv, *dp;
+  int* ds;
+  CK(cudaMalloc(&dk, k.size() * 2));
+  CK(cudaMalloc(&dv, v.size() * 2));
+  CK(cudaMalloc(&dp, pool.size() * 2));
+  CK(cudaMalloc(&ds, rows * 4));
+  CK(cudaMemcpy(dk, k.data(), k.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dv, v.data(), v.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dp, pool.data(), pool.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(ds, slot_map.data(), rows * 4, cudaMemcpyHostToDevice));
+  cuda::KVWriteParams w;
+  w.k = dk, w.v = dv, w.pool = dp, w.slot_mapping = ds, w.num_rows = rows, w.num_kv_heads = H;
+  w.head_dim = hd, w.block_size = bs, w.num_layers = L, w.layer = layer, w.dtype = dt;
+  CK(cuda::kv_write(w, 0));
+  CK(cudaMemcpy(pool.data(), dp, pool.size() * 2, cudaMemcpyDeviceToHost));
+  for (void* ptr : {dk, dv, dp, (void*)ds}) CK(cudaFree(ptr));
+  return pool == expect;
+}
+
+static std::vector<Case> make_sweep(bool quick, std::mt19937_64& rng) {
+  std::vector<Case> cs;
+  const int hds[] = {64, 80, 96, 128, 256}, groups[] = {1, 2, 5, 7, 8, 16}, bss[] = {1, 3, 8, 16, 32};
+  const int qls[] = {1, 3, 17}, kvs[] = {1, 17, 97, 1000, 33000};
+  const int wins[][2] = {{64, 0}, {100, 4}, {7, 3}, {1000, 16}, {5000, 0}};
+  for (DType dt : {DType::bf16, DType::f16}) {
+    Case b;
+    b.dtype = dt, b.q_lens = {1, 1}, b.kv_lens = {1000, 97};
+    cs.push_back(b);
+    if (quick) {
+      Case m = b;
+      m.q_lens = {3, 17}, m.window = 100, m.sinks = 4, m.bs = 3, m.group = 5, m.force_splits = 3;
+      cs.push_back(m);
+      continue;
+    }
+    for (int v : hds) { Case x = b; x.hd = v; cs.push_back(x); }
+    for (int v : groups) { Case x = b; x.group = v; cs.push_back(x); }
+    for (int v : bss) { Case x = b; x.bs = v; cs.push_back(x); }
+    for (int v : qls) { Case x = b; x.q_lens = {v, v}; cs.push_back(x); }
+    for (int v : kvs) { Case x = b; x.q_lens = {1}; x.kv_lens = {v}; x.kvh = 1; cs.push_back(x); }
+    for (auto& w : wins) { Case x = b; x.window = w[0], x.sinks = w[1]; x.q_lens = {17, 1}; cs.push_back(x); }
+    for (int v : {1, 3, 7, 40}) { Case x = b; x.force_splits = v; x.q_lens = {3, 1}; cs.push_back(x); }
+  }
+  if (quick) return cs;
+  // Random mixes of every axis, several sequences of different lengths per call.
+  for (int n = 0; n < 160; ++n) {
+    Case x;
+    x.dtype = rng() % 2 ? DType::bf16 : DType::f16;
+    x.hd = hds[rng() % 5], x.group = groups[rng() % 6], x.bs = bss[rng() % 5], x.kvh = 1 + rng() % 2;
+    const int S = 1 + rng() % 4;
+    x.q_lens.clear(), x.kv_lens.clear();
+    for (int i = 0; i < S; ++i) x.q_lens.push_back(qls[rng() % 3]), x.kv_lens.push_back(kvs[rng() % 5]);
+    if (rng() % 2) x.window = wins[rng() % 5][0], x.sinks = wins[rng() % 5][1];
+    x.lse = rng() % 4 != 0;
+    x.force_splits = rng() % 3 == 0 ? int(1 + rng() % 20) : 0;
+    x.q_scale = rng() % 2 ? 1.f : 3.f;
+    double cost = 0;  // keep the float64 oracle within seconds
+    for (int i = 0; i < S; ++i) cost += double(x.q_lens[i]) * std::min(x.kv_lens[i], x.window > 0 ? x.window + 17 : 1 << 30);
+    if (cost * x.kvh * x.group * x.hd > 4e8) { --n; continue; }
+    cs.push_back(x);
+  }
+  return cs;
+}
+
+// Decode timing: bf16, 32 query / 8 KV heads, head_dim 128, page 16, pages in random order.
+__global__ void fill_random(uint16_t* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
+    x[i] = __bfloat16_as_ushort(__float2bfloat16((h & 0xFFFF) / 32768.f - 1.f));
+  }
+}
+
+static void bench(const char* out_path) {
+  const int shapes[][2] = {{1, 32768}, {8, 8192}, {32, 8192}, {64, 4096}, {16, 32768}, {4, 131072}};
+  FILE* f = out_path ? std::fopen(out_path, "w") : nullptr;
+  std::mt19937_64 rng(7);
+  const char* only = std::getenv("PKV_SHAPE");  // index into shapes: time just that one
+  for (int si = 0; si < 6; ++si) {
+    if (only && std::atoi(only) != si) continue;
+    const auto& sh = shapes[si];
+    const int B = sh[0], ctx = sh[1], Hq = 32, H = 8, hd = 128, bs = 16, nb = ctx / bs;
+    const size_t pool_elems = size_t(B) * nb * 2 * H * bs * hd;
+    std::vector<int> bt(size_t(B) * nb), kv(B, ctx), qi(B + 1);
+    for (size_t s = 0; s < bt.size(); ++s) bt[s] = int(s);
+    if (!std::getenv("PKV_SEQ_PAGES")) std::shuffle(bt.begin(), bt.end(), rng);  // else best-case locality
+    for (int i = 0; i <= B; ++i) qi[i] = i;
+    uint16_t *d_pool, *d_q, *d_out;
+    int *d_bt, *d_kv, *d_qi;
+    void* d_ws = nullptr;
+    CK(cudaMalloc(&d_pool, pool_elems * 2));
+    CK(cudaMalloc(&d_q, size_t(B) * Hq * hd * 2));
+    CK(cudaMalloc(&d_out, size_t(B) * Hq * hd * 2));
+    CK(cudaMalloc(&d_bt, bt.size() * 4));
+    CK(cudaMalloc(&d_kv, B * 4));
+    CK(cudaMalloc(&d_qi, (B + 1) * 4));
+    fill_random<<<4096, 256>>>(d_pool, pool_elems, 1);
+    fill_random<<<64, 256>>>(d_q, size_t(B) * Hq * hd, 2);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(d_bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_kv, kv.data(), B * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_qi, qi.data(), (B + 1) * 4, cudaMemcpyHostToDevice));
+    PagedAttentionParams p;
+    p.q = d_q, p.out = d_out, p.pool = d_pool, p.block_table = d_bt, p.kv_lens = d_kv, p.q_indptr = d_qi;
+    p.num_seqs = B, p.num_rows = B, p.max_q_len = 1, p.max_blocks = nb, p.num_q_heads = Hq;
+    p.num_kv_heads = H, p.head_dim = hd, p.block_size = bs, p.num_layers = 1, p.layer = 0;
+    p.scale = 0.08838834764f, p.dtype = DType::bf16;
+    if (const char* sp = std::getenv("PKV_SPLITS")) cuda::detail::g_force_splits = std::atoi(sp);
+    const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms);
+    if (ws) CK(cudaMalloc(&d_ws, ws));
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    for (int i = 0; i < 3; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st));
+    const int kPerGraph = 20;
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    for (int i = 0; i < kPerGraph; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st));
+    CK(cudaStreamEndCapture(st, &g));
+    CK(cudaGraphInstantiate(&ge, g, 0));
+    CK(cudaGraphLaunch(ge, st));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::vector<float> t;
+    for (int rep = 0; rep < 9; ++rep) {
+      CK(cudaEventRecord(e0, st));
+      CK(cudaGraphLaunch(ge, st));
+      CK(cudaEventRecord(e1, st));
+      CK(cudaEventSynchronize(e1));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      t.push_back(ms * 1000.f / kPerGraph);
+    }
+    std::sort(t.begin(), t.end());
+    const double us = t[t.size() / 2], bytes = double(pool_elems) * 2;
+    std::printf("BENCH %3d x %6d  %8.1f us  %5.2f TB/s  ws=%zu B\n", B, ctx, us, bytes / us * 1e-6, ws);
+    if (f) std::fprintf(f, "%d %d %.2f\n", B, ctx, us);
+    CK(cudaGraphExecDestroy(ge));
+    CK(cudaGraphDestroy(g));
+    CK(cudaStreamDestroy(st));
+    for (void* ptr : {(void*)d_pool, (void*)d_q, (void*)d_out, (void*)d_bt, (void*)d_kv, (void*)d_qi, d_ws}) CK(cudaFree(ptr));
+  }
+  if (f) std::fclose(f);
+}
+
+int main(int argc, char** argv) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("no CUDA device: skipped\n");
+    return 77;  // ctest SKIP_RETURN_CODE
+  }
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  g_num_sms = prop.multiProcessorCount;
+  std::printf("device: %s, %d SMs\n", prop.name, g_num_sms);
+  const std::string mode = argc > 1 ? argv[1] : "";
+  if (mode == "--bench") {  // --bench [out_file]
+    bench(argc > 2 ? argv[2] : nullptr);
+    return 0;
+  }
+  std::mt19937_64 rng(12345);
+  int fails = 0, n = 0;
+  for (DType dt : {DType::bf16, DType::f16})
+    for (int hd : {5, 12, 64, 80, 128})
+      for (int bs : {1, 3, 16}) {
+        ++n;
+        if (!check_kv_write(rng, dt, hd, bs)) ++fails, std::printf("FAIL kv_write %s hd=%d bs=%d\n", dtype_name(dt), hd, bs);
+      }
+  const auto cases = make_sweep(mode == "--quick", rng);
+  double worst_all = 0;
+  for (const Case& c : cases) {
+    const double w = run_case(c, rng);
+    ++n, worst_all = std::max(worst_all, w);
+    if (!(w <= 1.0)) ++fails, std::printf("FAIL err/tol=%.3g  %s\n", w, c.str().c_str());
+  }
+  std::printf("checked %d cases (%zu attention), %d failed, worst err/tol %.3g\n", n, cases.size(), fails, worst_all);
+  return fails ? 1 : 0;
+}
