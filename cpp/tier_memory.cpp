@@ -2,6 +2,8 @@
 
 #include <cstdlib>
 #include <cstring>
+
+#include <sys/mman.h>
 #include <new>
 #include <utility>
 
@@ -16,8 +18,15 @@ TierMemory::TierMemory(MemoryKind kind, size_t bytes, int cuda_device)
     : kind_(kind), bytes_(bytes), cuda_device_(cuda_device) {
   if (bytes == 0) return;
   if (kind == MemoryKind::host) {
-    data_ = std::aligned_alloc(256, (bytes + 255) & ~size_t(255));
+    // 2 MiB alignment and transparent huge pages: appends scatter rows over the whole pool, and
+    // with 4 KiB pages nearly every row write would miss the TLB.
+    constexpr size_t kHuge = size_t(2) << 20;
+    const size_t rounded = (bytes + kHuge - 1) & ~(kHuge - 1);
+    data_ = std::aligned_alloc(kHuge, rounded);
     PKV_CHECK(data_ != nullptr, OutOfBlocks, "could not allocate ", bytes, " bytes of host memory");
+#ifdef MADV_HUGEPAGE
+    madvise(data_, rounded, MADV_HUGEPAGE);  // advice only: failure leaves ordinary pages
+#endif
     // Touch every page now: first-touch faults would otherwise land on appends, mid-decode.
     std::memset(data_, 0, bytes);
     return;

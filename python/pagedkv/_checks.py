@@ -8,6 +8,8 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def int_list(value, name: str, where: str) -> list[int]:
     """A list of Python ints from a list/tuple of ints or a 1-D integer tensor."""
+    if type(value) is list and all(type(x) is int for x in value):
+        return value  # the common case, checked without building a new list
     if isinstance(value, torch.Tensor):
         if value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
             raise TypeError(f"{where}: {name} must be a 1-D integer tensor, got "
