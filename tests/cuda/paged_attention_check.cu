@@ -23,6 +23,8 @@
 
 namespace pagedkv::cuda::detail {
 extern int g_force_splits;
+extern int g_force_variant;  // PKV_VARIANT: alternative head_dim-128 bf16 kernel configuration
+extern int g_aim_ctas;       // PKV_AIM: split-K target resident CTAs per SM
 }
 using namespace pagedkv;
 
@@ -320,11 +322,13 @@ __global__ void fill_random(uint16_t* x, size_t n, uint32_t seed) {
 }
 
 static void bench(const char* out_path) {
-  const int shapes[][2] = {{1, 32768}, {8, 8192}, {32, 8192}, {64, 4096}, {16, 32768}, {4, 131072}};
+  const int shapes[][2] = {{1, 32768}, {8, 8192},   {32, 8192},  {64, 4096},
+                           {16, 32768}, {4, 131072}, {1, 131072}, {128, 2048}};
+  const int n_shapes = int(sizeof shapes / sizeof shapes[0]);
   FILE* f = out_path ? std::fopen(out_path, "w") : nullptr;
   std::mt19937_64 rng(7);
   const char* only = std::getenv("PKV_SHAPE");  // index into shapes: time just that one
-  for (int si = 0; si < 6; ++si) {
+  for (int si = 0; si < n_shapes; ++si) {
     if (only && std::atoi(only) != si) continue;
     const auto& sh = shapes[si];
     const int B = sh[0], ctx = sh[1], Hq = 32, H = 8, hd = 128, bs = 16, nb = ctx / bs;
@@ -402,6 +406,8 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   g_num_sms = prop.multiProcessorCount;
   std::printf("device: %s, %d SMs\n", prop.name, g_num_sms);
+  if (const char* v = std::getenv("PKV_VARIANT")) cuda::detail::g_force_variant = std::atoi(v);
+  if (const char* v = std::getenv("PKV_AIM")) cuda::detail::g_aim_ctas = std::atoi(v);
   const std::string mode = argc > 1 ? argv[1] : "";
   if (mode == "--bench") {  // --bench [out_file]
     bench(argc > 2 ? argv[2] : nullptr);
