@@ -3,6 +3,7 @@
 // checks here guard the raw pointers whatever the caller.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -124,7 +125,9 @@ NB_MODULE(_C, m) {
            [](Engine* self, int32_t num_layers, int32_t num_kv_heads, int32_t head_dim,
               int32_t block_size, int32_t dtype, int64_t device_blocks, int64_t host_blocks,
               int64_t disk_blocks, std::string disk_path, int32_t window, int32_t sink_tokens,
-              bool retain, bool on_cuda, int32_t cuda_device) {
+              bool retain, bool on_cuda, int32_t cuda_device, std::string policy,
+              std::map<std::string, double> policy_params, double low_watermark,
+              double high_watermark) {
              CacheConfig c;
              c.num_layers = num_layers;
              c.num_kv_heads = num_kv_heads;
@@ -141,11 +144,16 @@ NB_MODULE(_C, m) {
              c.retain = retain;
              c.on_cuda = on_cuda;
              c.cuda_device = cuda_device;
+             c.policy = std::move(policy);
+             c.policy_params = std::move(policy_params);
+             c.low_watermark = low_watermark;
+             c.high_watermark = high_watermark;
              new (self) Engine(c);
            },
            "num_layers"_a, "num_kv_heads"_a, "head_dim"_a, "block_size"_a, "dtype"_a,
            "device_blocks"_a, "host_blocks"_a, "disk_blocks"_a, "disk_path"_a, "window"_a,
-           "sink_tokens"_a, "retain"_a, "on_cuda"_a, "cuda_device"_a)
+           "sink_tokens"_a, "retain"_a, "on_cuda"_a, "cuda_device"_a, "policy"_a,
+           "policy_params"_a, "low_watermark"_a, "high_watermark"_a)
       .def("add_sequence", &Engine::add_sequence)
       .def("fork", &Engine::fork, "seq"_a)
       .def("free", &Engine::free, "seq"_a)
@@ -196,6 +204,11 @@ NB_MODULE(_C, m) {
       .def("prepare",
            [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
              return e.prepare(seqs, as_stream(stream));
+           },
+           "seqs"_a, "stream"_a)
+      .def("prefetch",
+           [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
+             e.prefetch(seqs, as_stream(stream));
            },
            "seqs"_a, "stream"_a)
       .def("seq_len", &Engine::seq_len, "seq"_a, "layer"_a)

@@ -2,7 +2,6 @@
 #include "pagedkv/engine.h"
 
 #include <algorithm>
-#include <unordered_set>
 
 #include "pagedkv/errors.h"
 #ifdef PAGEDKV_WITH_CUDA
@@ -17,11 +16,12 @@ class CudaContext {};  // CPU-only builds hold no CUDA state
 
 Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
   validate_config(cfg_);
-  PKV_CHECK(cfg_.host_blocks == 0, ArgumentError,
-            "host_blocks: the pinned host tier is not available in this version");
-  PKV_CHECK(cfg_.disk_blocks == 0, ArgumentError,
-            "disk_blocks: the disk tier is not available in this version");
-  const size_t bytes = size_t(cfg_.device_blocks) * size_t(cfg_.block_bytes());
+  PKV_CHECK(cfg_.disk_blocks == 0 || cfg_.host_blocks > 0, ArgumentError,
+            "disk_blocks: the disk tier is staged through pinned host memory; give host_blocks > 0");
+  const size_t block = size_t(cfg_.block_bytes());
+  policy_ = make_policy(cfg_.policy, cfg_.policy_params);
+  host_order_ = make_policy("lru", {});
+  MemoryKind device_kind = MemoryKind::host, host_kind = MemoryKind::host;
   if (cfg_.on_cuda) {
 #ifdef PAGEDKV_WITH_CUDA
     PKV_CHECK(cfg_.dtype != DType::f32, TypeMismatch,
@@ -30,14 +30,19 @@ Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
     PKV_CHECK(d == 64 || d == 80 || d == 96 || d == 128 || d == 256, ArgumentError,
               "head_dim: the CUDA kernels take 64, 80, 96, 128 or 256, got ", d);
     cuda_ = std::make_unique<CudaContext>(cfg_.cuda_device);
-    device_pool_ = BlockPool(cfg_.device_blocks,
-                             TierMemory(MemoryKind::cuda_device, bytes, cfg_.cuda_device));
+    device_kind = MemoryKind::cuda_device;
+    host_kind = MemoryKind::pinned_host;
 #else
     PKV_FAIL(ArgumentError, "device: this build of pagedkv has no CUDA support");
 #endif
-  } else {
-    device_pool_ = BlockPool(cfg_.device_blocks, TierMemory(MemoryKind::host, bytes, 0));
   }
+  pool(Tier::device) = BlockPool(cfg_.device_blocks,
+                                 TierMemory(device_kind, size_t(cfg_.device_blocks) * block, cfg_.cuda_device));
+  pool(Tier::host) = BlockPool(cfg_.host_blocks,
+                               TierMemory(host_kind, size_t(cfg_.host_blocks) * block, cfg_.cuda_device));
+  pool(Tier::disk) = BlockPool(cfg_.disk_blocks, TierMemory());
+  if (cfg_.disk_blocks > 0) disk_ = DiskFile(cfg_.disk_path, cfg_.disk_blocks, block);
+  copies_ = std::make_unique<CopyEngine>(cfg_.on_cuda, cfg_.cuda_device, block);
 }
 
 Engine::~Engine() = default;
@@ -64,11 +69,8 @@ SeqId Engine::fork(SeqId parent) {
 
 void Engine::free(SeqId seq) {
   SequenceTable& t = table(seq, "free()");
-  for (BlockId id : t.blocks) {
-    if (id == kNoBlock) continue;
-    const BlockLoc loc = directory_.loc(id);
-    if (directory_.release(id)) device_pool_.release(loc.slot);
-  }
+  for (BlockId id : t.blocks)
+    if (id != kNoBlock) release_block(id);
   tables_.erase(seq);
   ++version_;
 }
@@ -101,6 +103,10 @@ void Engine::check_batch(const std::vector<SeqId>& seqs, const std::vector<int32
   }
 }
 
+char* Engine::slot_ptr(BlockLoc loc) const {
+  return static_cast<char*>(pool(loc.tier).data()) + size_t(loc.slot) * size_t(cfg_.block_bytes());
+}
+
 int32_t Engine::seq_len(SeqId seq, int32_t layer) const {
   const SequenceTable& t = table(seq, "seq_len()");
   check_layer(layer, "seq_len()");
@@ -117,8 +123,12 @@ std::vector<BlockLoc> Engine::block_table(SeqId seq) const {
 
 Stats Engine::stats() const {
   Stats s;
-  s.device_blocks_used = device_pool_.num_used();
-  s.device_blocks_free = device_pool_.num_free();
+  s.device_blocks_used = pool(Tier::device).num_used();
+  s.device_blocks_free = pool(Tier::device).num_free();
+  s.host_blocks_used = pool(Tier::host).num_used();
+  s.host_blocks_free = pool(Tier::host).num_free();
+  s.disk_blocks_used = pool(Tier::disk).num_used();
+  s.disk_blocks_free = pool(Tier::disk).num_free();
   s.num_sequences = int64_t(tables_.size());
   s.counters = counters_;
   return s;
@@ -131,13 +141,9 @@ std::vector<SeqId> Engine::sequences() const {
   return ids;
 }
 
-void* Engine::pool_data(Tier tier) const {
-  return tier == Tier::device ? device_pool_.data() : nullptr;
-}
+void* Engine::pool_data(Tier tier) const { return tier == Tier::disk ? nullptr : pool(tier).data(); }
 
-int64_t Engine::pool_blocks(Tier tier) const {
-  return tier == Tier::device ? device_pool_.capacity() : 0;
-}
+int64_t Engine::pool_blocks(Tier tier) const { return pool(tier).capacity(); }
 
 int Engine::num_sms() const {
 #ifdef PAGEDKV_WITH_CUDA

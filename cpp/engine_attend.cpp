@@ -19,12 +19,14 @@ const StepPlan& Engine::plan_for(const std::vector<SeqId>& seqs, void* stream) {
   plan_.max_blocks = 1;
   for (SeqId s : seqs) plan_.max_blocks = std::max(plan_.max_blocks, int32_t(tables_.at(s).blocks.size()));
   plan_.block_table.assign(seqs.size() * size_t(plan_.max_blocks), -1);
+  plan_.fully_resident = true;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const auto& blocks = tables_.at(seqs[i]).blocks;
     for (size_t b = 0; b < blocks.size(); ++b) {
       if (blocks[b] == kNoBlock) continue;
       const BlockLoc& loc = directory_.loc(blocks[b]);
       if (loc.tier == Tier::device) plan_.block_table[i * size_t(plan_.max_blocks) + b] = loc.slot;
+      else plan_.fully_resident = false;
     }
   }
 #ifdef PAGEDKV_WITH_CUDA
@@ -63,6 +65,19 @@ int64_t Engine::check_in_scope(SeqId seq, const SequenceTable& t, int32_t layer,
   return int64_t(last - first) + sink_blocks;
 }
 
+// The blocks rows [len - n, len) read, sinks first; dropped ones never are (check_in_scope).
+std::vector<BlockId> Engine::blocks_in_scope(const SequenceTable& t, int32_t layer, int32_t n,
+                                             int32_t window) const {
+  std::vector<BlockId> out;
+  if (n == 0) return out;
+  const int32_t len = t.lens[size_t(layer)], bs = cfg_.block_size;
+  const int32_t first = window_start(len - n, window) / bs;
+  const int32_t sink_blocks = window > 0 ? std::min(blocks_for(cfg_.sink_tokens, bs), first) : 0;
+  for (int32_t b = 0; b < sink_blocks; ++b) out.push_back(t.blocks[size_t(b)]);
+  for (int32_t b = first; b < blocks_for(len, bs); ++b) out.push_back(t.blocks[size_t(b)]);
+  return out;
+}
+
 void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
                     const std::vector<int32_t>& lengths, const AttendArgs& args) {
   check_layer(layer, "attend()");
@@ -82,6 +97,32 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
     max_q_len = std::max(max_q_len, lengths[i]);
   }
   if (q_indptr.back() == 0) return;
+  if (tiered() && !(plan_.matches(seqs, version_) && plan_.fully_resident)) {
+    // Bring every block in scope to the device; a batch whose blocks all sit there skips this.
+    std::vector<BlockId> needed;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      auto ids = blocks_in_scope(tables_.at(seqs[i]), layer, lengths[i], window);
+      needed.insert(needed.end(), ids.begin(), ids.end());
+    }
+    const KeepSet keep(needed.begin(), needed.end());
+    check_room(0, keep, "attend()");
+    const int64_t misses_before = counters_.device_misses;
+    make_resident(needed, keep, args.stream);
+    in_scope -= counters_.device_misses - misses_before;
+  }
+  if (tiered() && layer == 0) ++step_;
+  if (tiered())
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      SequenceTable& t = tables_.at(seqs[i]);
+      if (t.touched_step == step_) continue;  // once per step, not once per layer
+      t.touched_step = step_;
+      const int32_t len = t.lens[size_t(layer)], bs = cfg_.block_size;
+      if (lengths[i] == 0) continue;
+      const int32_t first = window_start(len - lengths[i], window) / bs;
+      const int32_t sinks = window > 0 ? std::min(blocks_for(cfg_.sink_tokens, bs), first) : 0;
+      for (int32_t b = 0; b < sinks; ++b) note_use(t, seqs[i], b);
+      for (int32_t b = first; b < blocks_for(len, bs); ++b) note_use(t, seqs[i], b);
+    }
   const StepPlan& plan = plan_for(seqs, args.stream);
   counters_.device_hits += in_scope;
 
@@ -89,7 +130,7 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   p.q = args.q;
   p.out = args.out;
   p.lse = args.lse;
-  p.pool = device_pool_.data();
+  p.pool = pool(Tier::device).data();
   p.num_seqs = int32_t(seqs.size());
   p.num_rows = q_indptr.back();
   p.max_q_len = max_q_len;
@@ -109,6 +150,7 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
     p.kv_lens = kv_lens.data();
     p.q_indptr = q_indptr.data();
     attention_cpu(p);
+    offload_to_watermark(args.stream);
     return;
   }
 #ifdef PAGEDKV_WITH_CUDA
@@ -125,6 +167,7 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   void* ws = ws_bytes ? cuda_->workspace.reserve(ws_bytes) : nullptr;
   PKV_CUDA(cuda::paged_attention(p, ws, ws_bytes, cuda_->num_sms(), st));
 #endif
+  offload_to_watermark(args.stream);
 }
 
 void Engine::gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream) {
@@ -137,26 +180,50 @@ void Engine::gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* st
               " has dropped blocks (window with retain=False): its oldest keys are gone");
   const size_t es = dtype_size(cfg_.dtype), row_bytes = size_t(D) * es;
   const int64_t tile = cfg_.tile_elems();
-  char* pool = static_cast<char*>(device_pool_.data());
+  std::vector<char> from_disk;  // a block read back from the disk tier
   for (int32_t b = 0; b < blocks_for(len, bs); ++b) {
-    const int64_t slot = directory_.loc(t.blocks[size_t(b)]).slot;
+    const BlockId id = t.blocks[size_t(b)];
+    const BlockLoc loc = directory_.loc(id);
+    const char* block = nullptr;
+    if (loc.tier == Tier::disk) {
+      from_disk.resize(size_t(cfg_.block_bytes()));
+      disk_.read(loc.slot, from_disk.data());
+      block = from_disk.data();
+    } else {
+      block = slot_ptr(loc);
+    }
+    const bool on_gpu = cfg_.on_cuda && loc.tier == Tier::device;
+    const bool through_gpu = cfg_.on_cuda;  // outputs live on the GPU
+    if (through_gpu && loc.tier == Tier::host) {
+      auto ready = host_ready_.find(id);
+      if (ready != host_ready_.end()) copies_->order_after(ready->second, stream);
+    }
     const int32_t n = std::min(bs, len - b * bs);
     for (int32_t kv = 0; kv < 2; ++kv) {
       char* dst = static_cast<char*>(kv == 0 ? k_out : v_out);
       for (int32_t h = 0; h < H; ++h) {
-        const char* src = pool + ((((slot * cfg_.num_layers + layer) * 2 + kv) * H + h) * tile) * es;
-        char* d0 = dst + (int64_t(b) * bs * H + h) * row_bytes;
-        if (!cfg_.on_cuda) {
+        const char* src = block + (((int64_t(layer) * 2 + kv) * H + h) * tile) * int64_t(es);
+        char* d0 = dst + (int64_t(b) * bs * H + h) * int64_t(row_bytes);
+        if (!through_gpu) {
           for (int32_t r = 0; r < n; ++r) std::memcpy(d0 + size_t(r) * H * row_bytes, src + r * row_bytes, row_bytes);
           continue;
         }
 #ifdef PAGEDKV_WITH_CUDA
         PKV_CUDA(cudaMemcpy2DAsync(d0, size_t(H) * row_bytes, src, row_bytes, row_bytes, size_t(n),
-                                   cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream)));
+                                   on_gpu ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice,
+                                   static_cast<cudaStream_t>(stream)));
 #else
         (void)stream;
+        (void)on_gpu;
 #endif
       }
+    }
+    if (loc.tier == Tier::disk && through_gpu) {
+#ifdef PAGEDKV_WITH_CUDA
+      // Pageable source: the copies above were staged before returning, but keep it simple and
+      // certain before the buffer is reused for the next block.
+      PKV_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+#endif
     }
   }
 }

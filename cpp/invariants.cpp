@@ -29,25 +29,38 @@ void Engine::check_invariants() const {
   }
   PKV_CHECK(int64_t(refs.size()) == directory_.num_live(), InternalError, "directory holds ",
             directory_.num_live(), " live blocks but page tables name ", refs.size());
-  // Every live block owns exactly one taken slot, and every taken slot belongs to one block.
-  std::vector<BlockId> owner(size_t(device_pool_.capacity()), kNoBlock);
+  // Every live block owns exactly one taken slot of its tier, and every taken slot one block.
+  std::vector<std::vector<BlockId>> owner(kNumStorageTiers);
+  for (int t = 0; t < kNumStorageTiers; ++t) owner[size_t(t)].assign(size_t(pools_[t].capacity()), kNoBlock);
+  int64_t per_tier[kNumStorageTiers] = {0, 0, 0};
   for (const auto& [id, count] : refs) {
     PKV_CHECK(directory_.refcount(id) == count, InternalError, "block ", id, " has refcount ",
               directory_.refcount(id), " but ", count, " page-table references");
     const BlockLoc& loc = directory_.loc(id);
-    PKV_CHECK(loc.tier == Tier::device, InternalError, "block ", id, " lives in tier ",
-              tier_name(loc.tier), " which this version does not have");
-    PKV_CHECK(loc.slot >= 0 && loc.slot < device_pool_.capacity() && device_pool_.is_taken(loc.slot),
-              InternalError, "block ", id, " points at slot ", loc.slot, " which is not taken");
-    PKV_CHECK(owner[size_t(loc.slot)] == kNoBlock, InternalError, "slot ", loc.slot,
-              " is owned by blocks ", owner[size_t(loc.slot)], " and ", id);
-    owner[size_t(loc.slot)] = id;
+    PKV_CHECK(int(loc.tier) < kNumStorageTiers, InternalError, "live block ", id, " is in no tier");
+    const BlockPool& p = pool(loc.tier);
+    PKV_CHECK(loc.slot >= 0 && loc.slot < p.capacity() && p.is_taken(loc.slot), InternalError, "block ",
+              id, " points at ", tier_name(loc.tier), " slot ", loc.slot, " which is not taken");
+    BlockId& o = owner[size_t(loc.tier)][size_t(loc.slot)];
+    PKV_CHECK(o == kNoBlock, InternalError, tier_name(loc.tier), " slot ", loc.slot,
+              " is owned by blocks ", o, " and ", id);
+    o = id;
+    ++per_tier[int(loc.tier)];
   }
-  for (int32_t slot : device_pool_.free_slots())
-    PKV_CHECK(!device_pool_.is_taken(slot) && owner[size_t(slot)] == kNoBlock, InternalError,
-              "free slot ", slot, " is also in use");
-  PKV_CHECK(device_pool_.num_used() == int64_t(refs.size()), InternalError, "the pool has ",
-            device_pool_.num_used(), " slots taken for ", refs.size(), " live blocks");
+  for (int t = 0; t < kNumStorageTiers; ++t) {
+    const BlockPool& p = pools_[t];
+    for (int32_t slot : p.free_slots())
+      PKV_CHECK(!p.is_taken(slot) && owner[size_t(t)][size_t(slot)] == kNoBlock, InternalError,
+                tier_name(Tier(t)), " free slot ", slot, " is also in use");
+    PKV_CHECK(p.num_used() == per_tier[t], InternalError, "the ", tier_name(Tier(t)), " pool has ",
+              p.num_used(), " slots taken for ", per_tier[t], " blocks living there");
+  }
+  if (tiered()) {
+    PKV_CHECK(policy_->size() == per_tier[int(Tier::device)], InternalError, "the policy tracks ",
+              policy_->size(), " blocks but ", per_tier[int(Tier::device)], " live on the device");
+    PKV_CHECK(host_order_->size() == per_tier[int(Tier::host)], InternalError, "the spill order tracks ",
+              host_order_->size(), " blocks but ", per_tier[int(Tier::host)], " live on the host");
+  }
 }
 
 }  // namespace pagedkv

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <string>
 
+#include "pagedkv/policy.h"
 #include "pagedkv/types.h"
 
 namespace pagedkv {
@@ -20,6 +21,12 @@ struct CacheConfig {
   int32_t window = 0;       // <= 0: full causal attention; else each query sees its last `window` keys
   int32_t sink_tokens = 0;  // with a window, the first `sink_tokens` keys stay visible
   bool retain = true;       // with a window: false frees out-of-scope blocks at once
+  std::string policy = "lru";  // which device blocks go down first (policy.h)
+  PolicyParams policy_params;
+  // Proactive offload: when free device blocks fall below low_watermark * device_blocks, blocks go
+  // down until high_watermark * device_blocks are free. Only with a host tier.
+  double low_watermark = 0.0;
+  double high_watermark = 0.0;
   bool on_cuda = false;     // the device tier is GPU memory
   int32_t cuda_device = 0;
 

@@ -1,16 +1,21 @@
-// The engine: pools, directory, page tables and the calls of DESIGN.md §4, on raw pointers.
-// Every public call validates everything before it changes anything, so a throw leaves the
-// engine exactly as it was.
+// The engine: tiered pools, block directory, page tables and the calls of DESIGN.md §4, on raw
+// pointers. Every public call validates everything and checks for room before it changes
+// anything, so a throw leaves the engine exactly as it was.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "pagedkv/block_directory.h"
 #include "pagedkv/block_pool.h"
 #include "pagedkv/config.h"
+#include "pagedkv/copy_engine.h"
+#include "pagedkv/disk_file.h"
 #include "pagedkv/page_table.h"
+#include "pagedkv/policy.h"
 #include "pagedkv/stats.h"
 #include "pagedkv/step_plan.h"
 
@@ -51,7 +56,11 @@ class Engine {
   // Builds (or reuses) the block table of this batch, as attend() does once per step; returns
   // its row stride. Lets a caller pay the host-side preparation before the first layer.
   int32_t prepare(const std::vector<SeqId>& seqs, void* stream);
-  // Copies the stored K/V of one layer into k_out, v_out: [seq_len, num_kv_heads, head_dim].
+  // Starts bringing every block of these sequences to the device (as far as it fits), so a later
+  // attend finds them there.
+  void prefetch(const std::vector<SeqId>& seqs, void* stream);
+  // Copies the stored K/V of one layer into k_out, v_out: [seq_len, num_kv_heads, head_dim],
+  // from whichever tier each block is in.
   void gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream);
 
   int32_t seq_len(SeqId seq, int32_t layer) const;
@@ -64,31 +73,64 @@ class Engine {
 
   // Throws InternalError naming the first broken invariant: every block owned once, reference
   // counts equal to page-table references, free lists disjoint from used slots, page tables
-  // pointing at live blocks, block counts matching lengths.
+  // pointing at live blocks, block counts matching lengths, the policy tracking exactly the
+  // device-resident blocks.
   void check_invariants() const;
 
  private:
   friend struct EngineTestAccess;  // tests/cpp: corrupts state to prove check_invariants() sees it
+  using KeepSet = std::unordered_set<BlockId>;
+
   const SequenceTable& table(SeqId seq, const char* what) const;
   SequenceTable& table(SeqId seq, const char* what);
   void check_layer(int32_t layer, const char* what) const;
   void check_batch(const std::vector<SeqId>& seqs, const std::vector<int32_t>& lengths,
                    const char* what) const;
-  BlockId clone_block(BlockId id, void* stream);  // copy-on-write: a private copy of a shared block
+  bool tiered() const { return cfg_.host_blocks > 0; }
+  BlockPool& pool(Tier t) { return pools_[int(t)]; }
+  const BlockPool& pool(Tier t) const { return pools_[int(t)]; }
+  char* slot_ptr(BlockLoc loc) const;
+
+  // -- block lifecycle (engine_blocks.cpp) --
+  BlockId new_device_block(const BlockUse& use, std::vector<Fence>& waits);
+  BlockId clone_block(BlockId id, const BlockUse& use, std::vector<Fence>& waits, void* stream);
+  void release_block(BlockId id);
   void drop_out_of_scope(SequenceTable& t);
   void copy_block(int32_t src_slot, int32_t dst_slot, void* stream);
   void write_rows(const std::vector<int32_t>& slot_mapping, int32_t layer, const void* k,
                   const void* v, void* stream);
+
+  // -- residency (engine_residency.cpp) --
+  // Throws OutOfBlocks unless `fresh` new device blocks plus every block in `keep` fit on the
+  // device together, evicting others to lower tiers as needed.
+  void check_room(int64_t fresh, const KeepSet& keep, const char* what) const;
+  // Frees device slots until `n` are free, moving policy victims outside `keep` down a tier.
+  void make_device_room(int64_t n, const KeepSet& keep, void* stream);
+  // Brings every block of `ids` that is not on the device up, evicting outside `keep`.
+  void make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream);
+  void evict_to_host(const std::vector<BlockId>& victims, void* stream);
+  void spill_host_to_disk(int64_t n, const KeepSet& keep);
+  void offload_to_watermark(void* stream);
+  void note_use(const SequenceTable& t, SeqId seq, int32_t logical);
+
   const StepPlan& plan_for(const std::vector<SeqId>& seqs, void* stream);
   int64_t check_in_scope(SeqId seq, const SequenceTable& t, int32_t layer, int32_t n,
                          int32_t window, size_t index) const;
+  std::vector<BlockId> blocks_in_scope(const SequenceTable& t, int32_t layer, int32_t n,
+                                       int32_t window) const;
 
   CacheConfig cfg_;
-  BlockPool device_pool_;
+  BlockPool pools_[kNumStorageTiers];  // device, host, disk (the disk pool holds no memory)
+  DiskFile disk_;
   BlockDirectory directory_;
+  std::unique_ptr<EvictionPolicy> policy_;
+  std::unique_ptr<CopyEngine> copies_;
+  std::unordered_map<BlockId, Fence> host_ready_;  // host copies still landing
+  std::unique_ptr<EvictionPolicy> host_order_;     // LRU over host-tier blocks: spill order to disk
   std::unordered_map<SeqId, SequenceTable> tables_;
   SeqId next_seq_ = 0;
-  uint64_t version_ = 0;  // bumps whenever any block table changes; keys the plan cache
+  uint64_t version_ = 0;  // bumps whenever a block table or a block's location changes
+  uint64_t step_ = 0;     // one per append/attend call: the policies' clock
   StepPlan plan_;
   TransferCounters counters_;
   std::unique_ptr<CudaContext> cuda_;

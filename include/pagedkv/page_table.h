@@ -12,6 +12,7 @@ struct SequenceTable {
   std::vector<int32_t> lens;        // [num_layers] tokens seen per layer
   std::vector<int32_t> scope_start; // [num_layers] position of the first row of the latest append
   int32_t drop_cursor = 0;          // logical blocks below it are dropped unless they hold sinks
+  uint64_t touched_step = ~uint64_t(0);  // the engine step its blocks last reported use in
 
   int32_t max_len() const;
   int32_t min_scope_start() const;

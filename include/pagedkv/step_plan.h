@@ -14,6 +14,7 @@ struct StepPlan {
   int32_t max_blocks = 0;             // row stride of block_table
   std::vector<int32_t> block_table;   // [num_seqs, max_blocks] device slot, -1 when not on device
   const int32_t* device_block_table = nullptr;  // the same on the GPU (CUDA builds)
+  bool fully_resident = true;         // every live block of the batch is on the device
 
   bool matches(const std::vector<SeqId>& s, uint64_t v) const { return version == v && seqs == s; }
 };

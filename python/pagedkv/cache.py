@@ -6,9 +6,8 @@ import math
 import torch
 
 from . import _C
+from .policies import resolve as _resolve_policy
 from ._checks import DTYPE_CODES, check_tensor, int_list, split_lengths
-
-_POLICIES = ("lru", "window", "hybrid")
 
 
 def _positive_int(value, name: str, allow_zero: bool = False) -> int:
@@ -30,7 +29,7 @@ class PagedKV:
                  dtype: torch.dtype = torch.float16, device="cuda", device_blocks: int | None = None,
                  host_blocks: int = 0, disk_blocks: int = 0, disk_path=None, policy="lru",
                  window: int | None = None, sink_tokens: int = 0, retain: bool = True,
-                 rope=None, positions: str = "original"):
+                 rope=None, positions: str = "original", watermarks=(0.02, 0.05)):
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("block_size", block_size)):
             _positive_int(value, name)
@@ -63,13 +62,15 @@ class PagedKV:
             raise ValueError("PagedKV(): sink_tokens needs a window (sinks are kept outside it)")
         if not isinstance(retain, bool):
             raise TypeError(f"PagedKV(): retain must be a bool, got {type(retain).__name__}")
-        if isinstance(policy, str) and policy not in _POLICIES:
-            raise ValueError(f"PagedKV(): policy must be one of {_POLICIES} or a policy object, got {policy!r}")
+        policy_name, policy_params = _resolve_policy(policy)
+        low, high = self._watermarks(watermarks)
+        if disk_blocks and not host_blocks:
+            raise ValueError("PagedKV(): disk_blocks needs host_blocks > 0 (disk I/O is staged "
+                             "through the pinned host tier)")
+        if disk_blocks and disk_path is None:
+            raise ValueError("PagedKV(): disk_blocks > 0 needs disk_path, a directory for the file")
         if positions not in ("original", "cache"):
             raise ValueError(f"PagedKV(): positions must be 'original' or 'cache', got {positions!r}")
-        if host_blocks or disk_blocks:
-            raise NotImplementedError("PagedKV(): host and disk tiers (host_blocks, disk_blocks) "
-                                      "come with the tiers issue; use the device tier for now")
         if rope is not None or positions != "original":
             raise NotImplementedError("PagedKV(): rope/positions='cache' come with the streaming issue")
 
@@ -83,7 +84,9 @@ class PagedKV:
             block_size=block_size, dtype=DTYPE_CODES[dtype], device_blocks=device_blocks,
             host_blocks=host_blocks, disk_blocks=disk_blocks, disk_path=str(disk_path or ""),
             window=window or 0, sink_tokens=sink_tokens, retain=retain,
-            on_cuda=device.type == "cuda", cuda_device=device.index or 0)
+            on_cuda=device.type == "cuda", cuda_device=device.index or 0, policy=policy_name,
+            policy_params=policy_params, low_watermark=low if host_blocks else 0.0,
+            high_watermark=high if host_blocks else 0.0)
         self._pool = None
 
     # -- sequences -------------------------------------------------------------------------
@@ -147,6 +150,11 @@ class PagedKV:
         call of a step); later calls with the same batch and no block change reuse it."""
         self._engine.prepare(int_list(seqs, "seqs", "prepare()"), self._stream())
 
+    def prefetch(self, seqs) -> None:
+        """Starts moving the blocks of `seqs` up to the device (as many as fit without evicting
+        their own blocks), so that a later attend finds them there. Never waits."""
+        self._engine.prefetch(int_list(seqs, "seqs", "prefetch()"), self._stream())
+
     def gather(self, seq: int, layer: int = 0):
         """(k, v), each [seq_len, num_kv_heads, head_dim]: the stored KV of one layer of `seq`."""
         seq = self._seq_id(seq, "gather()")
@@ -187,8 +195,11 @@ class PagedKV:
         scope = "full causal" if self.window is None else f"window={self.window}, sinks={self.sink_tokens}, retain={self.retain}"
         return (f"PagedKV(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"block_size={self.block_size}, dtype={str(self.dtype)[6:]}, device={self.device}, "
-                f"{scope}, device_blocks {s['device_blocks_used']}/{self.device_blocks} used "
-                f"({self.block_bytes / 2**20:.2f} MiB each), sequences={s['num_sequences']})")
+                f"{scope}, policy={self.policy if isinstance(self.policy, str) else self.policy.name}, "
+                f"device_blocks {s['device_blocks_used']}/{self.device_blocks} used"
+                + (f", host_blocks {s['host_blocks_used']}/{self.host_blocks}" if self.host_blocks else "")
+                + (f", disk_blocks {s['disk_blocks_used']}/{self.disk_blocks}" if self.disk_blocks else "")
+                + f" ({self.block_bytes / 2**20:.2f} MiB each), sequences={s['num_sequences']})")
 
     @property
     def block_bytes(self) -> int:
@@ -216,6 +227,16 @@ class PagedKV:
         if isinstance(seq, bool) or not isinstance(seq, int):
             raise TypeError(f"{where}: seq must be an int sequence id, got {type(seq).__name__}")
         return seq
+
+    @staticmethod
+    def _watermarks(w) -> tuple[float, float]:
+        try:
+            low, high = (float(x) for x in w)
+        except (TypeError, ValueError):
+            raise TypeError(f"PagedKV(): watermarks must be a pair of fractions (low, high), got {w!r}") from None
+        if not 0.0 <= low <= high < 1.0:
+            raise ValueError(f"PagedKV(): watermarks must satisfy 0 <= low <= high < 1, got {w!r}")
+        return low, high
 
     @staticmethod
     def _contiguous(t: torch.Tensor, name: str, where: str) -> None:

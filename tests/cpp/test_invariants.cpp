@@ -9,7 +9,7 @@ namespace pagedkv {
 struct EngineTestAccess {
   static SequenceTable& table(Engine& e, SeqId s) { return e.tables_.at(s); }
   static BlockDirectory& directory(Engine& e) { return e.directory_; }
-  static BlockPool& pool(Engine& e) { return e.device_pool_; }
+  static BlockPool& pool(Engine& e) { return e.pool(Tier::device); }
 };
 
 }  // namespace pagedkv

@@ -1,0 +1,151 @@
+#include "pagedkv/copy_engine.h"
+
+#include <cstring>
+
+#include "pagedkv/errors.h"
+#ifdef PAGEDKV_WITH_CUDA
+#include "pagedkv/cuda_context.h"
+#endif
+
+namespace pagedkv {
+
+struct FenceState {
+#ifdef PAGEDKV_WITH_CUDA
+  cudaEvent_t event = nullptr;
+  ~FenceState() {
+    if (event) cudaEventDestroy(event);
+  }
+#endif
+};
+
+bool fence_done(const Fence& f) {
+#ifdef PAGEDKV_WITH_CUDA
+  if (!f) return true;
+  const cudaError_t err = cudaEventQuery(f->event);
+  if (err == cudaErrorNotReady) {
+    cudaGetLastError();
+    return false;
+  }
+  PKV_CUDA(err);
+#else
+  (void)f;
+#endif
+  return true;
+}
+
+void fence_wait_host(const Fence& f) {
+#ifdef PAGEDKV_WITH_CUDA
+  if (f) PKV_CUDA(cudaEventSynchronize(f->event));
+#else
+  (void)f;
+#endif
+}
+
+namespace {
+#ifdef PAGEDKV_WITH_CUDA
+Fence record(cudaStream_t s) {
+  auto f = std::make_shared<FenceState>();
+  PKV_CUDA(cudaEventCreateWithFlags(&f->event, cudaEventDisableTiming));
+  PKV_CUDA(cudaEventRecord(f->event, s));
+  return f;
+}
+#endif
+}  // namespace
+
+CopyEngine::CopyEngine(bool cuda, int device, size_t block_bytes)
+    : cuda_(cuda), device_(device), block_bytes_(block_bytes) {
+#ifdef PAGEDKV_WITH_CUDA
+  if (cuda_) {
+    DeviceGuard guard(device_);
+    cudaStream_t a = nullptr, b = nullptr;
+    PKV_CUDA(cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking));
+    PKV_CUDA(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking));
+    d2h_ = a;
+    h2d_ = b;
+  }
+#endif
+}
+
+CopyEngine::~CopyEngine() {
+#ifdef PAGEDKV_WITH_CUDA
+  if (d2h_) cudaStreamDestroy(static_cast<cudaStream_t>(d2h_));
+  if (h2d_) cudaStreamDestroy(static_cast<cudaStream_t>(h2d_));
+#endif
+}
+
+// Calls issue(dst, src, bytes) once per run of blocks adjacent in both source and destination.
+template <typename Issue>
+void CopyEngine::merged(const std::vector<BlockCopy>& copies, Issue&& issue) const {
+  size_t i = 0;
+  while (i < copies.size()) {
+    size_t j = i + 1;
+    while (j < copies.size() &&
+           static_cast<char*>(copies[j].dst) == static_cast<char*>(copies[j - 1].dst) + block_bytes_ &&
+           static_cast<const char*>(copies[j].src) == static_cast<const char*>(copies[j - 1].src) + block_bytes_)
+      ++j;
+    issue(copies[i].dst, copies[i].src, (j - i) * block_bytes_);
+    i = j;
+  }
+}
+
+Fence CopyEngine::to_host(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits,
+                          void* compute) {
+  if (copies.empty()) return nullptr;
+  if (!cuda_) {
+    merged(copies, [](void* d, const void* s, size_t n) { std::memcpy(d, s, n); });
+    return nullptr;
+  }
+#ifdef PAGEDKV_WITH_CUDA
+  auto st = static_cast<cudaStream_t>(d2h_);
+  Fence after_compute = record(static_cast<cudaStream_t>(compute));
+  PKV_CUDA(cudaStreamWaitEvent(st, after_compute->event, 0));
+  for (const Fence& f : waits)
+    if (f && !fence_done(f)) PKV_CUDA(cudaStreamWaitEvent(st, f->event, 0));
+  merged(copies, [&](void* d, const void* s, size_t n) {
+    PKV_CUDA(cudaMemcpyAsync(d, s, n, cudaMemcpyDeviceToHost, st));
+  });
+  return record(st);
+#else
+  (void)waits;
+  (void)compute;
+  return nullptr;
+#endif
+}
+
+Fence CopyEngine::to_device(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits,
+                            void* compute) {
+  if (copies.empty()) return nullptr;
+  if (!cuda_) {
+    merged(copies, [](void* d, const void* s, size_t n) { std::memcpy(d, s, n); });
+    return nullptr;
+  }
+#ifdef PAGEDKV_WITH_CUDA
+  auto st = static_cast<cudaStream_t>(h2d_);
+  auto cs = static_cast<cudaStream_t>(compute);
+  Fence after_compute = record(cs);
+  PKV_CUDA(cudaStreamWaitEvent(st, after_compute->event, 0));
+  for (const Fence& f : waits)
+    if (f && !fence_done(f)) PKV_CUDA(cudaStreamWaitEvent(st, f->event, 0));
+  merged(copies, [&](void* d, const void* s, size_t n) {
+    PKV_CUDA(cudaMemcpyAsync(d, s, n, cudaMemcpyHostToDevice, st));
+  });
+  Fence landed = record(st);
+  PKV_CUDA(cudaStreamWaitEvent(cs, landed->event, 0));
+  return landed;
+#else
+  (void)waits;
+  (void)compute;
+  return nullptr;
+#endif
+}
+
+void CopyEngine::order_after(const Fence& f, void* stream) {
+#ifdef PAGEDKV_WITH_CUDA
+  if (f && !fence_done(f)) PKV_CUDA(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), f->event, 0));
+#else
+  (void)f;
+  (void)stream;
+#endif
+}
+
+}  // namespace pagedkv

@@ -1,0 +1,243 @@
+// Residency: which blocks sit on the device, and moving them between tiers. Evictions go device
+// -> pinned host on the copy engine's D2H stream; a full host tier spills its oldest blocks to
+// disk; misses come back disk -> host -> device. Every check that can fail runs in check_room()
+// before anything moves.
+#include <algorithm>
+#include <chrono>
+
+#include "pagedkv/engine.h"
+#include "pagedkv/errors.h"
+
+namespace pagedkv {
+namespace {
+
+struct WaitClock {  // adds the wall time of a scope to a counter
+  explicit WaitClock(double& sink) : sink_(sink), t0_(std::chrono::steady_clock::now()) {}
+  ~WaitClock() {
+    sink_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  }
+  double& sink_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+}  // namespace
+
+void Engine::check_room(int64_t fresh, const KeepSet& keep, const char* what) const {
+  const BlockPool& dev = pool(Tier::device);
+  int64_t kept_device = 0, kept_host = 0, kept_disk = 0;
+  for (BlockId id : keep) {
+    const Tier t = directory_.loc(id).tier;
+    kept_device += t == Tier::device;
+    kept_host += t == Tier::host;
+    kept_disk += t == Tier::disk;
+  }
+  const int64_t at_once = int64_t(keep.size()) + fresh;
+  PKV_CHECK(at_once <= dev.capacity(), OutOfBlocks, what, ": needs ", at_once,
+            " blocks on the device at once but the device tier holds ", dev.capacity());
+  const int64_t deficit = std::max<int64_t>(0, fresh + kept_host + kept_disk - dev.num_free());
+  if (deficit == 0 && kept_disk == 0) return;
+  // Evicted blocks need host slots; a full host tier spills blocks nobody needs now to disk.
+  const BlockPool& host = pool(Tier::host);
+  const BlockPool& disk = pool(Tier::disk);
+  const int64_t spills = std::max<int64_t>(0, deficit - host.num_free());
+  PKV_CHECK(spills <= std::min(disk.num_free(), host.num_used() - kept_host), OutOfBlocks, what,
+            ": needs ", deficit, " device blocks freed but every tier is full (device ",
+            dev.capacity(), ", host ", host.capacity(), ", disk ", disk.capacity(), ")");
+  if (kept_disk == 0) return;
+  // Blocks coming up from disk pass through a host slot one at a time: a free one, or one made by
+  // spilling a block nobody needs now into a free disk slot (each read frees its disk slot again).
+  const int64_t host_free_after = host.num_free() + spills - deficit;
+  const int64_t disk_free_after = disk.num_free() - spills;
+  const int64_t spillable_after = host.num_used() + deficit - spills - kept_host;
+  PKV_CHECK(host_free_after > 0 || (disk_free_after > 0 && spillable_after > 0), OutOfBlocks, what,
+            ": no host slot to bring blocks back from disk through (host ", host.capacity(),
+            ", disk ", disk.capacity(), " blocks, all taken)");
+}
+
+void Engine::make_device_room(int64_t n, const KeepSet& keep, void* stream) {
+  BlockPool& dev = pool(Tier::device);
+  if (dev.num_free() >= n) return;
+  const int64_t need = n - dev.num_free();
+  // Shared blocks serve several sequences: they go only when nothing else can.
+  std::vector<BlockId> victims = policy_->victims(need, [&](BlockId id) {
+    return keep.count(id) != 0 || directory_.refcount(id) > 1;
+  });
+  if (int64_t(victims.size()) < need) {
+    KeepSet chosen(victims.begin(), victims.end());
+    for (BlockId id : policy_->victims(need - int64_t(victims.size()), [&](BlockId id) {
+           return keep.count(id) != 0 || chosen.count(id) != 0;
+         }))
+      victims.push_back(id);
+  }
+  PKV_CHECK(int64_t(victims.size()) == need, InternalError, "the policy offered ", victims.size(),
+            " victims for ", need, " blocks");
+  evict_to_host(victims, stream);
+}
+
+void Engine::evict_to_host(const std::vector<BlockId>& victims, void* stream) {
+  if (victims.empty()) return;
+  BlockPool& host = pool(Tier::host);
+  KeepSet nothing;
+  if (host.num_free() < int64_t(victims.size()))
+    spill_host_to_disk(int64_t(victims.size()) - host.num_free(), nothing);
+  std::vector<BlockCopy> copies;
+  std::vector<Fence> waits;
+  std::vector<int32_t> host_slots;
+  for (BlockId id : victims) {
+    Fence w;
+    const int32_t slot = host.allocate(&w);
+    if (w) waits.push_back(std::move(w));
+    host_slots.push_back(slot);
+    copies.push_back({slot_ptr({Tier::host, slot}), slot_ptr(directory_.loc(id))});
+  }
+  Fence landed;
+  {
+    WaitClock clock(counters_.transfer_wait_s);  // CPU copies are synchronous; CUDA ones return at once
+    landed = copies_->to_host(copies, waits, stream);
+  }
+  const int64_t bytes = cfg_.block_bytes();
+  for (size_t i = 0; i < victims.size(); ++i) {
+    const BlockId id = victims[i];
+    pool(Tier::device).release_after(directory_.loc(id).slot, landed);
+    directory_.set_loc(id, {Tier::host, host_slots[i]});
+    if (landed) host_ready_[id] = landed;
+    policy_->on_leave(id);
+    host_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
+  }
+  counters_.evictions += int64_t(victims.size());
+  counters_.blocks_to_host += int64_t(victims.size());
+  counters_.bytes_to_host += int64_t(victims.size()) * bytes;
+  ++version_;
+}
+
+void Engine::spill_host_to_disk(int64_t n, const KeepSet& keep) {
+  std::vector<BlockId> victims = host_order_->victims(n, [&](BlockId id) { return keep.count(id) != 0; });
+  PKV_CHECK(int64_t(victims.size()) == n && pool(Tier::disk).num_free() >= n, OutOfBlocks,
+            "the host tier is full and the disk tier cannot take ", n, " more blocks");
+  for (BlockId id : victims) {
+    const BlockLoc from = directory_.loc(id);
+    auto ready = host_ready_.find(id);
+    const int32_t slot = pool(Tier::disk).allocate();
+    try {
+      WaitClock clock(counters_.transfer_wait_s);
+      if (ready != host_ready_.end()) fence_wait_host(ready->second);
+      disk_.write(slot, slot_ptr(from));
+    } catch (...) {
+      pool(Tier::disk).release(slot);  // the block stays on the host, intact
+      throw;
+    }
+    if (ready != host_ready_.end()) host_ready_.erase(ready);
+    pool(Tier::host).release(from.slot);
+    host_order_->on_leave(id);
+    directory_.set_loc(id, {Tier::disk, slot});
+    ++counters_.blocks_to_disk;
+    counters_.bytes_to_disk += cfg_.block_bytes();
+  }
+  ++version_;
+}
+
+void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream) {
+  std::vector<BlockId> misses;
+  for (BlockId id : ids)
+    if (directory_.loc(id).tier != Tier::device) misses.push_back(id);
+  std::sort(misses.begin(), misses.end());
+  misses.erase(std::unique(misses.begin(), misses.end()), misses.end());
+  if (misses.empty()) return;
+  make_device_room(int64_t(misses.size()), keep, stream);
+  BlockPool& host = pool(Tier::host);
+  for (BlockId id : misses) {  // disk -> host, synchronously
+    const BlockLoc from = directory_.loc(id);
+    if (from.tier != Tier::disk) continue;
+    if (host.num_free() == 0) spill_host_to_disk(1, keep);
+    Fence w;
+    const int32_t slot = host.allocate(&w);
+    try {
+      WaitClock clock(counters_.transfer_wait_s);
+      fence_wait_host(w);
+      disk_.read(from.slot, slot_ptr({Tier::host, slot}));
+    } catch (...) {
+      host.release(slot);  // the block stays on disk
+      throw;
+    }
+    pool(Tier::disk).release(from.slot);
+    directory_.set_loc(id, {Tier::host, slot});
+    host_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
+    ++counters_.blocks_from_disk;
+    counters_.bytes_from_disk += cfg_.block_bytes();
+  }
+  std::vector<BlockCopy> copies;
+  std::vector<Fence> waits;
+  std::vector<int32_t> device_slots;
+  for (BlockId id : misses) {
+    Fence w;
+    const int32_t slot = pool(Tier::device).allocate(&w);
+    if (w) waits.push_back(std::move(w));
+    auto ready = host_ready_.find(id);
+    if (ready != host_ready_.end()) waits.push_back(ready->second);
+    device_slots.push_back(slot);
+    copies.push_back({slot_ptr({Tier::device, slot}), slot_ptr(directory_.loc(id))});
+  }
+  Fence landed;
+  {
+    WaitClock clock(counters_.transfer_wait_s);
+    landed = copies_->to_device(copies, waits, stream);
+  }
+  for (size_t i = 0; i < misses.size(); ++i) {
+    const BlockId id = misses[i];
+    host.release_after(directory_.loc(id).slot, landed);
+    host_ready_.erase(id);
+    host_order_->on_leave(id);
+    directory_.set_loc(id, {Tier::device, device_slots[i]});
+    policy_->on_arrive(id, BlockUse{-1, 0, 1, step_});
+  }
+  counters_.device_misses += int64_t(misses.size());
+  counters_.blocks_from_host += int64_t(misses.size());
+  counters_.bytes_from_host += int64_t(misses.size()) * cfg_.block_bytes();
+  ++version_;
+}
+
+// Keeps free device blocks above the low watermark: when they fall below it, the policy's
+// victims go down until the high watermark is free. The copies are asynchronous, so by the time
+// an append needs the slots their evictions have long landed.
+void Engine::offload_to_watermark(void* stream) {
+  if (cfg_.host_blocks == 0 || cfg_.low_watermark <= 0) return;
+  BlockPool& dev = pool(Tier::device);
+  const int64_t cap = dev.capacity();
+  if (dev.num_free() >= int64_t(cfg_.low_watermark * double(cap))) return;
+  int64_t n = int64_t(cfg_.high_watermark * double(cap)) - dev.num_free();
+  const BlockPool& host = pool(Tier::host);
+  n = std::min(n, host.num_free() + std::min(pool(Tier::disk).num_free(), host.num_used()));
+  if (n <= 0) return;
+  make_device_room(dev.num_free() + n, KeepSet{}, stream);
+}
+
+void Engine::note_use(const SequenceTable& t, SeqId seq, int32_t logical) {
+  const BlockId id = t.blocks[size_t(logical)];
+  if (id != kNoBlock && directory_.loc(id).tier == Tier::device)
+    policy_->on_use(id, BlockUse{seq, logical, int32_t(t.blocks.size()), step_});
+}
+
+void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
+  check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "prefetch()");
+  KeepSet keep, check;
+  std::vector<BlockId> want;
+  for (SeqId s : seqs)
+    for (BlockId id : tables_.at(s).blocks) {
+      if (id == kNoBlock || !keep.insert(id).second) continue;
+      if (directory_.loc(id).tier == Tier::device) check.insert(id); else want.push_back(id);
+    }
+  // As many as fit without evicting blocks of these same sequences; a prefetch is a hint.
+  const BlockPool& dev = pool(Tier::device);
+  const int64_t fits = dev.num_free() + dev.num_used() - int64_t(check.size());
+  if (int64_t(want.size()) > fits) want.resize(size_t(std::max<int64_t>(fits, 0)));
+  if (want.empty()) return;
+  check.insert(want.begin(), want.end());
+  try {
+    check_room(0, check, "prefetch()");
+  } catch (const OutOfBlocks&) {
+    return;
+  }
+  make_resident(want, keep, stream);
+}
+
+}  // namespace pagedkv

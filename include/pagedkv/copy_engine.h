@@ -1,0 +1,48 @@
+// Whole-block copies between the device tier and the pinned host tier. On CUDA they run on one
+// stream per direction, ordered against the caller's compute stream by events, and never block
+// the host; on the CPU they are plain memcpy. Adjacent blocks merge into one copy.
+#pragma once
+#include <cstddef>
+#include <vector>
+
+#include "pagedkv/fence.h"
+
+namespace pagedkv {
+
+struct BlockCopy {
+  void* dst;        // one block of `block_bytes` in the destination tier
+  const void* src;  // one block in the source tier
+};
+
+class CopyEngine {
+ public:
+  CopyEngine(bool cuda, int device, size_t block_bytes);
+  ~CopyEngine();
+  CopyEngine(const CopyEngine&) = delete;
+  CopyEngine& operator=(const CopyEngine&) = delete;
+
+  // Device -> host after everything enqueued on `compute` so far (kernels that wrote or read the
+  // blocks) and after `waits` (host slots an earlier copy still reads). The returned fence passes when the host copies are complete and the device sources
+  // may be overwritten.
+  Fence to_host(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits, void* compute);
+  // Host -> device after `compute`'s work so far (slots freed by kernels) and after `waits`
+  // (host copies still landing, device slots still being read); `compute` waits for the copies
+  // before its next work, so a kernel never reads a block before it lands.
+  Fence to_device(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits, void* compute);
+
+  // `stream` waits (on the device, not the host) for `f` to pass.
+  void order_after(const Fence& f, void* stream);
+
+  size_t block_bytes() const { return block_bytes_; }
+
+ private:
+  template <typename Issue>
+  void merged(const std::vector<BlockCopy>& copies, Issue&& issue) const;
+  bool cuda_;
+  int device_;
+  size_t block_bytes_;
+  void* d2h_ = nullptr;  // cudaStream_t
+  void* h2d_ = nullptr;  // cudaStream_t
+};
+
+}  // namespace pagedkv

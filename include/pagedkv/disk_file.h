@@ -1,0 +1,38 @@
+// The disk tier: one preallocated file of block-sized slots under `disk_path`, read and written
+// whole blocks at a time (O_DIRECT when the file system and the block size allow it).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace pagedkv {
+
+class DiskFile {
+ public:
+  DiskFile() = default;
+  // Creates and sizes the file; throws ArgumentError naming disk_path when that fails.
+  DiskFile(const std::string& dir, int64_t num_slots, size_t block_bytes);
+  ~DiskFile();
+  DiskFile(const DiskFile&) = delete;
+  DiskFile& operator=(const DiskFile&) = delete;
+  DiskFile(DiskFile&& o) noexcept;
+  DiskFile& operator=(DiskFile&& o) noexcept;
+
+  // Whole-block I/O; a short or failed transfer throws Error (RuntimeError) and leaves the caller's
+  // state to it: callers change block locations only after these return.
+  void write(int32_t slot, const void* src);
+  void read(int32_t slot, void* dst) const;
+
+  bool is_open() const { return fd_ >= 0; }
+  bool direct() const { return direct_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  int fd_ = -1;
+  int direct_fd_ = -1;  // the same file opened with O_DIRECT, or -1
+  bool direct_ = false;
+  size_t block_bytes_ = 0;
+  std::string path_;
+};
+
+}  // namespace pagedkv

@@ -1,0 +1,146 @@
+"""`python -m pagedkv bench hf`: generate() on a Llama-3-8B-shaped model (random bf16 weights,
+no download) with transformers' default cache, DynamicCache(offloading=True) and PagedKVCache.
+
+Per prompt length: time to first token (a generate of 1 token), decode tokens/s (the extra
+tokens of a generate of `new` tokens over the extra time) and peak device memory of the long
+generate. pagedkv's pool is allocated outside torch's allocator, so its bytes are added to torch's
+peak. The device+host pagedkv column waits for the tiers issue.
+"""
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+from ..bench.common import save
+
+HOST_NA = "n/a until the tiers issue"
+MODES = ("default", "offload", "pagedkv", "pagedkv_host")
+
+
+def llama3_8b_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=128, max_position_embeddings=131072 + 4096, rope_theta=500000.0,
+                       bos_token_id=128000, eos_token_id=None, pad_token_id=0)
+
+
+def build_model(layers: int, device: str):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(llama3_8b_config(layers)).to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _cache(mode: str, model, prompt: int, new: int, block_size: int):
+    from transformers import DynamicCache
+
+    from .cache import PagedKVCache
+
+    if mode == "default":
+        model.set_attn_implementation("sdpa")
+        return None, 0
+    if mode == "offload":
+        model.set_attn_implementation("sdpa")
+        return DynamicCache(config=model.config, offloading=True), 0
+    blocks = (prompt + new) // block_size + 2
+    cache = PagedKVCache.from_model(model, device_blocks=blocks, block_size=block_size)
+    return cache, blocks * cache.kv.block_bytes
+
+
+def _generate(model, mode, ids, new, block_size):
+    """(seconds, peak bytes) of one generate of `new` tokens with a fresh cache."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cache, pool_bytes = _cache(mode, model, ids.shape[1], new, block_size)
+    kwargs = {} if cache is None else {"past_key_values": cache}
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                   min_new_tokens=new, do_sample=False, **kwargs)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() + pool_bytes
+    del cache
+    return seconds, peak
+
+
+def measure(model, mode: str, prompt: int, new: int, block_size: int) -> dict:
+    if mode == "pagedkv_host":
+        return {"status": HOST_NA}
+    ids = torch.randint(1000, 100000, (1, prompt), device="cuda")
+    try:
+        ttft, _ = _generate(model, mode, ids, 1, block_size)
+        total, peak = _generate(model, mode, ids, new, block_size)
+    except torch.OutOfMemoryError:
+        return {"status": "OOM"}
+    except MemoryError as e:           # pagedkv.OutOfBlocksError
+        return {"status": f"out of blocks: {e}"}
+    decode_s = max(total - ttft, 1e-9)
+    return {"status": "ok", "ttft_s": ttft, "decode_tok_s": (new - 1) / decode_s,
+            "peak_gib": peak / 2**30}
+
+
+def run(layers: int = 32, prompts=(8192, 32768, 131072), new: int = 64, block_size: int = 16,
+        modes=MODES) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench hf: needs a CUDA GPU (bf16 Llama-3-8B-shaped model)")
+    model = build_model(layers, "cuda")
+    weights = torch.cuda.memory_allocated()
+    rows = []
+    for prompt in prompts:
+        row = {"prompt": prompt}
+        for mode in modes:
+            row[mode] = measure(model, mode, prompt, new, block_size)
+        rows.append(row)
+        print_row(row, modes)
+    return {"config": dict(model="Llama-3-8B shape, random bf16 weights", layers=layers,
+                           new_tokens=new, block_size=block_size, batch=1,
+                           weights_gib=weights / 2**30),
+            "rows": rows}
+
+
+def _cell(m: dict, key: str, fmt: str) -> str:
+    return fmt.format(m[key]) if m.get("status") == "ok" else m["status"][:12]
+
+
+def print_header(modes) -> None:
+    print(f"{'prompt':>8} | " + " | ".join(f"{m:^30}" for m in modes))
+    print(f"{'':>8} | " + " | ".join(f"{'tok/s':>8} {'TTFT s':>8} {'peak GiB':>10}" for _ in modes))
+
+
+def print_row(row: dict, modes) -> None:
+    cells = []
+    for mode in modes:
+        m = row[mode]
+        if m.get("status") != "ok":
+            cells.append(f"{m['status'][:30]:^30}")
+        else:
+            cells.append(f"{m['decode_tok_s']:>8.1f} {m['ttft_s']:>8.2f} {m['peak_gib']:>10.2f}")
+    print(f"{row['prompt']:>8} | " + " | ".join(cells), flush=True)
+
+
+def main(args) -> None:
+    prompts = tuple(int(p) for p in str(args.prompts).split(","))
+    modes = tuple(args.modes.split(",")) if getattr(args, "modes", None) else MODES
+    print(f"generate() on a Llama-3-8B-shaped model, {args.layers} layers, bf16, batch 1, "
+          f"{args.new} new tokens; peak = torch peak + pagedkv pool")
+    print_header(modes)
+    res = run(layers=args.layers, prompts=prompts, new=args.new, block_size=args.block_size, modes=modes)
+    ratios = []
+    for row in res["rows"]:
+        d, p = row.get("default", {}), row.get("pagedkv", {})
+        if d.get("status") == "ok" and p.get("status") == "ok":
+            ratios.append(f"{row['prompt']}: pagedkv/default tok/s {p['decode_tok_s'] / d['decode_tok_s']:.2f}x, "
+                          f"peak {p['peak_gib'] / d['peak_gib']:.2f}x")
+    for r in ratios:
+        print("  " + r)
+    print(f"  saved {save('hf', res)}")
