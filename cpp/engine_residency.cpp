@@ -36,50 +36,56 @@ void Engine::check_room(int64_t fresh, const KeepSet& keep, const char* what) co
             " blocks on the device at once but the device tier holds ", dev.capacity());
   const int64_t deficit = std::max<int64_t>(0, fresh + kept_host + kept_disk - dev.num_free());
   if (deficit == 0 && kept_disk == 0) return;
-  // Evicted blocks need host slots; a full host tier spills blocks nobody needs now to disk.
+  // Blocks only move between tiers, so the new ones need free slots somewhere, and the moves
+  // need one free host slot to rotate through: evict one, bring one up, repeat. A full host tier
+  // makes that slot by spilling a block nobody needs now to a free disk slot.
   const BlockPool& host = pool(Tier::host);
   const BlockPool& disk = pool(Tier::disk);
-  const int64_t spills = std::max<int64_t>(0, deficit - host.num_free());
-  PKV_CHECK(spills <= std::min(disk.num_free(), host.num_used() - kept_host), OutOfBlocks, what,
-            ": needs ", deficit, " device blocks freed but every tier is full (device ",
-            dev.capacity(), ", host ", host.capacity(), ", disk ", disk.capacity(), ")");
-  if (kept_disk == 0) return;
-  // Blocks coming up from disk pass through a host slot one at a time: a free one, or one made by
-  // spilling a block nobody needs now into a free disk slot (each read frees its disk slot again).
-  const int64_t host_free_after = host.num_free() + spills - deficit;
-  const int64_t disk_free_after = disk.num_free() - spills;
-  const int64_t spillable_after = host.num_used() + deficit - spills - kept_host;
-  PKV_CHECK(host_free_after > 0 || (disk_free_after > 0 && spillable_after > 0), OutOfBlocks, what,
-            ": no host slot to bring blocks back from disk through (host ", host.capacity(),
-            ", disk ", disk.capacity(), " blocks, all taken)");
+  PKV_CHECK(dev.num_free() + host.num_free() + disk.num_free() >= fresh, OutOfBlocks, what, ": needs ",
+            fresh, " new blocks but every tier is full (device ", dev.capacity(), ", host ",
+            host.capacity(), ", disk ", disk.capacity(), ")");
+  PKV_CHECK(host.num_free() > 0 || (disk.num_free() > 0 && host.num_used() > kept_host), OutOfBlocks,
+            what, ": needs ", deficit, " device blocks freed but the host tier is full",
+            disk.capacity() ? " and so is the disk tier" : " and there is no disk tier",
+            " (device ", dev.capacity(), ", host ", host.capacity(), ", disk ", disk.capacity(), ")");
+}
+
+// How many device blocks can go down right now: free host slots, plus host blocks outside
+// `keep` that can spill to free disk slots.
+int64_t Engine::eviction_room(const KeepSet& keep) const {
+  const BlockPool& host = pool(Tier::host);
+  int64_t kept_host = 0;
+  for (BlockId id : keep) kept_host += directory_.loc(id).tier == Tier::host;
+  return host.num_free() + std::min(pool(Tier::disk).num_free(), host.num_used() - kept_host);
 }
 
 void Engine::make_device_room(int64_t n, const KeepSet& keep, void* stream) {
   BlockPool& dev = pool(Tier::device);
-  if (dev.num_free() >= n) return;
-  const int64_t need = n - dev.num_free();
-  // Shared blocks serve several sequences: they go only when nothing else can.
-  std::vector<BlockId> victims = policy_->victims(need, [&](BlockId id) {
-    return keep.count(id) != 0 || directory_.refcount(id) > 1;
-  });
-  if (int64_t(victims.size()) < need) {
-    KeepSet chosen(victims.begin(), victims.end());
-    for (BlockId id : policy_->victims(need - int64_t(victims.size()), [&](BlockId id) {
-           return keep.count(id) != 0 || chosen.count(id) != 0;
-         }))
-      victims.push_back(id);
+  while (dev.num_free() < n) {
+    const int64_t need = std::min(n - dev.num_free(), eviction_room(keep));
+    PKV_CHECK(need > 0, InternalError, "no room below the device for ", n - dev.num_free(), " blocks");
+    // Shared blocks serve several sequences: they go only when nothing else can.
+    std::vector<BlockId> victims = policy_->victims(need, [&](BlockId id) {
+      return keep.count(id) != 0 || directory_.refcount(id) > 1;
+    });
+    if (int64_t(victims.size()) < need) {
+      KeepSet chosen(victims.begin(), victims.end());
+      for (BlockId id : policy_->victims(need - int64_t(victims.size()), [&](BlockId id) {
+             return keep.count(id) != 0 || chosen.count(id) != 0;
+           }))
+        victims.push_back(id);
+    }
+    PKV_CHECK(int64_t(victims.size()) == need, InternalError, "the policy offered ", victims.size(),
+              " victims for ", need, " blocks");
+    evict_to_host(victims, keep, stream);
   }
-  PKV_CHECK(int64_t(victims.size()) == need, InternalError, "the policy offered ", victims.size(),
-            " victims for ", need, " blocks");
-  evict_to_host(victims, stream);
 }
 
-void Engine::evict_to_host(const std::vector<BlockId>& victims, void* stream) {
+void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& keep, void* stream) {
   if (victims.empty()) return;
   BlockPool& host = pool(Tier::host);
-  KeepSet nothing;
   if (host.num_free() < int64_t(victims.size()))
-    spill_host_to_disk(int64_t(victims.size()) - host.num_free(), nothing);
+    spill_host_to_disk(int64_t(victims.size()) - host.num_free(), keep);
   std::vector<BlockCopy> copies;
   std::vector<Fence> waits;
   std::vector<int32_t> host_slots;
@@ -142,33 +148,48 @@ void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep,
     if (directory_.loc(id).tier != Tier::device) misses.push_back(id);
   std::sort(misses.begin(), misses.end());
   misses.erase(std::unique(misses.begin(), misses.end()), misses.end());
-  if (misses.empty()) return;
-  make_device_room(int64_t(misses.size()), keep, stream);
-  BlockPool& host = pool(Tier::host);
-  for (BlockId id : misses) {  // disk -> host, synchronously
-    const BlockLoc from = directory_.loc(id);
-    if (from.tier != Tier::disk) continue;
-    if (host.num_free() == 0) spill_host_to_disk(1, keep);
-    Fence w;
-    const int32_t slot = host.allocate(&w);
-    try {
-      WaitClock clock(counters_.transfer_wait_s);
-      fence_wait_host(w);
-      disk_.read(from.slot, slot_ptr({Tier::host, slot}));
-    } catch (...) {
-      host.release(slot);  // the block stays on disk
-      throw;
-    }
-    pool(Tier::disk).release(from.slot);
-    directory_.set_loc(id, {Tier::host, slot});
-    host_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
-    ++counters_.blocks_from_disk;
-    counters_.bytes_from_disk += cfg_.block_bytes();
+  // Host-resident misses first: bringing them up frees host slots for the rest to rotate through.
+  std::stable_partition(misses.begin(), misses.end(),
+                        [&](BlockId id) { return directory_.loc(id).tier == Tier::host; });
+  size_t done = 0;
+  while (done < misses.size()) {
+    const int64_t left = int64_t(misses.size() - done);
+    if (pool(Tier::device).num_free() == 0) make_device_room(std::min(left, eviction_room(keep)), keep, stream);
+    const size_t take = size_t(std::min(left, pool(Tier::device).num_free()));
+    std::vector<BlockId> batch(misses.begin() + long(done), misses.begin() + long(done + take));
+    for (BlockId id : batch)
+      if (directory_.loc(id).tier == Tier::disk) disk_to_host(id, keep);
+    host_to_device(batch, stream);
+    done += take;
   }
+}
+
+void Engine::disk_to_host(BlockId id, const KeepSet& keep) {
+  BlockPool& host = pool(Tier::host);
+  const BlockLoc from = directory_.loc(id);
+  if (host.num_free() == 0) spill_host_to_disk(1, keep);
+  Fence w;
+  const int32_t slot = host.allocate(&w);
+  try {
+    WaitClock clock(counters_.transfer_wait_s);
+    fence_wait_host(w);
+    disk_.read(from.slot, slot_ptr({Tier::host, slot}));
+  } catch (...) {
+    host.release(slot);  // the block stays on disk
+    throw;
+  }
+  pool(Tier::disk).release(from.slot);
+  directory_.set_loc(id, {Tier::host, slot});
+  host_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
+  ++counters_.blocks_from_disk;
+  counters_.bytes_from_disk += cfg_.block_bytes();
+}
+
+void Engine::host_to_device(const std::vector<BlockId>& ids, void* stream) {
   std::vector<BlockCopy> copies;
   std::vector<Fence> waits;
   std::vector<int32_t> device_slots;
-  for (BlockId id : misses) {
+  for (BlockId id : ids) {
     Fence w;
     const int32_t slot = pool(Tier::device).allocate(&w);
     if (w) waits.push_back(std::move(w));
@@ -182,17 +203,17 @@ void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep,
     WaitClock clock(counters_.transfer_wait_s);
     landed = copies_->to_device(copies, waits, stream);
   }
-  for (size_t i = 0; i < misses.size(); ++i) {
-    const BlockId id = misses[i];
-    host.release_after(directory_.loc(id).slot, landed);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const BlockId id = ids[i];
+    pool(Tier::host).release_after(directory_.loc(id).slot, landed);
     host_ready_.erase(id);
     host_order_->on_leave(id);
     directory_.set_loc(id, {Tier::device, device_slots[i]});
     policy_->on_arrive(id, BlockUse{-1, 0, 1, step_});
   }
-  counters_.device_misses += int64_t(misses.size());
-  counters_.blocks_from_host += int64_t(misses.size());
-  counters_.bytes_from_host += int64_t(misses.size()) * cfg_.block_bytes();
+  counters_.device_misses += int64_t(ids.size());
+  counters_.blocks_from_host += int64_t(ids.size());
+  counters_.bytes_from_host += int64_t(ids.size()) * cfg_.block_bytes();
   ++version_;
 }
 

@@ -91,6 +91,11 @@ class Engine {
   const BlockPool& pool(Tier t) const { return pools_[int(t)]; }
   char* slot_ptr(BlockLoc loc) const;
 
+  void append_checked(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
+                      const void* k, const void* v, void* stream, bool drop);
+  void append_in_pieces(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
+                        const void* k, const void* v, int64_t fresh, void* stream);
+
   // -- block lifecycle (engine_blocks.cpp) --
   BlockId new_device_block(const BlockUse& use, std::vector<Fence>& waits);
   BlockId clone_block(BlockId id, const BlockUse& use, std::vector<Fence>& waits, void* stream);
@@ -108,7 +113,10 @@ class Engine {
   void make_device_room(int64_t n, const KeepSet& keep, void* stream);
   // Brings every block of `ids` that is not on the device up, evicting outside `keep`.
   void make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream);
-  void evict_to_host(const std::vector<BlockId>& victims, void* stream);
+  void evict_to_host(const std::vector<BlockId>& victims, const KeepSet& keep, void* stream);
+  int64_t eviction_room(const KeepSet& keep) const;
+  void disk_to_host(BlockId id, const KeepSet& keep);
+  void host_to_device(const std::vector<BlockId>& ids, void* stream);
   void spill_host_to_disk(int64_t n, const KeepSet& keep);
   void offload_to_watermark(void* stream);
   void note_use(const SequenceTable& t, SeqId seq, int32_t logical);
