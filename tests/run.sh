@@ -15,6 +15,11 @@ if ! dpkg -s libgtest-dev >/dev/null 2>&1; then
   fi
 fi
 python3 -m pip install -q torch==2.13.0 numpy pytest hypothesis nanobind scikit-build-core ninja "cmake>=3.24"
+# transformers for the pagedkv.hf equivalence tests (torch stays the pinned one above)
+python3 -m pip install -q transformers==5.17.0 tokenizers==0.23.3 safetensors==0.8.0 huggingface-hub==1.33.0 \
+  hf-xet==1.8.0 typer==0.29.2 click==8.5.1 rich==15.0.0 httpx==0.28.1 httpcore==1.0.9 h11==0.16.0 \
+  anyio==4.16.0 shellingham==1.5.4 markdown-it-py==4.3.0 mdurl==0.1.2 annotated-doc==0.0.7 tqdm==4.70.1 \
+  typing-extensions==4.16.0
 
 if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDACXX=/usr/local/cuda/bin/nvcc

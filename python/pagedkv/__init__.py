@@ -6,11 +6,21 @@
     kv.append([s], layer, k, v)
     out = kv.attend([s], layer, q)
 """
+from . import policies
 from ._C import OutOfBlocksError, built_with_cuda, cuda_available
 from .cache import PagedKV
 
 __version__ = "0.1.0"
-__all__ = ["PagedKV", "OutOfBlocksError", "cuda_available", "built_with_cuda", "default_device"]
+__all__ = ["PagedKV", "OutOfBlocksError", "cuda_available", "built_with_cuda", "default_device",
+           "policies"]
+
+
+def __getattr__(name):
+    if name == "hf":  # `pagedkv.hf` without a separate import; needs transformers
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'pagedkv' has no attribute {name!r}")
 
 
 def default_device() -> str:

@@ -26,6 +26,13 @@ def main(argv=None) -> int:
     kern = bsub.add_parser("kernel", help="paged decode attention vs SDPA, FlashInfer, copy ceiling")
     kern.add_argument("--quick", action="store_true", help="first two rows only")
 
+    hfb = bsub.add_parser("hf", help="transformers generate(): default cache vs DynamicCache(offloading=True) vs pagedkv")
+    hfb.add_argument("--layers", type=int, default=32, help="decoder layers (2 for a smoke run)")
+    hfb.add_argument("--prompts", default="8192,32768,131072", help="comma-separated prompt lengths")
+    hfb.add_argument("--new", type=int, default=64, help="tokens generated per run")
+    hfb.add_argument("--block-size", type=int, default=16)
+    hfb.add_argument("--modes", default=None, help="subset of default,offload,pagedkv,pagedkv_host")
+
     args = ap.parse_args(argv)
     if args.cmd == "demo":
         from .demo import run
@@ -40,6 +47,10 @@ def main(argv=None) -> int:
         from .bench.kernel import main as kernel_main
 
         kernel_main(args)
+    elif args.bench == "hf":
+        from .hf.bench import main as hf_main
+
+        hf_main(args)
     return 0
 
 
