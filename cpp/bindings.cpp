@@ -211,6 +211,11 @@ NB_MODULE(_C, m) {
              e.prefetch(seqs, as_stream(stream));
            },
            "seqs"_a, "stream"_a)
+      .def("offload",
+           [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
+             e.offload(seqs, as_stream(stream));
+           },
+           "seqs"_a, "stream"_a)
       .def("seq_len", &Engine::seq_len, "seq"_a, "layer"_a)
       .def("block_table",
            [](const Engine& e, SeqId seq) {

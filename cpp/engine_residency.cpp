@@ -238,6 +238,26 @@ void Engine::note_use(const SequenceTable& t, SeqId seq, int32_t logical) {
     policy_->on_use(id, BlockUse{seq, logical, int32_t(t.blocks.size()), step_});
 }
 
+void Engine::offload(const std::vector<SeqId>& seqs, void* stream) {
+  check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "offload()");
+  PKV_CHECK(tiered(), ArgumentError, "offload(): the cache has no host tier (host_blocks=0)");
+  KeepSet seen;
+  std::vector<BlockId> victims;
+  for (SeqId s : seqs)
+    for (BlockId id : tables_.at(s).blocks)
+      if (id != kNoBlock && directory_.loc(id).tier == Tier::device && seen.insert(id).second)
+        victims.push_back(id);
+  const KeepSet none;
+  PKV_CHECK(int64_t(victims.size()) <= eviction_room(none), OutOfBlocks, "offload(): ",
+            victims.size(), " blocks do not fit in the host and disk tiers");
+  for (size_t done = 0; done < victims.size();) {  // as many per batch as the host tier takes
+    const size_t n = size_t(std::min<int64_t>(int64_t(victims.size() - done), eviction_room(none)));
+    evict_to_host(std::vector<BlockId>(victims.begin() + long(done), victims.begin() + long(done + n)),
+                  none, stream);
+    done += n;
+  }
+}
+
 void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
   check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "prefetch()");
   KeepSet keep, check;

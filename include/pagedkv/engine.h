@@ -59,6 +59,9 @@ class Engine {
   // Starts bringing every block of these sequences to the device (as far as it fits), so a later
   // attend finds them there.
   void prefetch(const std::vector<SeqId>& seqs, void* stream);
+  // Moves every device block of these sequences down to the host tier now (asynchronously on
+  // CUDA): a session going idle makes room for others before anyone needs it.
+  void offload(const std::vector<SeqId>& seqs, void* stream);
   // Copies the stored K/V of one layer into k_out, v_out: [seq_len, num_kv_heads, head_dim],
   // from whichever tier each block is in.
   void gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream);

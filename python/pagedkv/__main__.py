@@ -26,6 +26,26 @@ def main(argv=None) -> int:
     kern = bsub.add_parser("kernel", help="paged decode attention vs SDPA, FlashInfer, copy ceiling")
     kern.add_argument("--quick", action="store_true", help="first two rows only")
 
+    off = bsub.add_parser("offload", help="swap bandwidth vs pinned-copy and disk ceilings; decode under swaps")
+    off.add_argument("--blocks", type=int, default=1024, help="blocks per transfer (2 MiB each)")
+    off.add_argument("--batch", type=int, default=8)
+    off.add_argument("--context", type=int, default=8192)
+    off.add_argument("--disk-path", default=None)
+
+    srv = bsub.add_parser("serve", help="Zipf chat sessions over a device tier smaller than their KV, per policy")
+    srv.add_argument("--device", default="cuda")
+    srv.add_argument("--sessions", type=int, default=48)
+    srv.add_argument("--context", type=int, default=4096)
+    srv.add_argument("--ratio", type=int, default=4, help="total KV / device tier")
+    srv.add_argument("--batch", type=int, default=8)
+    srv.add_argument("--turn", type=int, default=32)
+    srv.add_argument("--new", type=int, default=16)
+    srv.add_argument("--rounds", type=int, default=24)
+    srv.add_argument("--zipf", type=float, default=1.1)
+    srv.add_argument("--layers", type=int, default=32)
+    srv.add_argument("--kv-heads", type=int, default=8)
+    srv.add_argument("--head-dim", type=int, default=128)
+
     hfb = bsub.add_parser("hf", help="transformers generate(): default cache vs DynamicCache(offloading=True) vs pagedkv")
     hfb.add_argument("--layers", type=int, default=32, help="decoder layers (2 for a smoke run)")
     hfb.add_argument("--prompts", default="8192,32768,131072", help="comma-separated prompt lengths")
@@ -47,6 +67,14 @@ def main(argv=None) -> int:
         from .bench.kernel import main as kernel_main
 
         kernel_main(args)
+    elif args.bench == "offload":
+        from .bench.offload import main as offload_main
+
+        offload_main(args)
+    elif args.bench == "serve":
+        from .bench.serve import main as serve_main
+
+        serve_main(args)
     elif args.bench == "hf":
         from .hf.bench import main as hf_main
 

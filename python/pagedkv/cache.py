@@ -155,6 +155,11 @@ class PagedKV:
         their own blocks), so that a later attend finds them there. Never waits."""
         self._engine.prefetch(int_list(seqs, "seqs", "prefetch()"), self._stream())
 
+    def offload(self, seqs) -> None:
+        """Moves every device block of `seqs` down to the host tier now (a session going idle),
+        making room for others before anyone needs it. Asynchronous on CUDA."""
+        self._engine.offload(int_list(seqs, "seqs", "offload()"), self._stream())
+
     def gather(self, seq: int, layer: int = 0):
         """(k, v), each [seq_len, num_kv_heads, head_dim]: the stored KV of one layer of `seq`."""
         seq = self._seq_id(seq, "gather()")

@@ -1,0 +1,160 @@
+"""`python -m pagedkv bench offload`: block swaps against the link and disk ceilings, measured in
+one run, and a decode step with and without concurrent swap traffic.
+
+Cache: Llama-3-8B-shaped (32 layers, 8 KV heads, head_dim 128, bf16, block 16 -> 2 MiB blocks).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import torch
+
+from ..cache import PagedKV
+from .common import save
+
+LAYERS, HK, HQ, D, BS = 32, 8, 32, 128, 16
+
+
+def _sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def link_ceilings(gib: float) -> dict:
+    """Plain pinned cudaMemcpyAsync of one large buffer: each way, and both ways at once."""
+    n = int(gib * 2**30)
+    host_a = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    host_b = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev_a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dev_b = torch.empty(n, dtype=torch.uint8, device="cuda")
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    best = {"d2h": 0.0, "h2d": 0.0, "both": 0.0}
+    for _ in range(3):
+        best["d2h"] = max(best["d2h"], n / _sync_time(lambda: host_a.copy_(dev_a, non_blocking=True)) / 1e9)
+        best["h2d"] = max(best["h2d"], n / _sync_time(lambda: dev_b.copy_(host_b, non_blocking=True)) / 1e9)
+
+        def both():
+            with torch.cuda.stream(s1):
+                host_a.copy_(dev_a, non_blocking=True)
+            with torch.cuda.stream(s2):
+                dev_b.copy_(host_b, non_blocking=True)
+
+        best["both"] = max(best["both"], 2 * n / _sync_time(both) / 1e9)
+    return best
+
+
+def disk_ceilings(path: str, gib: float) -> dict:
+    """Sequential 2 MiB writes (fsync'd) and reads of a file as large as the disk tier's traffic."""
+    block = 2 << 20
+    n = int(gib * 2**30) // block
+    buf = os.urandom(block)
+    fd, name = tempfile.mkstemp(dir=path)
+    try:
+        t0 = time.perf_counter()
+        for i in range(n):
+            os.pwrite(fd, buf, i * block)
+        os.fsync(fd)
+        w = n * block / (time.perf_counter() - t0) / 1e9
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        for i in range(n):
+            os.pread(fd, block, i * block)
+        r = n * block / (time.perf_counter() - t0) / 1e9
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return {"write": w, "read": r}
+
+
+def swaps(blocks: int) -> dict:
+    """Engine swap-out, swap-in and both at once, GB/s of block bytes moved."""
+    kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
+                 device="cuda", device_blocks=2 * blocks + 8, host_blocks=2 * blocks + 8, watermarks=(0, 0))
+    a, b = kv.add_sequence(), kv.add_sequence()
+    rows = torch.randn(blocks * BS, HK, D, device="cuda", dtype=torch.bfloat16)
+    for s in (a, b):
+        for layer in range(LAYERS):
+            kv.append([s], layer, rows, rows)
+    nbytes = blocks * kv.block_bytes
+    out = {"block_bytes": kv.block_bytes, "blocks": blocks}
+    out["swap_out"] = nbytes / _sync_time(lambda: kv.offload([a])) / 1e9
+    out["swap_in"] = nbytes / _sync_time(lambda: kv.prefetch([a])) / 1e9
+    kv.offload([a])
+    torch.cuda.synchronize()
+
+    def both():  # b goes down while a comes up into other slots
+        kv.offload([b])
+        kv.prefetch([a])
+
+    out["both"] = 2 * nbytes / _sync_time(both) / 1e9
+    kv.check_invariants()
+    return out
+
+
+def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
+    """Decode steps of a resident batch; then the same while other sessions swap in and out."""
+    swap_blocks = 256
+    need = batch * (ctx // BS + steps // BS + 2)
+    kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
+                 device="cuda", device_blocks=need + 2 * swap_blocks + 16, host_blocks=2 * swap_blocks + 16,
+                 watermarks=(0, 0))
+    seqs = [kv.add_sequence() for _ in range(batch)]
+    rows = torch.randn(batch * ctx, HK, D, device="cuda", dtype=torch.bfloat16)
+    for layer in range(LAYERS):
+        kv.append(seqs, layer, rows, rows)
+    other = [kv.add_sequence(), kv.add_sequence()]
+    orows = torch.randn(swap_blocks * BS, HK, D, device="cuda", dtype=torch.bfloat16)
+    for s in other:
+        for layer in range(LAYERS):
+            kv.append([s], layer, orows, orows)
+    kv.offload([other[1]])
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, HK, D, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        for layer in range(LAYERS):
+            kv.append(seqs, layer, k, k)
+            kv.attend(seqs, layer, q)
+
+    step()
+    plain = min(_sync_time(step) for _ in range(steps))
+    times, moved = [], 0
+    for i in range(steps):
+        down, up = other[i % 2], other[(i + 1) % 2]
+
+        def with_traffic():
+            kv.offload([down])
+            kv.prefetch([up])
+            step()
+
+        times.append(_sync_time(with_traffic))
+        moved += 2 * swap_blocks * kv.block_bytes
+    kv.check_invariants()
+    busy = min(times)
+    return {"batch": batch, "context": ctx, "step_s": plain, "step_with_swaps_s": busy,
+            "ratio": busy / plain, "swap_bytes_per_step": 2 * swap_blocks * kv.block_bytes}
+
+
+def main(args) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench offload needs a CUDA GPU")
+    card = torch.cuda.get_device_name()
+    link = link_ceilings(2.0)
+    disk = disk_ceilings(args.disk_path or tempfile.gettempdir(), 2.0)
+    sw = swaps(args.blocks)
+    dec = decode_with_traffic(args.batch, args.context, 5)
+    print(f"offload on {card}: blocks of {sw['block_bytes'] / 2**20:.1f} MiB, {sw['blocks']} per transfer")
+    print(f"  {'direction':<12}{'pagedkv GB/s':>14}{'ceiling GB/s':>14}{'ratio':>8}")
+    for name, ours, ceil in (("swap-out", sw["swap_out"], link["d2h"]), ("swap-in", sw["swap_in"], link["h2d"]),
+                             ("both ways", sw["both"], link["both"])):
+        print(f"  {name:<12}{ours:>14.1f}{ceil:>14.1f}{ours / ceil:>7.2f}x")
+    print(f"  disk ceilings: write {disk['write']:.2f} GB/s, read {disk['read']:.2f} GB/s (2 MiB sequential)")
+    print(f"  decode step, batch {dec['batch']} x {dec['context']}: {dec['step_s'] * 1e3:.2f} ms alone, "
+          f"{dec['step_with_swaps_s'] * 1e3:.2f} ms with {dec['swap_bytes_per_step'] / 2**30:.2f} GiB of swaps "
+          f"in flight ({dec['ratio']:.3f}x)")
+    print(f"  saved {save('offload', {'card': card, 'link': link, 'disk': disk, 'swaps': sw, 'decode': dec})}")

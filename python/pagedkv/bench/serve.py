@@ -1,0 +1,90 @@
+"""`python -m pagedkv bench serve`: chat sessions whose KV is several times the device tier,
+returning with Zipf-like popularity. Per policy: device hit rate, bytes moved, tokens/s, beside
+the same workload on an unlimited device tier, in one run.
+
+A round picks `batch` distinct sessions by popularity, prefetches them, appends a user turn of
+`turn` tokens (chunked-prefill attention over its rows) and decodes `new` tokens for the batch.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from ..cache import PagedKV
+from ..policies import LRU, Hybrid, Window
+from .common import save
+
+
+def _zipf_pick(rng: random.Random, weights: list[float], k: int) -> list[int]:
+    chosen: set[int] = set()
+    while len(chosen) < k:
+        chosen.add(rng.choices(range(len(weights)), weights)[0])
+    return sorted(chosen)
+
+
+def run_one(policy, device_blocks: int, a) -> dict:
+    dev = a.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    kv = PagedKV(num_layers=a.layers, num_kv_heads=a.kv_heads, head_dim=a.head_dim, block_size=16,
+                 dtype=dtype, device=dev, device_blocks=device_blocks, host_blocks=a.host_blocks,
+                 policy=policy)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rng = random.Random(0)
+    weights = [1.0 / (i + 1) ** a.zipf for i in range(a.sessions)]
+    sessions = [kv.add_sequence() for _ in range(a.sessions)]
+    ctx = torch.randn(a.context, a.kv_heads, a.head_dim, generator=gen, device=dev).to(dtype)
+    for s in sessions:
+        for layer in range(a.layers):
+            kv.append([s], layer, ctx, ctx)
+    hq = 4 * a.kv_heads
+    turn_q = torch.randn(a.batch * a.turn, hq, a.head_dim, generator=gen, device=dev).to(dtype)
+    turn_kv = torch.randn(a.batch * a.turn, a.kv_heads, a.head_dim, generator=gen, device=dev).to(dtype)
+    step_q = torch.randn(a.batch, hq, a.head_dim, generator=gen, device=dev).to(dtype)
+    step_kv = torch.randn(a.batch, a.kv_heads, a.head_dim, generator=gen, device=dev).to(dtype)
+    start = kv.stats()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens = 0
+    for _ in range(a.rounds):
+        batch = [sessions[i] for i in _zipf_pick(rng, weights, a.batch)]
+        kv.prefetch(batch)
+        for layer in range(a.layers):
+            kv.append(batch, layer, turn_kv, turn_kv)
+            kv.attend(batch, layer, turn_q)
+        for _ in range(a.new):
+            for layer in range(a.layers):
+                kv.append(batch, layer, step_kv, step_kv)
+                kv.attend(batch, layer, step_q)
+        tokens += a.batch * (a.turn + a.new)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    end = kv.stats()
+    d = {k: end[k] - start[k] for k in ("device_hits", "device_misses", "bytes_to_host", "bytes_from_host",
+                                         "bytes_to_disk", "bytes_from_disk", "evictions")}
+    looked = d["device_hits"] + d["device_misses"]
+    kv.check_invariants()
+    return {"tokens_per_s": tokens / secs, "seconds": secs, "hit_rate": d["device_hits"] / max(looked, 1),
+            "bytes_moved": d["bytes_to_host"] + d["bytes_from_host"], **d}
+
+
+def main(a) -> None:
+    total = a.sessions * ((a.context + a.rounds * (a.turn + a.new)) // 16 + 2)
+    device_blocks = max(total // a.ratio, 64)
+    a.host_blocks = total + 64
+    results = {}
+    for name, pol in (("lru", LRU()), ("window", Window(recent_blocks=4, sink_blocks=1)), ("hybrid", Hybrid())):
+        results[name] = run_one(pol, device_blocks, a)
+    results["unlimited"] = run_one("lru", total + 64, a)
+    base = results["unlimited"]["tokens_per_s"]
+    card = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    print(f"serve on {card}: {a.sessions} sessions x {a.context} tokens, Zipf {a.zipf}, batch {a.batch}, "
+          f"turn {a.turn} + {a.new} new, {a.rounds} rounds; device tier {device_blocks} blocks = 1/{a.ratio} of the KV")
+    print(f"  {'policy':<10}{'hit rate':>9}{'GiB moved':>10}{'tok/s':>10}{'vs unlimited':>14}")
+    for name, r in results.items():
+        print(f"  {name:<10}{r['hit_rate']:>9.3f}{r['bytes_moved'] / 2**30:>10.2f}{r['tokens_per_s']:>10.1f}"
+              f"{r['tokens_per_s'] / base:>13.2f}x")
+    print(f"  saved {save('serve', {'card': card, 'config': {k: v for k, v in vars(a).items() if k != 'func'}, 'results': results})}")
