@@ -191,6 +191,24 @@ NB_MODULE(_C, m) {
            },
            "seqs"_a, "layer"_a, "lengths"_a, "q"_a.noconvert(), "out"_a.noconvert(),
            "lse"_a.noconvert().none(), "num_q_heads"_a, "scale"_a, "window"_a, "stream"_a)
+      .def("blocks_needed", &Engine::blocks_needed, "seqs"_a, "layer"_a, "lengths"_a, "window"_a)
+      .def("attend_range",
+           [](Engine& e, SeqId seq, int32_t layer, int32_t position, int32_t key_begin,
+              int32_t key_end, const Array& q, const Array& out, const Array& lse, int32_t num_q_heads,
+              float scale, uintptr_t stream) {
+             const CacheConfig& c = e.config();
+             AttendArgs a;
+             a.num_q_heads = num_q_heads;
+             a.q = checked(e, q, "q", int64_t(num_q_heads) * c.head_dim, c.dtype);
+             a.out = checked(e, out, "out", int64_t(num_q_heads) * c.head_dim, c.dtype);
+             a.lse = static_cast<float*>(checked(e, lse, "lse", num_q_heads, DType::f32));
+             a.scale = scale;
+             a.stream = as_stream(stream);
+             nb::gil_scoped_release release;
+             e.attend_range(seq, layer, position, key_begin, key_end, a);
+           },
+           "seq"_a, "layer"_a, "position"_a, "key_begin"_a, "key_end"_a, "q"_a.noconvert(),
+           "out"_a.noconvert(), "lse"_a.noconvert(), "num_q_heads"_a, "scale"_a, "stream"_a)
       .def("gather",
            [](Engine& e, SeqId seq, int32_t layer, const Array& k_out, const Array& v_out,
               uintptr_t stream) {

@@ -155,19 +155,109 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   }
 #ifdef PAGEDKV_WITH_CUDA
   auto st = static_cast<cudaStream_t>(args.stream);
-  const size_t lens_bytes = kv_lens.size() * sizeof(int32_t);
-  const size_t indptr_off = (lens_bytes + 255) & ~size_t(255);
-  char* meta = static_cast<char*>(cuda_->meta.reserve(indptr_off + q_indptr.size() * sizeof(int32_t)));
-  cuda_->upload(meta, kv_lens.data(), lens_bytes, st);
-  cuda_->upload(meta + indptr_off, q_indptr.data(), q_indptr.size() * sizeof(int32_t), st);
+  // kv_lens and q_indptr in one buffer, sent only when they differ from what it holds: every
+  // layer of a decode step after the first finds them unchanged, and sends nothing.
+  std::vector<int32_t> meta_host(kv_lens);
+  meta_host.insert(meta_host.end(), q_indptr.begin(), q_indptr.end());
+  const size_t meta_bytes = meta_host.size() * sizeof(int32_t);
+  const bool resend = meta_host != cuda_->attn_meta_sent || cuda_->attn_meta.bytes() < meta_bytes;
+  int32_t* meta = static_cast<int32_t*>(cuda_->attn_meta.reserve(meta_bytes));
+  if (resend) {
+    cuda_->upload(meta, meta_host.data(), meta_bytes, st);
+    cuda_->attn_meta_sent = std::move(meta_host);
+  }
+  p.kv_lens = meta;
+  p.q_indptr = meta + kv_lens.size();
   p.block_table = plan.device_block_table;
-  p.kv_lens = reinterpret_cast<const int32_t*>(meta);
-  p.q_indptr = reinterpret_cast<const int32_t*>(meta + indptr_off);
   const size_t ws_bytes = cuda::paged_attention_workspace_bytes(p, cuda_->num_sms());
   void* ws = ws_bytes ? cuda_->workspace.reserve(ws_bytes) : nullptr;
   PKV_CUDA(cuda::paged_attention(p, ws, ws_bytes, cuda_->num_sms(), st));
 #endif
   offload_to_watermark(args.stream);
+}
+
+int64_t Engine::blocks_needed(const std::vector<SeqId>& seqs, int32_t layer,
+                              const std::vector<int32_t>& lengths, int32_t window) const {
+  check_layer(layer, "attend()");
+  check_batch(seqs, lengths, "attend()");
+  if (window < 0) window = cfg_.window;
+  int64_t total = 0;
+  for (size_t i = 0; i < seqs.size(); ++i)
+    total += check_in_scope(seqs[i], tables_.at(seqs[i]), layer, lengths[i], window, i);
+  return total;
+}
+
+// One query row at `position` over keys [key_begin, key_end) only: the kernel sees a sequence of
+// key_end tokens whose single row sits at key_end - 1, with a window reaching back to key_begin.
+// Partial results of several ranges merge by their log-sum-exp (python/pagedkv/passthrough.py).
+void Engine::attend_range(SeqId seq, int32_t layer, int32_t position, int32_t key_begin,
+                          int32_t key_end, const AttendArgs& args) {
+  const SequenceTable& t = table(seq, "attend_range()");
+  check_layer(layer, "attend_range()");
+  const int32_t bs = cfg_.block_size;
+  PKV_CHECK(0 <= key_begin && key_begin < key_end && key_end <= position + 1 &&
+                position < t.lens[size_t(layer)], ArgumentError, "attend_range(): keys [", key_begin, ", ",
+            key_end, ") are not a range the row at ", position, " sees");
+  std::vector<BlockId> ids;
+  for (int32_t b = key_begin / bs; b < blocks_for(key_end, bs); ++b) {
+    PKV_CHECK(t.blocks[size_t(b)] != kNoBlock, ArgumentError, "attend_range(): keys of sequence ",
+              seq, " were dropped by the window (retain=False)");
+    ids.push_back(t.blocks[size_t(b)]);
+  }
+  const KeepSet keep(ids.begin(), ids.end());
+  if (tiered()) {
+    check_room(0, keep, "attend_range()");
+    const int64_t before = counters_.device_misses;
+    make_resident(ids, keep, args.stream);
+    counters_.device_hits += int64_t(ids.size()) - (counters_.device_misses - before);
+  } else {
+    counters_.device_hits += int64_t(ids.size());
+  }
+  std::vector<int32_t> table_row(size_t(blocks_for(key_end, bs)), -1);
+  for (int32_t b = key_begin / bs; b < blocks_for(key_end, bs); ++b)
+    table_row[size_t(b)] = directory_.loc(t.blocks[size_t(b)]).slot;
+  std::vector<int32_t> kv_lens{key_end}, q_indptr{0, 1};
+  PagedAttentionParams p;
+  p.q = args.q;
+  p.out = args.out;
+  p.lse = args.lse;
+  p.pool = pool(Tier::device).data();
+  p.num_seqs = 1;
+  p.num_rows = 1;
+  p.max_q_len = 1;
+  p.max_blocks = int32_t(table_row.size());
+  p.num_q_heads = args.num_q_heads;
+  p.num_kv_heads = cfg_.num_kv_heads;
+  p.head_dim = cfg_.head_dim;
+  p.block_size = bs;
+  p.num_layers = cfg_.num_layers;
+  p.layer = layer;
+  p.window = key_end - key_begin;
+  p.sink_tokens = 0;
+  p.scale = args.scale > 0 ? args.scale : 1.f / std::sqrt(float(cfg_.head_dim));
+  p.dtype = cfg_.dtype;
+  if (!cfg_.on_cuda) {
+    p.block_table = table_row.data();
+    p.kv_lens = kv_lens.data();
+    p.q_indptr = q_indptr.data();
+    attention_cpu(p);
+    return;
+  }
+#ifdef PAGEDKV_WITH_CUDA
+  auto st = static_cast<cudaStream_t>(args.stream);
+  const size_t table_bytes = table_row.size() * sizeof(int32_t);
+  const size_t lens_off = (table_bytes + 255) & ~size_t(255), indptr_off = lens_off + 256;
+  char* meta = static_cast<char*>(cuda_->meta.reserve(indptr_off + 256));
+  cuda_->upload(meta, table_row.data(), table_bytes, st);
+  cuda_->upload(meta + lens_off, kv_lens.data(), sizeof(int32_t), st);
+  cuda_->upload(meta + indptr_off, q_indptr.data(), 2 * sizeof(int32_t), st);
+  p.block_table = reinterpret_cast<const int32_t*>(meta);
+  p.kv_lens = reinterpret_cast<const int32_t*>(meta + lens_off);
+  p.q_indptr = reinterpret_cast<const int32_t*>(meta + indptr_off);
+  const size_t ws_bytes = cuda::paged_attention_workspace_bytes(p, cuda_->num_sms());
+  void* ws = ws_bytes ? cuda_->workspace.reserve(ws_bytes) : nullptr;
+  PKV_CUDA(cuda::paged_attention(p, ws, ws_bytes, cuda_->num_sms(), st));
+#endif
 }
 
 void Engine::gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream) {

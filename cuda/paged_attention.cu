@@ -11,8 +11,13 @@
 namespace pagedkv::cuda {
 namespace detail {
 
-// Test hook (tests/cuda/paged_attention_check.cu): > 0 forces that many splits.
+// Test hooks (tests/cuda/paged_attention_check.cu): > 0 forces that many splits; g_force_variant
+// 1 forces the 3-stage configuration wherever it exists (head_dim <= 128), 2 the sm_90 bulk-copy
+// loader (head_dim 128, measurement only), -1 the base configuration; g_aim_ctas is the resident
+// CTAs per SM that split-K aims at below a full wave.
 int g_force_splits = 0;
+int g_force_variant = 0;
+int g_aim_ctas = 2;
 
 constexpr int kStages = 2;
 constexpr int kMaxSplits = 256;
@@ -40,7 +45,16 @@ cudaError_t dispatch(DType dtype, int head_dim, F&& f) {
   return cudaErrorNotSupported;  // f32 runs on the CPU reference only
 }
 
+// Kernel configurations (warps x ring stages x loader).
+enum class Config {
+  kBase,  // 4 warps, 2 stages, cp.async
+  kHalf,  // 2 warps, 2 stages: head_dim 256 where a block gets < 139 KB of smem (sm_86/89)
+  kDeep,  // 4 warps, 3 stages (head_dim <= 128): a full wave of units or more, see make_plan
+  kBulk,  // 4 warps, 2 stages, sm_90 bulk copies (head_dim 128; test hook only)
+};
+
 struct Plan {
+  Config config = Config::kBase;
   int nwarps = 4;
   size_t smem = 0;
   int ctas_per_sm = 1;
@@ -51,10 +65,10 @@ struct Plan {
 
 // Per-instance launch facts, computed once (occupancy does not change between calls, and doing
 // it once keeps the per-call path free of anything but the launches).
-template <typename T, int HD, int NWARPS>
+template <typename T, int HD, int NWARPS, int STAGES = kStages, int LOAD = kLoadCpAsync>
 struct Instance {
-  using Shape = AttnShape<HD, NWARPS, kStages>;
-  static constexpr auto kernel = paged_attention_kernel<T, HD, NWARPS, kStages>;
+  using Shape = AttnShape<HD, NWARPS, STAGES>;
+  static constexpr auto kernel = paged_attention_kernel<T, HD, NWARPS, STAGES, LOAD>;
   static constexpr size_t smem = Shape::template smem_bytes<T>();
   static cudaError_t prepare(int* ctas_per_sm) {
     int dev = 0;
@@ -98,7 +112,7 @@ inline int choose_splits(const PagedAttentionParams& p, int num_sms, const Plan&
   // Enough units for a wave: split only to even out the last wave. Fewer: split-K aiming at two
   // resident CTAs per SM, which measured faster than three (cuda/NOTES.md, batch 1 x 32K).
   const int64_t slots =
-      units >= full_slots ? full_slots : int64_t(std::max(num_sms, 1)) * std::min(plan.ctas_per_sm, 2);
+      units >= full_slots ? full_slots : int64_t(std::max(num_sms, 1)) * std::min(plan.ctas_per_sm, g_aim_ctas);
   // Time ~ waves x (chunk rounds per CTA + ~2 rounds of per-CTA overhead: first-load latency,
   // Q tile, epilogue, its share of the merge); a round is one chunk for each warp.
   const int64_t rounds = (max_chunks + plan.nwarps - 1) / plan.nwarps;
@@ -115,28 +129,60 @@ inline size_t split_bytes(const PagedAttentionParams& p, int splits) {
   return size_t(splits) * rows_heads * (size_t(p.head_dim) + 1) * sizeof(float);
 }
 
+// Calls f(Instance<...>{}) for the configuration (a configuration that does not exist for this
+// head_dim falls back to kBase; make_plan never picks one).
+template <typename T, int HD, typename F>
+cudaError_t with_config(Config c, F&& f) {
+  if constexpr (HD == 256) {
+    if (c == Config::kHalf) return f(Instance<T, HD, 2>{});
+  }
+  if constexpr (HD <= 128) {
+    if (c == Config::kDeep) return f(Instance<T, HD, 4, 3>{});
+  }
+  if constexpr (HD == 128) {
+    if (c == Config::kBulk) return f(Instance<T, HD, 4, 2, kLoadBulk>{});
+  }
+  return f(Instance<T, HD, 4>{});
+}
+
 template <typename T, int HD>
 cudaError_t make_plan(const PagedAttentionParams& p, int num_sms, Plan* plan) {
-  int dev = 0, optin = 0;
+  int dev = 0, optin = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) return err;
-  plan->nwarps = 4, plan->smem = Instance<T, HD, 4>::smem;
-  if constexpr (HD == 256) {  // sm_86/89 give a block 99 KB: half the warps, half the rings
-    if (Instance<T, HD, 4>::smem > size_t(optin)) plan->nwarps = 2, plan->smem = Instance<T, HD, 2>::smem;
-  }
-  if (plan->nwarps == 4) {
-    err = Instance<T, HD, 4>::prepare(&plan->ctas_per_sm);
-  } else if constexpr (HD == 256) {
-    err = Instance<T, HD, 2>::prepare(&plan->ctas_per_sm);
-  }
-  if (err != cudaSuccess) return err;
-  int major = 0;
-  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   if (err != cudaSuccess) return err;
   plan->pdl = major >= 9;
   const int group = p.num_q_heads / p.num_kv_heads;
   plan->n_mtiles = (p.max_q_len * group + 15) / 16;
+  plan->config = Config::kBase;
+  if constexpr (HD == 256) {  // sm_86/89 give a block 99 KB: half the warps, half the rings
+    if (Instance<T, HD, 4>::smem > size_t(optin)) plan->config = Config::kHalf;
+  }
+  if constexpr (HD <= 128) {
+    // A full wave of (seq, kv head, m-tile) units or more at 3 CTAs/SM (the base kernel on
+    // H100/H200): a third stage at 2 CTAs/SM streamed faster there (64 x 4K and 128 x 2K decode,
+    // cuda/NOTES.md); below a wave, split-K fills the machine and 3 CTAs/SM of 2 stages won.
+    // Only where the 3-stage kernel still keeps 2 CTAs on an SM, and chosen by itself only at
+    // head_dim 128 (the one measured; the other head dims get it through the test hook).
+    int base_ctas = 1, deep_ctas = 0;
+    err = Instance<T, HD, 4>::prepare(&base_ctas);
+    if (err != cudaSuccess) return err;
+    if (Instance<T, HD, 4, 3>::smem <= size_t(optin)) {
+      err = Instance<T, HD, 4, 3>::prepare(&deep_ctas);
+      if (err != cudaSuccess) return err;
+    }
+    const int64_t units = int64_t(p.num_seqs) * p.num_kv_heads * plan->n_mtiles;
+    const bool wave = HD == 128 && units >= int64_t(std::max(num_sms, 1)) * base_ctas;
+    if (deep_ctas >= 2 && (g_force_variant == 1 || (g_force_variant == 0 && wave))) plan->config = Config::kDeep;
+    if (HD == 128 && major >= 9 && g_force_variant == 2) plan->config = Config::kBulk;
+  }
+  err = with_config<T, HD>(plan->config, [&](auto inst) {
+    using I = decltype(inst);
+    plan->nwarps = I::Shape::kThreads / 32, plan->smem = I::smem;
+    return I::prepare(&plan->ctas_per_sm);
+  });
+  if (err != cudaSuccess) return err;
   plan->splits = choose_splits(p, num_sms, *plan);
   return cudaSuccess;
 }
@@ -182,11 +228,10 @@ cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size
     float* part_o = static_cast<float*>(workspace);
     float* part_lse = splits > 1 ? part_o + size_t(splits) * p.num_rows * p.num_q_heads * HD : nullptr;
     const dim3 grid(unsigned(p.num_seqs) * unsigned(p.num_kv_heads), plan.n_mtiles, splits);
-    if (plan.nwarps == 4) {
-      detail::Instance<T, HD, 4>::launch(grid, stream, p, splits, part_o, part_lse);
-    } else if constexpr (HD == 256) {
-      detail::Instance<T, HD, 2>::launch(grid, stream, p, splits, part_o, part_lse);
-    }
+    detail::with_config<T, HD>(plan.config, [&](auto inst) {
+      decltype(inst)::launch(grid, stream, p, splits, part_o, part_lse);
+      return cudaSuccess;
+    });
     err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
     const int64_t rows_heads = int64_t(p.num_rows) * p.num_q_heads;

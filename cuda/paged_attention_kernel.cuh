@@ -90,7 +90,42 @@ __device__ __forceinline__ void issue_chunk(const T* pool, int64_t off, int64_t 
   }
 }
 
+// How a warp moves its KV chunks into shared memory.
+enum : int {
+  kLoadCpAsync = 0,  // 16-byte cp.async per lane, cp.async groups (every arch)
+  kLoadBulk = 1,     // sm_90+: one bulk copy per row (lane l: K row l, lane 16 + l: V row l)
+                     // completing on a per-stage mbarrier; cp.async below sm_90
+};
+template <int LOAD>
+__device__ constexpr bool use_bulk() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return LOAD == kLoadBulk;
+#else
+  return false;
+#endif
+}
+
+// Bulk-copy version of issue_chunk. Each lane moves one HD-element row; rows past the scope are
+// zero-filled with plain stores (the copy engine has no zero-fill), made visible to the other
+// lanes by the arrive's release and to later bulk copies by the proxy fence.
 template <typename T, int HD, int NWARPS, int STAGES>
+__device__ __forceinline__ void issue_chunk_bulk(const T* pool, int64_t off, int64_t v_off, T* sK,
+                                                 T* sV, uint64_t* bar, int lane) {
+  using S = AttnShape<HD, NWARPS, STAGES>;
+  constexpr uint32_t kRowBytes = HD * sizeof(T);
+  T* dst = (lane < 16 ? sK : sV) + (lane & 15) * S::kStride;
+  if (off >= 0) {
+    mbar_arrive_expect_tx(bar, kRowBytes);
+    bulk_g2s(dst, pool + off + (lane < 16 ? 0 : v_off), kRowBytes, bar);
+  } else {
+#pragma unroll
+    for (int j = 0; j < S::kVecs; ++j) reinterpret_cast<uint4*>(dst)[j] = make_uint4(0, 0, 0, 0);
+    fence_proxy_async_smem();
+    mbar_arrive(bar);
+  }
+}
+
+template <typename T, int HD, int NWARPS, int STAGES, int LOAD>
 __global__ void __launch_bounds__(NWARPS * 32)
     paged_attention_kernel(const PagedAttentionParams p, const int num_splits,
                            float* __restrict__ part_o,    // [num_splits, num_rows, num_q_heads, HD]
@@ -100,6 +135,8 @@ __global__ void __launch_bounds__(NWARPS * 32)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [16][kStride]: the m-tile's packed query rows
   __shared__ float s_m[NWARPS][16], s_l[NWARPS][16];
+  constexpr bool kBulk = use_bulk<LOAD>();
+  __shared__ uint64_t s_bar[kBulk ? NWARPS : 1][kBulk ? STAGES : 1];  // stage s of warp w landed
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Let the split merge (launched with programmatic serialisation) get resident early; it
@@ -137,16 +174,29 @@ __global__ void __launch_bounds__(NWARPS * 32)
   const int n_mine = my_first < c_end ? (c_end - my_first + NWARPS - 1) / NWARPS : 0;
   const int64_t v_off = int64_t(p.num_kv_heads) * p.block_size * HD;  // K tile -> V tile
   int64_t next_off = n_mine > 0 ? resolve_row(p, bt_row, sc, kvh, my_first, lane) : -1;
+  if constexpr (kBulk) {
+    if (lane == 0) {
+#pragma unroll
+      for (int st = 0; st < STAGES; ++st) mbar_init(&s_bar[warp][st], 32);
+      mbar_init_fence();
+    }
+    __syncwarp();
+  }
   auto issue = [&](int i) {  // chunk i of this warp; resolves chunk i + 1 for the next call
     T* st = ring + (i % STAGES) * 2 * S::kTile;
-    issue_chunk<T, HD, NWARPS, STAGES>(pool, next_off, v_off, st, st + S::kTile, lane);
+    if constexpr (kBulk) {
+      issue_chunk_bulk<T, HD, NWARPS, STAGES>(pool, next_off, v_off, st, st + S::kTile,
+                                              &s_bar[kBulk ? warp : 0][kBulk ? i % STAGES : 0], lane);
+    } else {
+      issue_chunk<T, HD, NWARPS, STAGES>(pool, next_off, v_off, st, st + S::kTile, lane);
+    }
     if (i + 1 < n_mine) next_off = resolve_row(p, bt_row, sc, kvh, my_first + (i + 1) * NWARPS, lane);
   };
   // KV copies go out before the Q tile is loaded, so both latencies overlap.
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
     if (i < n_mine) issue(i);
-    cp_async_commit();
+    if constexpr (!kBulk) cp_async_commit();
   }
 
   // Q tile: thread t loads 16-byte vectors t, t + kThreads, ... of the [16][HD] packed rows.
@@ -183,9 +233,14 @@ __global__ void __launch_bounds__(NWARPS * 32)
 
   for (int i = 0; i < n_mine; ++i) {
     if (i + STAGES - 1 < n_mine) issue(i + STAGES - 1);  // refills the stage freed last step
-    cp_async_commit();
-    cp_async_wait<STAGES - 1>();
-    __syncwarp();  // every lane's copies of chunk i have landed
+    if constexpr (kBulk) {
+      // Every lane waits for the stage's phase: all 32 rows' bytes (or zero rows) have landed.
+      mbar_wait(&s_bar[kBulk ? warp : 0][kBulk ? i % STAGES : 0], uint32_t(i / STAGES) & 1u);
+    } else {
+      cp_async_commit();
+      cp_async_wait<STAGES - 1>();
+      __syncwarp();  // every lane's copies of chunk i have landed
+    }
     const T* sK = ring + (i % STAGES) * 2 * S::kTile;
     const T* sV = sK + S::kTile;
 
@@ -260,7 +315,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
     }
     __syncwarp();  // all lanes done reading this stage before it is refilled
   }
-  cp_async_wait<0>();
+  if constexpr (!kBulk) cp_async_wait<0>();  // bulk: every issued chunk was waited for above
   __syncwarp();
 
 #pragma unroll

@@ -47,7 +47,9 @@ class CudaContext {
   void upload(void* dst, const void* src, size_t bytes, cudaStream_t stream);
 
   DeviceBuffer table;      // step plan block tables
-  DeviceBuffer meta;       // per-call kv_lens, q_indptr, slot mappings
+  DeviceBuffer meta;       // per-call slot mappings and attend_range metadata
+  DeviceBuffer attn_meta;  // attend(): kv_lens then q_indptr, re-sent only when they change
+  std::vector<int32_t> attn_meta_sent;  // what attn_meta holds now
   DeviceBuffer workspace;  // split-K partial results
 
  private:

@@ -53,6 +53,14 @@ class Engine {
   // The rows of seqs[i] are its last lengths[i] tokens in `layer`.
   void attend(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
               const AttendArgs& args);
+  // Blocks in scope of these rows, all sequences together: more than the device tier holds means
+  // the call must pass them through in chunks (attend_range).
+  int64_t blocks_needed(const std::vector<SeqId>& seqs, int32_t layer,
+                        const std::vector<int32_t>& lengths, int32_t window) const;
+  // One query row (args.q/out/lse hold 1 row) at `position` over keys [key_begin, key_end) only,
+  // for contexts larger than the device tier; args.lse is required to merge the parts.
+  void attend_range(SeqId seq, int32_t layer, int32_t position, int32_t key_begin, int32_t key_end,
+                    const AttendArgs& args);
   // Builds (or reuses) the block table of this batch, as attend() does once per step; returns
   // its row stride. Lets a caller pay the host-side preparation before the first layer.
   int32_t prepare(const std::vector<SeqId>& seqs, void* stream);

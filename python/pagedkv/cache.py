@@ -140,6 +140,11 @@ class PagedKV:
         elif not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"{where}: scale must be a positive finite number, got {scale!r}")
         win = self._window_arg(window, where)
+        if self.host_blocks and self._engine.blocks_needed(seq_list, layer, lens, win) > self.device_blocks:
+            from . import passthrough  # more blocks in scope than the device tier holds
+
+            w = (self.window or 0) if win < 0 else win
+            return passthrough.attend(self, seq_list, layer, q, lens, float(scale), w, return_lse)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
         self._engine.attend(seq_list, layer, lens, q, out, lse, hq, float(scale), win, self._stream())

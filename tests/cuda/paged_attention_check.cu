@@ -6,6 +6,9 @@
 //     tests/cuda/paged_attention_check.cu cuda/paged_attention.cu cuda/kv_write.cu -o build/pa_check
 //   build/pa_check            full sweep       build/pa_check --quick   small sweep (sanitizers)
 //   build/pa_check --bench [file]   decode timings (CUDA-graph replay), also written to file
+// Environment: PKV_VARIANT=1 forces the 3-stage kernel (head_dim <= 128), 2 the sm_90 bulk-copy
+// loader (head_dim 128), -1 the base kernel only; PKV_AIM=n split-K target CTAs/SM; bench only:
+// PKV_SPLITS=n, PKV_SHAPE=i (one shape), PKV_SEQ_PAGES=1 (pages in order).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -23,7 +26,7 @@
 
 namespace pagedkv::cuda::detail {
 extern int g_force_splits;
-extern int g_force_variant;  // PKV_VARIANT: alternative head_dim-128 bf16 kernel configuration
+extern int g_force_variant;  // PKV_VARIANT: 1 3-stage kernel, 2 sm_90 bulk loader, -1 base only
 extern int g_aim_ctas;       // PKV_AIM: split-K target resident CTAs per SM
 }
 using namespace pagedkv;
