@@ -147,8 +147,9 @@ def test_every_tier_full_raises_and_changes_nothing(device, tmp_path, gen):
     assert kv.block_table(s) == table and kv.seq_len(s) == 16
     assert {k_: v_ for k_, v_ in kv.stats().items() if k_ != "transfer_wait_s"} == \
         {k_: v_ for k_, v_ in stats.items() if k_ != "transfer_wait_s"}
-    with pytest.raises(pagedkv.OutOfBlocksError, match="at once"):
-        kv.attend([s], 0, randn(gen, (1, H, D), dtype, device))  # 4 blocks never fit 2 device slots
+    with pytest.raises(pagedkv.OutOfBlocksError):  # passing 4 blocks through needs a free slot below
+        kv.attend([s], 0, randn(gen, (1, H, D), dtype, device))
+    assert kv.block_table(s) == table
     kv.check_invariants()
     assert torch.equal(kv.gather(s)[0], k)
 
@@ -242,6 +243,7 @@ def test_context_larger_than_the_device_tier_passes_through(device, tmp_path, ge
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # the merge rounds partial outputs once more
     assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
     assert torch.allclose(got_lse, want_lse, atol=1e-4, rtol=1e-4)
-    assert small.stats()["blocks_from_host"] > 8
+    if window is None:  # 33 blocks in scope through an 8-block device tier
+        assert small.stats()["blocks_from_host"] > 8
     small.check_invariants()
     assert torch.equal(small.gather(s)[0], k)
