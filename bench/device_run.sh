@@ -18,10 +18,12 @@ echo "build: $(( $(date +%s) - t0 )) s"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   ctest --test-dir build/py --output-on-failure -j8 > "$OUT/ctest.log" 2>&1; echo "ctest rc=$?"; tail -3 "$OUT/ctest.log"
   grep -E "checked|FAIL" "$OUT/ctest.log" | head -5
-  timeout 420 python3 -m pytest tests/python -q -x -k "${PYTEST_K:-cuda}" > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -15 "$OUT/pytest.log"
+  timeout ${PYTEST_TIMEOUT:-240} python3 -m pytest tests/python -q -k "${PYTEST_K:-cuda}" -p no:cacheprovider > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | head -20
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  timeout 200 python3 -m pagedkv demo 2>&1 | tail -8
-  python3 -m pagedkv bench host --device cuda 2>&1 | tail -6
-  timeout 300 python3 -m pagedkv bench kernel 2>&1 | tee "$OUT/kernel.txt" | grep -v Warning
+  timeout 100 python3 -m pagedkv demo --prompt 8192 --steps 128 2>&1 | tail -6
+  timeout 200 python3 -m pagedkv bench kernel 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
+  timeout 120 python3 -m pagedkv bench offload 2>&1 | tee "$OUT/offload.txt" | tail -9
+  timeout 150 python3 -m pagedkv bench serve 2>&1 | tee "$OUT/serve.txt" | tail -8
 fi
