@@ -113,7 +113,7 @@ Fence CopyEngine::to_host(const std::vector<BlockCopy>& copies, const std::vecto
 }
 
 Fence CopyEngine::to_device(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits,
-                            void* compute) {
+                            void* compute, bool compute_waits) {
   if (copies.empty()) return nullptr;
   if (!cuda_) {
     merged(copies, [](void* d, const void* s, size_t n) { std::memcpy(d, s, n); });
@@ -130,11 +130,12 @@ Fence CopyEngine::to_device(const std::vector<BlockCopy>& copies, const std::vec
     PKV_CUDA(cudaMemcpyAsync(d, s, n, cudaMemcpyHostToDevice, st));
   });
   Fence landed = record(st);
-  PKV_CUDA(cudaStreamWaitEvent(cs, landed->event, 0));
+  if (compute_waits) PKV_CUDA(cudaStreamWaitEvent(cs, landed->event, 0));
   return landed;
 #else
   (void)waits;
   (void)compute;
+  (void)compute_waits;
   return nullptr;
 #endif
 }

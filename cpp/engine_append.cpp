@@ -57,6 +57,7 @@ void Engine::append_checked(const std::vector<SeqId>& seqs, int32_t layer,
   } else {
     check_room(fresh, keep, "append()");
     make_resident(written, keep, stream);
+    await_blocks(written, stream);
     make_device_room(fresh, keep, stream);
   }
 

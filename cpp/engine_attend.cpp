@@ -97,18 +97,23 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
     max_q_len = std::max(max_q_len, lengths[i]);
   }
   if (q_indptr.back() == 0) return;
-  if (tiered() && !(plan_.matches(seqs, version_) && plan_.fully_resident)) {
-    // Bring every block in scope to the device; a batch whose blocks all sit there skips this.
+  const bool resident = plan_.matches(seqs, version_) && plan_.fully_resident;
+  if (tiered() && (!resident || !device_ready_.empty())) {
+    // Bring every block in scope to the device (a batch whose blocks all sit there skips this)
+    // and order the kernel after prefetches still landing in them.
     std::vector<BlockId> needed;
     for (size_t i = 0; i < seqs.size(); ++i) {
       auto ids = blocks_in_scope(tables_.at(seqs[i]), layer, lengths[i], window);
       needed.insert(needed.end(), ids.begin(), ids.end());
     }
-    const KeepSet keep(needed.begin(), needed.end());
-    check_room(0, keep, "attend()");
-    const int64_t misses_before = counters_.device_misses;
-    make_resident(needed, keep, args.stream);
-    in_scope -= counters_.device_misses - misses_before;
+    if (!resident) {
+      const KeepSet keep(needed.begin(), needed.end());
+      check_room(0, keep, "attend()");
+      const int64_t misses_before = counters_.device_misses;
+      make_resident(needed, keep, args.stream);
+      in_scope -= counters_.device_misses - misses_before;
+    }
+    await_blocks(needed, args.stream);
   }
   if (tiered() && layer == 0) ++step_;
   if (tiered())
@@ -124,7 +129,7 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
       for (int32_t b = first; b < blocks_for(len, bs); ++b) note_use(t, seqs[i], b);
     }
   const StepPlan& plan = plan_for(seqs, args.stream);
-  counters_.device_hits += in_scope;
+  if (layer == 0) counters_.device_hits += in_scope;  // per step: every layer reads the same blocks
 
   PagedAttentionParams p;
   p.q = args.q;
@@ -209,6 +214,7 @@ void Engine::attend_range(SeqId seq, int32_t layer, int32_t position, int32_t ke
     check_room(0, keep, "attend_range()");
     const int64_t before = counters_.device_misses;
     make_resident(ids, keep, args.stream);
+    await_blocks(ids, args.stream);
     counters_.device_hits += int64_t(ids.size()) - (counters_.device_misses - before);
   } else {
     counters_.device_hits += int64_t(ids.size());
@@ -283,6 +289,7 @@ void Engine::gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* st
       block = slot_ptr(loc);
     }
     const bool on_gpu = cfg_.on_cuda && loc.tier == Tier::device;
+    if (on_gpu) await_blocks({id}, stream);
     const bool through_gpu = cfg_.on_cuda;  // outputs live on the GPU
     if (through_gpu && loc.tier == Tier::host) {
       auto ready = host_ready_.find(id);

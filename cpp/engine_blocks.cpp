@@ -35,10 +35,17 @@ void Engine::release_block(BlockId id) {
   const BlockLoc loc = directory_.loc(id);
   if (!directory_.release(id)) return;
   switch (loc.tier) {
-    case Tier::device:
+    case Tier::device: {
       policy_->on_leave(id);
-      pool(Tier::device).release(loc.slot);
+      auto landing = device_ready_.find(id);  // a prefetch copy may still be writing the slot
+      if (landing != device_ready_.end()) {
+        pool(Tier::device).release_after(loc.slot, std::move(landing->second));
+        device_ready_.erase(landing);
+      } else {
+        pool(Tier::device).release(loc.slot);
+      }
       break;
+    }
     case Tier::host: {
       host_order_->on_leave(id);
       auto it = host_ready_.find(id);

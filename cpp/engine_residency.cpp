@@ -93,6 +93,11 @@ void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& k
     Fence w;
     const int32_t slot = host.allocate(&w);
     if (w) waits.push_back(std::move(w));
+    auto landing = device_ready_.find(id);  // a prefetch still landing in the block
+    if (landing != device_ready_.end()) {
+      waits.push_back(std::move(landing->second));
+      device_ready_.erase(landing);
+    }
     host_slots.push_back(slot);
     copies.push_back({slot_ptr({Tier::host, slot}), slot_ptr(directory_.loc(id))});
   }
@@ -201,10 +206,11 @@ void Engine::host_to_device(const std::vector<BlockId>& ids, void* stream) {
   Fence landed;
   {
     WaitClock clock(counters_.transfer_wait_s);
-    landed = copies_->to_device(copies, waits, stream);
+    landed = copies_->to_device(copies, waits, stream, !prefetching_);
   }
   for (size_t i = 0; i < ids.size(); ++i) {
     const BlockId id = ids[i];
+    if (prefetching_ && landed) device_ready_[id] = landed;
     pool(Tier::host).release_after(directory_.loc(id).slot, landed);
     host_ready_.erase(id);
     host_order_->on_leave(id);
@@ -278,7 +284,27 @@ void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
   } catch (const OutOfBlocks&) {
     return;
   }
-  make_resident(want, keep, stream);
+  prefetching_ = true;
+  try {
+    make_resident(want, keep, stream);
+  } catch (...) {
+    prefetching_ = false;
+    throw;
+  }
+  prefetching_ = false;
+}
+
+void Engine::await_blocks(const std::vector<BlockId>& ids, void* stream) {
+  if (device_ready_.empty()) return;
+  for (auto it = device_ready_.begin(); it != device_ready_.end();)
+    it = fence_done(it->second) ? device_ready_.erase(it) : std::next(it);
+  for (BlockId id : ids) {
+    if (device_ready_.empty()) return;
+    auto it = device_ready_.find(id);
+    if (it == device_ready_.end()) continue;
+    copies_->order_after(it->second, stream);
+    device_ready_.erase(it);
+  }
 }
 
 }  // namespace pagedkv

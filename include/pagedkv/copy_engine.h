@@ -26,9 +26,11 @@ class CopyEngine {
   // may be overwritten.
   Fence to_host(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits, void* compute);
   // Host -> device after `compute`'s work so far (slots freed by kernels) and after `waits`
-  // (host copies still landing, device slots still being read); `compute` waits for the copies
-  // before its next work, so a kernel never reads a block before it lands.
-  Fence to_device(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits, void* compute);
+  // (host copies still landing, device slots still being read). With `compute_waits`, `compute`
+  // waits for the copies before its next work; without (prefetches), the caller keeps the fence
+  // and orders a reader after it when one comes.
+  Fence to_device(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits, void* compute,
+                  bool compute_waits = true);
 
   // `stream` waits (on the device, not the host) for `f` to pass.
   void order_after(const Fence& f, void* stream);

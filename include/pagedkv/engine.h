@@ -128,6 +128,8 @@ class Engine {
   int64_t eviction_room(const KeepSet& keep) const;
   void disk_to_host(BlockId id, const KeepSet& keep);
   void host_to_device(const std::vector<BlockId>& ids, void* stream);
+  // Orders `stream` after prefetch copies still landing in any of `ids` (no-op when none are).
+  void await_blocks(const std::vector<BlockId>& ids, void* stream);
   void spill_host_to_disk(int64_t n, const KeepSet& keep);
   void offload_to_watermark(void* stream);
   void note_use(const SequenceTable& t, SeqId seq, int32_t logical);
@@ -145,6 +147,8 @@ class Engine {
   std::unique_ptr<EvictionPolicy> policy_;
   std::unique_ptr<CopyEngine> copies_;
   std::unordered_map<BlockId, Fence> host_ready_;  // host copies still landing
+  std::unordered_map<BlockId, Fence> device_ready_;  // prefetched device copies still landing
+  bool prefetching_ = false;  // make_resident() on behalf of prefetch(): nobody reads yet
   std::unique_ptr<EvictionPolicy> host_order_;     // LRU over host-tier blocks: spill order to disk
   std::unordered_map<SeqId, SequenceTable> tables_;
   SeqId next_seq_ = 0;

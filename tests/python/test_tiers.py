@@ -106,7 +106,7 @@ def test_blocks_go_down_and_come_back(device, tmp_path, gen):
     assert sum(tier_counts(kv, s).get("disk", 0) for s in seqs) == 1
     before = kv.stats()
     q = randn(gen, (1, H, D), dtype, device)
-    kv.attend([seqs[0]], 1, q)
+    kv.attend([seqs[0]], 0, q)  # hits count once per step, at layer 0
     after = kv.stats()
     assert tier_counts(kv, seqs[0]) == {"device": 3}
     assert after["device_misses"] - before["device_misses"] == 3
@@ -115,7 +115,7 @@ def test_blocks_go_down_and_come_back(device, tmp_path, gen):
         k, v = kv.gather(s, 1)
         assert torch.equal(k, kvs[s][0]) and torch.equal(v, kvs[s][1])
     hits = after["device_hits"]
-    kv.attend([seqs[0]], 1, q)
+    kv.attend([seqs[0]], 0, q)
     assert kv.stats()["device_hits"] == hits + 3 and kv.stats()["device_misses"] == after["device_misses"]
 
 

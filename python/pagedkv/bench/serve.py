@@ -48,12 +48,14 @@ def run_one(policy, device_blocks: int, a) -> dict:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     tokens = 0
-    for _ in range(a.rounds):
-        batch = [sessions[i] for i in _zipf_pick(rng, weights, a.batch)]
-        kv.prefetch(batch)
+    batches = [[sessions[i] for i in _zipf_pick(rng, weights, a.batch)] for _ in range(a.rounds + 1)]
+    kv.prefetch(batches[0])
+    for r in range(a.rounds):
+        batch = batches[r]
         for layer in range(a.layers):
             kv.append(batch, layer, turn_kv, turn_kv)
             kv.attend(batch, layer, turn_q)
+        kv.prefetch(batches[r + 1])  # the next round's sessions come up while this one decodes
         for _ in range(a.new):
             for layer in range(a.layers):
                 kv.append(batch, layer, step_kv, step_kv)
