@@ -3,9 +3,9 @@
 //   LayerOutOfRange -> IndexError, OutOfBlocks -> pagedkv.OutOfBlocksError (a MemoryError),
 //   anything else (CudaError, InternalError) -> RuntimeError.
 #pragma once
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace pagedkv {
 
@@ -21,11 +21,22 @@ struct CudaError : Error { using Error::Error; };
 struct InternalError : Error { using Error::Error; };
 
 namespace detail {
+// Messages are built without iostreams: a stream's locale machinery crashed inside the module
+// when a host process had loaded another libstdc++ build first (seen under torch on a GPU host).
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, char v) { s += v; }
+template <typename T>
+void append(std::string& s, const T& v) {
+  static_assert(std::is_arithmetic_v<T>, "messages take strings and numbers");
+  s += std::to_string(v);
+}
 template <typename... Args>
 std::string concat(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
+  std::string s;
+  (append(s, args), ...);
+  return s;
 }
 template <typename E, typename... Args>
 [[noreturn]] void raise(const char* file, int line, const Args&... args) {
