@@ -12,6 +12,32 @@
 
 namespace pagedkv {
 
+// The fields every attention call shares; the caller fills the batch and the scope.
+PagedAttentionParams Engine::base_params(const AttendArgs& args, int32_t layer) const {
+  PagedAttentionParams p;
+  p.q = args.q;
+  p.out = args.out;
+  p.lse = args.lse;
+  p.pool = pool(Tier::device).data();
+  p.num_q_heads = args.num_q_heads;
+  p.num_kv_heads = cfg_.num_kv_heads;
+  p.head_dim = cfg_.head_dim;
+  p.block_size = cfg_.block_size;
+  p.num_layers = cfg_.num_layers;
+  p.layer = layer;
+  p.scale = args.scale > 0 ? args.scale : 1.f / std::sqrt(float(cfg_.head_dim));
+  p.dtype = cfg_.dtype;
+  return p;
+}
+
+#ifdef PAGEDKV_WITH_CUDA
+void Engine::launch(const PagedAttentionParams& p, void* stream) {
+  const size_t ws_bytes = cuda::paged_attention_workspace_bytes(p, cuda_->num_sms());
+  void* ws = ws_bytes ? cuda_->workspace.reserve(ws_bytes) : nullptr;
+  PKV_CUDA(cuda::paged_attention(p, ws, ws_bytes, cuda_->num_sms(), static_cast<cudaStream_t>(stream)));
+}
+#endif
+
 const StepPlan& Engine::plan_for(const std::vector<SeqId>& seqs, void* stream) {
   if (plan_.matches(seqs, version_)) return plan_;
   plan_.seqs = seqs;
@@ -131,25 +157,13 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   const StepPlan& plan = plan_for(seqs, args.stream);
   if (layer == 0) counters_.device_hits += in_scope;  // per step: every layer reads the same blocks
 
-  PagedAttentionParams p;
-  p.q = args.q;
-  p.out = args.out;
-  p.lse = args.lse;
-  p.pool = pool(Tier::device).data();
+  PagedAttentionParams p = base_params(args, layer);
   p.num_seqs = int32_t(seqs.size());
   p.num_rows = q_indptr.back();
   p.max_q_len = max_q_len;
   p.max_blocks = plan.max_blocks;
-  p.num_q_heads = args.num_q_heads;
-  p.num_kv_heads = cfg_.num_kv_heads;
-  p.head_dim = cfg_.head_dim;
-  p.block_size = cfg_.block_size;
-  p.num_layers = cfg_.num_layers;
-  p.layer = layer;
   p.window = window;
   p.sink_tokens = window > 0 ? cfg_.sink_tokens : 0;
-  p.scale = args.scale > 0 ? args.scale : 1.f / std::sqrt(float(cfg_.head_dim));
-  p.dtype = cfg_.dtype;
   if (!cfg_.on_cuda) {
     p.block_table = plan.block_table.data();
     p.kv_lens = kv_lens.data();
@@ -174,9 +188,7 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   p.kv_lens = meta;
   p.q_indptr = meta + kv_lens.size();
   p.block_table = plan.device_block_table;
-  const size_t ws_bytes = cuda::paged_attention_workspace_bytes(p, cuda_->num_sms());
-  void* ws = ws_bytes ? cuda_->workspace.reserve(ws_bytes) : nullptr;
-  PKV_CUDA(cuda::paged_attention(p, ws, ws_bytes, cuda_->num_sms(), st));
+  launch(p, st);
 #endif
   offload_to_watermark(args.stream);
 }
@@ -223,25 +235,13 @@ void Engine::attend_range(SeqId seq, int32_t layer, int32_t position, int32_t ke
   for (int32_t b = key_begin / bs; b < blocks_for(key_end, bs); ++b)
     table_row[size_t(b)] = directory_.loc(t.blocks[size_t(b)]).slot;
   std::vector<int32_t> kv_lens{key_end}, q_indptr{0, 1};
-  PagedAttentionParams p;
-  p.q = args.q;
-  p.out = args.out;
-  p.lse = args.lse;
-  p.pool = pool(Tier::device).data();
+  PagedAttentionParams p = base_params(args, layer);
   p.num_seqs = 1;
   p.num_rows = 1;
   p.max_q_len = 1;
   p.max_blocks = int32_t(table_row.size());
-  p.num_q_heads = args.num_q_heads;
-  p.num_kv_heads = cfg_.num_kv_heads;
-  p.head_dim = cfg_.head_dim;
-  p.block_size = bs;
-  p.num_layers = cfg_.num_layers;
-  p.layer = layer;
   p.window = key_end - key_begin;
   p.sink_tokens = 0;
-  p.scale = args.scale > 0 ? args.scale : 1.f / std::sqrt(float(cfg_.head_dim));
-  p.dtype = cfg_.dtype;
   if (!cfg_.on_cuda) {
     p.block_table = table_row.data();
     p.kv_lens = kv_lens.data();
@@ -260,9 +260,7 @@ void Engine::attend_range(SeqId seq, int32_t layer, int32_t position, int32_t ke
   p.block_table = reinterpret_cast<const int32_t*>(meta);
   p.kv_lens = reinterpret_cast<const int32_t*>(meta + lens_off);
   p.q_indptr = reinterpret_cast<const int32_t*>(meta + indptr_off);
-  const size_t ws_bytes = cuda::paged_attention_workspace_bytes(p, cuda_->num_sms());
-  void* ws = ws_bytes ? cuda_->workspace.reserve(ws_bytes) : nullptr;
-  PKV_CUDA(cuda::paged_attention(p, ws, ws_bytes, cuda_->num_sms(), st));
+  launch(p, st);
 #endif
 }
 

@@ -9,6 +9,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "pagedkv/attention_params.h"
 #include "pagedkv/block_directory.h"
 #include "pagedkv/block_pool.h"
 #include "pagedkv/config.h"
@@ -135,6 +136,8 @@ class Engine {
   void note_use(const SequenceTable& t, SeqId seq, int32_t logical);
 
   const StepPlan& plan_for(const std::vector<SeqId>& seqs, void* stream);
+  PagedAttentionParams base_params(const AttendArgs& args, int32_t layer) const;
+  void launch(const PagedAttentionParams& p, void* stream);  // CUDA builds: kernel + workspace
   int64_t check_in_scope(SeqId seq, const SequenceTable& t, int32_t layer, int32_t n,
                          int32_t window, size_t index) const;
   std::vector<BlockId> blocks_in_scope(const SequenceTable& t, int32_t layer, int32_t n,
