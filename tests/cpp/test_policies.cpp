@@ -47,14 +47,29 @@ TEST(Policy, HybridProtectsFrequentlyUsedBlocks) {
   p->on_arrive(0, use(0));
   for (uint64_t s = 1; s <= 15; ++s) p->on_use(0, use(s));  // 16 uses: +32 from frequency
   for (BlockId id = 1; id <= 4; ++id) p->on_arrive(id, use(20 + id));  // one-off, newer
-  // LRU would evict 0 first; hybrid's score for 0 is 15 + 8*log2(17) ≈ 47.7 > 21..24 + 8.
+  // LRU would evict 0 first; hybrid's score for 0 is 15 + 8*log2(17) ≈ 47.7 > 21, 22 + 8.
+  // Blocks 3 and 4 were used in the last two steps (23, 24): guarded, they go last.
   auto v = p->victims(5, keep_none);
-  EXPECT_EQ(v, (std::vector<BlockId>{1, 2, 3, 4, 0}));
+  EXPECT_EQ(v, (std::vector<BlockId>{1, 2, 0, 3, 4}));
   auto lru = make_policy("lru", {});
   lru->on_arrive(0, use(0));
   for (uint64_t s = 1; s <= 15; ++s) lru->on_use(0, use(s));
   for (BlockId id = 1; id <= 4; ++id) lru->on_arrive(id, use(20 + id));
   EXPECT_EQ(lru->victims(1, keep_none), (std::vector<BlockId>{0}));
+}
+
+TEST(Policy, HybridEvictsBlocksOfTheRunningStepLast) {
+  auto p = make_policy("hybrid", {});
+  p->on_arrive(0, use(0));
+  for (uint64_t s = 1; s <= 40; ++s) p->on_use(0, use(s));  // old, popular
+  p->on_arrive(1, use(100));                                // just written by the running batch
+  p->on_arrive(2, use(41));                                 // one-off, long ago
+  EXPECT_EQ(p->victims(3, keep_none), (std::vector<BlockId>{2, 0, 1}));
+  auto q = make_policy("hybrid", {{"frequency_weight", 40.0}});  // frequency outweighs recency
+  q->on_arrive(0, use(0));
+  for (uint64_t s = 1; s <= 40; ++s) q->on_use(0, use(s));
+  q->on_arrive(1, use(100));
+  EXPECT_EQ(q->victims(2, keep_none), (std::vector<BlockId>{0, 1}));  // 1 is guarded: used now
 }
 
 TEST(Policy, RegistryRejectsUnknownNamesAndParameters) {
