@@ -21,6 +21,7 @@ Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
   const size_t block = size_t(cfg_.block_bytes());
   policy_ = make_policy(cfg_.policy, cfg_.policy_params);
   host_order_ = make_policy("lru", {});
+  clean_order_ = make_policy("lru", {});
   MemoryKind device_kind = MemoryKind::host, host_kind = MemoryKind::host;
   if (cfg_.on_cuda) {
 #ifdef PAGEDKV_WITH_CUDA

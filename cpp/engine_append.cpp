@@ -58,6 +58,7 @@ void Engine::append_checked(const std::vector<SeqId>& seqs, int32_t layer,
     check_room(fresh, keep, "append()");
     make_resident(written, keep, stream);
     await_blocks(written, stream);
+    for (BlockId id : written) drop_clean_copy(id);  // about to differ from the host copy
     make_device_room(fresh, keep, stream);
   }
 

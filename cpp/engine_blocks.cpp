@@ -37,6 +37,7 @@ void Engine::release_block(BlockId id) {
   switch (loc.tier) {
     case Tier::device: {
       policy_->on_leave(id);
+      drop_clean_copy(id);
       auto landing = device_ready_.find(id);  // a prefetch copy may still be writing the slot
       if (landing != device_ready_.end()) {
         pool(Tier::device).release_after(loc.slot, std::move(landing->second));

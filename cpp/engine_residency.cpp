@@ -41,10 +41,11 @@ void Engine::check_room(int64_t fresh, const KeepSet& keep, const char* what) co
   // makes that slot by spilling a block nobody needs now to a free disk slot.
   const BlockPool& host = pool(Tier::host);
   const BlockPool& disk = pool(Tier::disk);
-  PKV_CHECK(dev.num_free() + host.num_free() + disk.num_free() >= fresh, OutOfBlocks, what, ": needs ",
+  const int64_t clean = int64_t(clean_copy_.size());  // host slots that can be given up at once
+  PKV_CHECK(dev.num_free() + host.num_free() + clean + disk.num_free() >= fresh, OutOfBlocks, what, ": needs ",
             fresh, " new blocks but every tier is full (device ", dev.capacity(), ", host ",
             host.capacity(), ", disk ", disk.capacity(), ")");
-  PKV_CHECK(host.num_free() > 0 || (disk.num_free() > 0 && host.num_used() > kept_host), OutOfBlocks,
+  PKV_CHECK(host.num_free() + clean > 0 || (disk.num_free() > 0 && host_resident() > kept_host), OutOfBlocks,
             what, ": needs ", deficit, " device blocks freed but the host tier is full",
             disk.capacity() ? " and so is the disk tier" : " and there is no disk tier",
             " (device ", dev.capacity(), ", host ", host.capacity(), ", disk ", disk.capacity(), ")");
@@ -56,7 +57,8 @@ int64_t Engine::eviction_room(const KeepSet& keep) const {
   const BlockPool& host = pool(Tier::host);
   int64_t kept_host = 0;
   for (BlockId id : keep) kept_host += directory_.loc(id).tier == Tier::host;
-  return host.num_free() + std::min(pool(Tier::disk).num_free(), host.num_used() - kept_host);
+  return host.num_free() + int64_t(clean_copy_.size()) +
+         std::min(pool(Tier::disk).num_free(), host_resident() - kept_host);
 }
 
 void Engine::make_device_room(int64_t n, const KeepSet& keep, void* stream) {
@@ -84,12 +86,32 @@ void Engine::make_device_room(int64_t n, const KeepSet& keep, void* stream) {
 void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& keep, void* stream) {
   if (victims.empty()) return;
   BlockPool& host = pool(Tier::host);
-  if (host.num_free() < int64_t(victims.size()))
-    spill_host_to_disk(int64_t(victims.size()) - host.num_free(), keep);
+  std::vector<BlockId> dirty;
+  for (BlockId id : victims) {  // unchanged since fetched: the host copy is already there
+    auto clean = clean_copy_.find(id);
+    if (clean == clean_copy_.end()) {
+      dirty.push_back(id);
+      continue;
+    }
+    auto landing = device_ready_.find(id);
+    Fence slot_free = landing != device_ready_.end() ? std::move(landing->second) : Fence();
+    if (landing != device_ready_.end()) device_ready_.erase(landing);
+    pool(Tier::device).release_after(directory_.loc(id).slot, std::move(slot_free));
+    directory_.set_loc(id, {Tier::host, clean->second.host_slot});
+    if (clean->second.read_by) host_ready_[id] = clean->second.read_by;
+    clean_copy_.erase(clean);
+    clean_order_->on_leave(id);
+    policy_->on_leave(id);
+    host_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
+    ++counters_.evictions;
+    ++version_;
+  }
+  if (dirty.empty()) return;
+  make_host_room(int64_t(dirty.size()), keep);
   std::vector<BlockCopy> copies;
   std::vector<Fence> waits;
   std::vector<int32_t> host_slots;
-  for (BlockId id : victims) {
+  for (BlockId id : dirty) {
     Fence w;
     const int32_t slot = host.allocate(&w);
     if (w) waits.push_back(std::move(w));
@@ -107,18 +129,34 @@ void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& k
     landed = copies_->to_host(copies, waits, stream);
   }
   const int64_t bytes = cfg_.block_bytes();
-  for (size_t i = 0; i < victims.size(); ++i) {
-    const BlockId id = victims[i];
+  for (size_t i = 0; i < dirty.size(); ++i) {
+    const BlockId id = dirty[i];
     pool(Tier::device).release_after(directory_.loc(id).slot, landed);
     directory_.set_loc(id, {Tier::host, host_slots[i]});
     if (landed) host_ready_[id] = landed;
     policy_->on_leave(id);
     host_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
   }
-  counters_.evictions += int64_t(victims.size());
-  counters_.blocks_to_host += int64_t(victims.size());
-  counters_.bytes_to_host += int64_t(victims.size()) * bytes;
+  counters_.evictions += int64_t(dirty.size());
+  counters_.blocks_to_host += int64_t(dirty.size());
+  counters_.bytes_to_host += int64_t(dirty.size()) * bytes;
   ++version_;
+}
+
+void Engine::drop_clean_copy(BlockId id) {
+  auto it = clean_copy_.find(id);
+  if (it == clean_copy_.end()) return;
+  pool(Tier::host).release_after(it->second.host_slot, std::move(it->second.read_by));
+  clean_copy_.erase(it);
+  clean_order_->on_leave(id);
+}
+
+void Engine::make_host_room(int64_t want_free, const KeepSet& keep) {
+  const BlockPool& host = pool(Tier::host);
+  if (host.num_free() >= want_free) return;
+  for (BlockId id : clean_order_->victims(want_free - host.num_free(), [](BlockId) { return false; }))
+    drop_clean_copy(id);
+  if (host.num_free() < want_free) spill_host_to_disk(want_free - host.num_free(), keep);
 }
 
 void Engine::spill_host_to_disk(int64_t n, const KeepSet& keep) {
@@ -172,7 +210,7 @@ void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep,
 void Engine::disk_to_host(BlockId id, const KeepSet& keep) {
   BlockPool& host = pool(Tier::host);
   const BlockLoc from = directory_.loc(id);
-  if (host.num_free() == 0) spill_host_to_disk(1, keep);
+  make_host_room(1, keep);
   Fence w;
   const int32_t slot = host.allocate(&w);
   try {
@@ -211,7 +249,8 @@ void Engine::host_to_device(const std::vector<BlockId>& ids, void* stream) {
   for (size_t i = 0; i < ids.size(); ++i) {
     const BlockId id = ids[i];
     if (prefetching_ && landed) device_ready_[id] = landed;
-    pool(Tier::host).release_after(directory_.loc(id).slot, landed);
+    clean_copy_[id] = CleanCopy{directory_.loc(id).slot, landed};  // the host bytes stay valid
+    clean_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
     host_ready_.erase(id);
     host_order_->on_leave(id);
     directory_.set_loc(id, {Tier::device, device_slots[i]});
@@ -232,8 +271,7 @@ void Engine::offload_to_watermark(void* stream) {
   const int64_t cap = dev.capacity();
   if (dev.num_free() >= int64_t(cfg_.low_watermark * double(cap))) return;
   int64_t n = int64_t(cfg_.high_watermark * double(cap)) - dev.num_free();
-  const BlockPool& host = pool(Tier::host);
-  n = std::min(n, host.num_free() + std::min(pool(Tier::disk).num_free(), host.num_used()));
+  n = std::min(n, eviction_room(KeepSet{}));
   if (n <= 0) return;
   make_device_room(dev.num_free() + n, KeepSet{}, stream);
 }

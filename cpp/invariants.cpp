@@ -47,6 +47,18 @@ void Engine::check_invariants() const {
     o = id;
     ++per_tier[int(loc.tier)];
   }
+  // Clean copies: host slots holding the bytes of a device block, owned by nothing else.
+  for (const auto& [id, copy] : clean_copy_) {
+    PKV_CHECK(refs.count(id) && directory_.loc(id).tier == Tier::device, InternalError, "block ", id,
+              " has a clean host copy but does not live on the device");
+    BlockId& o = owner[int(Tier::host)][size_t(copy.host_slot)];
+    PKV_CHECK(pool(Tier::host).is_taken(copy.host_slot) && o == kNoBlock, InternalError, "clean copy of block ",
+              id, " in host slot ", copy.host_slot, " which is free or owned by block ", o);
+    o = id;
+    ++per_tier[int(Tier::host)];
+  }
+  PKV_CHECK(clean_order_->size() == int64_t(clean_copy_.size()), InternalError, "the clean-copy order tracks ",
+            clean_order_->size(), " blocks for ", clean_copy_.size(), " copies");
   for (int t = 0; t < kNumStorageTiers; ++t) {
     const BlockPool& p = pools_[t];
     for (int32_t slot : p.free_slots())
@@ -58,8 +70,8 @@ void Engine::check_invariants() const {
   if (tiered()) {
     PKV_CHECK(policy_->size() == per_tier[int(Tier::device)], InternalError, "the policy tracks ",
               policy_->size(), " blocks but ", per_tier[int(Tier::device)], " live on the device");
-    PKV_CHECK(host_order_->size() == per_tier[int(Tier::host)], InternalError, "the spill order tracks ",
-              host_order_->size(), " blocks but ", per_tier[int(Tier::host)], " live on the host");
+    PKV_CHECK(host_order_->size() == host_resident(), InternalError, "the spill order tracks ",
+              host_order_->size(), " blocks but ", host_resident(), " live on the host");
   }
 }
 

@@ -126,6 +126,11 @@ class Engine {
   // Brings every block of `ids` that is not on the device up, evicting outside `keep`.
   void make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream);
   void evict_to_host(const std::vector<BlockId>& victims, const KeepSet& keep, void* stream);
+  void drop_clean_copy(BlockId id);
+  // Until `want_free` host slots are free: clean copies go first (no I/O), then host blocks
+  // outside `keep` spill to disk.
+  void make_host_room(int64_t want_free, const KeepSet& keep);
+  int64_t host_resident() const { return pool(Tier::host).num_used() - int64_t(clean_copy_.size()); }
   int64_t eviction_room(const KeepSet& keep) const;
   void disk_to_host(BlockId id, const KeepSet& keep);
   void host_to_device(const std::vector<BlockId>& ids, void* stream);
@@ -151,6 +156,14 @@ class Engine {
   std::unique_ptr<CopyEngine> copies_;
   std::unordered_map<BlockId, Fence> host_ready_;  // host copies still landing
   std::unordered_map<BlockId, Fence> device_ready_;  // prefetched device copies still landing
+  // Device blocks fetched from the host and not written since: their host slot still holds the
+  // same bytes, so evicting them again moves nothing. The fence is the fetch that reads the slot.
+  struct CleanCopy {
+    int32_t host_slot;
+    Fence read_by;
+  };
+  std::unordered_map<BlockId, CleanCopy> clean_copy_;
+  std::unique_ptr<EvictionPolicy> clean_order_;  // LRU over clean copies: the first to give up
   bool prefetching_ = false;  // make_resident() on behalf of prefetch(): nobody reads yet
   std::unique_ptr<EvictionPolicy> host_order_;     // LRU over host-tier blocks: spill order to disk
   std::unordered_map<SeqId, SequenceTable> tables_;
