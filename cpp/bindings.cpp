@@ -157,6 +157,7 @@ NB_MODULE(_C, m) {
       .def("add_sequence", &Engine::add_sequence)
       .def("fork", &Engine::fork, "seq"_a)
       .def("free", &Engine::free, "seq"_a)
+      .def("truncate", &Engine::truncate, "seq"_a, "tokens"_a)
       .def("append",
            [](Engine& e, const std::vector<SeqId>& seqs, int32_t layer,
               const std::vector<int32_t>& lengths, const Array& k, const Array& v, uintptr_t stream) {

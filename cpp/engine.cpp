@@ -76,6 +76,21 @@ void Engine::free(SeqId seq) {
   ++version_;
 }
 
+void Engine::truncate(SeqId seq, int32_t tokens) {
+  SequenceTable& t = table(seq, "truncate()");
+  PKV_CHECK(tokens >= 0, ArgumentError, "truncate(): tokens must be >= 0, got ", tokens);
+  for (int32_t& n : t.lens) n = std::min(n, tokens);
+  for (int32_t& s : t.scope_start) s = std::min(s, tokens);
+  const size_t keep = size_t(blocks_for(t.max_len(), cfg_.block_size));
+  for (size_t b = keep; b < t.blocks.size(); ++b)
+    if (t.blocks[b] != kNoBlock) release_block(t.blocks[b]);
+  if (t.blocks.size() > keep) {
+    t.blocks.resize(keep);
+    ++version_;
+  }
+  t.drop_cursor = std::min(t.drop_cursor, int32_t(keep));
+}
+
 const SequenceTable& Engine::table(SeqId seq, const char* what) const {
   auto it = tables_.find(seq);
   PKV_CHECK(it != tables_.end(), UnknownSequence, what, ": unknown sequence id ", seq);

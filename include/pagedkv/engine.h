@@ -46,6 +46,9 @@ class Engine {
   SeqId add_sequence();
   SeqId fork(SeqId parent);
   void free(SeqId seq);
+  // Keeps the first `tokens` tokens of every layer (layers already shorter keep theirs); blocks
+  // past the new end go back (a shared one only loses this sequence's reference).
+  void truncate(SeqId seq, int32_t tokens);
 
   // k, v: [sum(lengths), num_kv_heads, head_dim] contiguous in cfg.dtype, rows of seqs[i]
   // consecutive, on the device tier's device.

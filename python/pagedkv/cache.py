@@ -100,6 +100,13 @@ class PagedKV:
     def free(self, seq: int) -> None:
         self._engine.free(self._seq_id(seq, "free()"))
 
+    def truncate(self, seq: int, tokens: int) -> None:
+        """Keeps the first `tokens` tokens of every layer of `seq` (speculative decoding's
+        rejected drafts, transformers' crop); blocks past the end return to the pool."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int):
+            raise TypeError(f"truncate(): tokens must be an int, got {type(tokens).__name__}")
+        self._engine.truncate(self._seq_id(seq, "truncate()"), tokens)
+
     # -- data ------------------------------------------------------------------------------
     def append(self, seqs, layer: int, k: torch.Tensor, v: torch.Tensor, lengths=None) -> None:
         """Writes rows of K and V ([N, num_kv_heads, head_dim]); rows of seqs[i] are consecutive."""

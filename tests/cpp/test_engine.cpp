@@ -147,3 +147,28 @@ TEST(Engine, InvariantCheckerRejectsConfigsWithoutCapacity) {
   c.sink_tokens = 4;  // sinks without a window
   EXPECT_THROW(Engine e(c), ArgumentError);
 }
+
+TEST(Engine, TruncateReleasesBlocksAndKeepsThePrefix) {
+  std::mt19937 rng(8);
+  Engine e(small_config(4));
+  SeqId a = e.add_sequence();
+  auto [k0, v0] = append_random(e, a, 0, 10, rng);
+  append_random(e, a, 1, 7, rng);
+  SeqId b = e.fork(a);
+  e.truncate(a, 5);  // layer 0: 10 -> 5, layer 1: 7 -> 5; blocks 2 goes (still held by b)
+  EXPECT_EQ(e.seq_len(a, 0), 5);
+  EXPECT_EQ(e.seq_len(a, 1), 5);
+  EXPECT_EQ(e.block_table(a).size(), 2u);
+  EXPECT_EQ(e.stats().device_blocks_used, 3);
+  auto [k, v] = gather_all(e, a, 0);
+  EXPECT_EQ(k, std::vector<float>(k0.begin(), k0.begin() + long(k.size())));
+  e.check_invariants();
+  // The next write lands in the shared partial block 1: copy-on-write keeps b intact.
+  append_random(e, a, 0, 2, rng);
+  EXPECT_EQ(gather_all(e, b, 0).first, k0);
+  e.free(b);
+  e.truncate(a, 0);
+  EXPECT_EQ(e.stats().device_blocks_used, 0);
+  EXPECT_THROW(e.truncate(a, -1), ArgumentError);
+  e.check_invariants();
+}

@@ -280,3 +280,29 @@ def test_window_with_retain_keeps_every_block(device, gen):
         append_rows(kv, spec, stored, gen, [s], 0, [3])
     assert all(tier == "device" for tier, _ in kv.block_table(s)) and used(kv) == 15
     check_gather(kv, stored, s, 0)
+
+
+def test_truncate_keeps_the_prefix_and_frees_the_rest(device, gen):
+    spec = CacheSpec(2, 2, 64, 4, torch.float16, device)
+    kv = spec.make(device_blocks=16)
+    s = kv.add_sequence()
+    k, v = randn(gen, (13, 2, 64), torch.float16, device), randn(gen, (13, 2, 64), torch.float16, device)
+    kv.append([s], 0, k, v)
+    kv.append([s], 1, k[:6], v[:6])
+    t = kv.fork(s)
+    kv.truncate(s, 5)
+    assert (kv.seq_len(s, 0), kv.seq_len(s, 1)) == (5, 5)
+    assert len(kv.block_table(s)) == 2
+    k2 = randn(gen, (3, 2, 64), torch.float16, device)
+    kv.append([s], 0, k2, k2)  # lands in the block shared with t: copied first
+    assert torch.equal(kv.gather(s, 0)[0], torch.cat([k[:5], k2]))
+    assert torch.equal(kv.gather(t, 0)[0], k)
+    kv.check_invariants()
+    with pytest.raises(ValueError, match="tokens"):
+        kv.truncate(s, -1)
+    with pytest.raises(KeyError):
+        kv.truncate(12345, 1)
+    kv.free(t)
+    kv.truncate(s, 0)
+    assert kv.stats()["device_blocks_used"] == 0
+    kv.check_invariants()

@@ -166,8 +166,8 @@ class PagedKVCache(Cache):
     # -- editing: crop, beams, batch selection ------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
         """Removes the last `-tokens_to_remove` token columns (a positive value, transformers'
-        deprecated form, is the length to keep). pagedkv has no truncate yet, so each sequence
-        that loses tokens is copied into a new one (gather, append the kept rows, free)."""
+        deprecated form, is the length to keep). Each sequence keeps its real tokens among the
+        kept columns: `PagedKV.truncate`, no copy."""
         seen = self._seen[0]
         if tokens_to_remove > 0:
             remove = max(seen - tokens_to_remove, 0)
@@ -179,26 +179,11 @@ class PagedKVCache(Cache):
             raise ValueError(f"PagedKVCache.crop(): cannot remove {remove} of {seen} tokens")
         if any(n != seen for n in self._seen):
             raise RuntimeError("PagedKVCache.crop(): layers hold different lengths (crop inside a forward?)")
-        drop = self._real[:, seen - remove:].sum(1).tolist()
-        for i, n in enumerate(drop):
-            if n:
-                self._seqs[i] = self._truncated(self._seqs[i], n)
+        keep = self._real[:, :seen - remove].sum(1).tolist()
+        for i, n in enumerate(keep):
+            self.kv.truncate(self._seqs[i], int(n))
         self._real = self._real[:, :seen - remove]
         self._seen = [n - remove for n in self._seen]
-
-    def _truncated(self, seq: int, drop: int) -> int:
-        new = self.kv.add_sequence()
-        try:
-            for layer in range(self.kv.num_layers):
-                k, v = self.kv.gather(seq, layer)
-                keep = k.shape[0] - drop
-                if keep:
-                    self.kv.append([new], layer, k[:keep], v[:keep])
-        except BaseException:
-            self.kv.free(new)
-            raise
-        self.kv.free(seq)
-        return new
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i becomes old row beam_idx[i]; forks share blocks (copy-on-write)."""
