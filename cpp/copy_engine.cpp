@@ -1,7 +1,10 @@
 #include "pagedkv/copy_engine.h"
 
 #include <cstring>
+#include <tuple>
 
+#include "cpu_copy_worker.h"
+#include "fence_state.h"
 #include "pagedkv/errors.h"
 #ifdef PAGEDKV_WITH_CUDA
 #include "pagedkv/cuda_context.h"
@@ -9,36 +12,31 @@
 
 namespace pagedkv {
 
-struct FenceState {
-#ifdef PAGEDKV_WITH_CUDA
-  cudaEvent_t event = nullptr;
-  ~FenceState() {
-    if (event) cudaEventDestroy(event);
-  }
-#endif
-};
-
 bool fence_done(const Fence& f) {
-#ifdef PAGEDKV_WITH_CUDA
   if (!f) return true;
+#ifdef PAGEDKV_WITH_CUDA
+  if (!f->event) return f->done.load();
   const cudaError_t err = cudaEventQuery(f->event);
   if (err == cudaErrorNotReady) {
     cudaGetLastError();
     return false;
   }
   PKV_CUDA(err);
-#else
-  (void)f;
-#endif
   return true;
+#else
+  return f->done.load();
+#endif
 }
 
 void fence_wait_host(const Fence& f) {
+  if (!f) return;
 #ifdef PAGEDKV_WITH_CUDA
-  if (f) PKV_CUDA(cudaEventSynchronize(f->event));
-#else
-  (void)f;
+  if (f->event) {
+    PKV_CUDA(cudaEventSynchronize(f->event));
+    return;
+  }
 #endif
+  f->wait();
 }
 
 namespace {
@@ -64,6 +62,7 @@ CopyEngine::CopyEngine(bool cuda, int device, size_t block_bytes)
     h2d_ = b;
   }
 #endif
+  if (!cuda_) worker_ = std::make_unique<CpuCopyWorker>();
 }
 
 CopyEngine::~CopyEngine() {
@@ -88,13 +87,20 @@ void CopyEngine::merged(const std::vector<BlockCopy>& copies, Issue&& issue) con
   }
 }
 
+// The worker runs jobs in order, so a CPU job's `waits` (fences of earlier jobs) have passed
+// by the time it starts; the caller's own work is synchronous, so "after compute" holds too.
+Fence CopyEngine::cpu_copy(const std::vector<BlockCopy>& copies) {
+  std::vector<std::tuple<void*, const void*, size_t>> runs;
+  merged(copies, [&](void* d, const void* s, size_t n) { runs.emplace_back(d, s, n); });
+  return worker_->submit([runs = std::move(runs)] {
+    for (const auto& [d, s, n] : runs) std::memcpy(d, s, n);
+  });
+}
+
 Fence CopyEngine::to_host(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits,
                           void* compute) {
   if (copies.empty()) return nullptr;
-  if (!cuda_) {
-    merged(copies, [](void* d, const void* s, size_t n) { std::memcpy(d, s, n); });
-    return nullptr;
-  }
+  if (!cuda_) return cpu_copy(copies);
 #ifdef PAGEDKV_WITH_CUDA
   auto st = static_cast<cudaStream_t>(d2h_);
   Fence after_compute = record(static_cast<cudaStream_t>(compute));
@@ -116,8 +122,9 @@ Fence CopyEngine::to_device(const std::vector<BlockCopy>& copies, const std::vec
                             void* compute, bool compute_waits) {
   if (copies.empty()) return nullptr;
   if (!cuda_) {
-    merged(copies, [](void* d, const void* s, size_t n) { std::memcpy(d, s, n); });
-    return nullptr;
+    Fence landed = cpu_copy(copies);
+    if (compute_waits) fence_wait_host(landed);
+    return landed;
   }
 #ifdef PAGEDKV_WITH_CUDA
   auto st = static_cast<cudaStream_t>(h2d_);
@@ -141,10 +148,11 @@ Fence CopyEngine::to_device(const std::vector<BlockCopy>& copies, const std::vec
 }
 
 void CopyEngine::order_after(const Fence& f, void* stream) {
+  if (!f || fence_done(f)) return;
+  if (!cuda_) return fence_wait_host(f);  // the CPU "stream" is the calling thread
 #ifdef PAGEDKV_WITH_CUDA
-  if (f && !fence_done(f)) PKV_CUDA(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), f->event, 0));
+  PKV_CUDA(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), f->event, 0));
 #else
-  (void)f;
   (void)stream;
 #endif
 }

@@ -287,9 +287,9 @@ void Engine::gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* st
       block = slot_ptr(loc);
     }
     const bool on_gpu = cfg_.on_cuda && loc.tier == Tier::device;
-    if (on_gpu) await_blocks({id}, stream);
     const bool through_gpu = cfg_.on_cuda;  // outputs live on the GPU
-    if (through_gpu && loc.tier == Tier::host) {
+    if (loc.tier == Tier::device) await_blocks({id}, stream);  // a prefetch may be landing
+    if (loc.tier == Tier::host) {  // an eviction may still be writing it
       auto ready = host_ready_.find(id);
       if (ready != host_ready_.end()) copies_->order_after(ready->second, stream);
     }

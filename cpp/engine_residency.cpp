@@ -317,17 +317,13 @@ void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
   if (int64_t(want.size()) > fits) want.resize(size_t(std::max<int64_t>(fits, 0)));
   if (want.empty()) return;
   check.insert(want.begin(), want.end());
-  try {
-    check_room(0, check, "prefetch()");
-  } catch (const OutOfBlocks&) {
-    return;
-  }
+  // A hint: without room it does nothing, and a move that runs out half way stops there (every
+  // block stays whole wherever it is).
   prefetching_ = true;
   try {
-    make_resident(want, keep, stream);
-  } catch (...) {
-    prefetching_ = false;
-    throw;
+    check_room(0, check, "prefetch()");
+    make_resident(want, check, stream);
+  } catch (const OutOfBlocks&) {
   }
   prefetching_ = false;
 }

@@ -1,13 +1,17 @@
 // Whole-block copies between the device tier and the pinned host tier. On CUDA they run on one
 // stream per direction, ordered against the caller's compute stream by events, and never block
-// the host; on the CPU they are plain memcpy. Adjacent blocks merge into one copy.
+// the host; on the CPU a worker thread runs them as memcpy, behind the same fences. Adjacent
+// blocks merge into one copy.
 #pragma once
 #include <cstddef>
+#include <memory>
 #include <vector>
 
 #include "pagedkv/fence.h"
 
 namespace pagedkv {
+
+class CpuCopyWorker;
 
 struct BlockCopy {
   void* dst;        // one block of `block_bytes` in the destination tier
@@ -40,11 +44,13 @@ class CopyEngine {
  private:
   template <typename Issue>
   void merged(const std::vector<BlockCopy>& copies, Issue&& issue) const;
+  Fence cpu_copy(const std::vector<BlockCopy>& copies);
   bool cuda_;
   int device_;
   size_t block_bytes_;
   void* d2h_ = nullptr;  // cudaStream_t
   void* h2d_ = nullptr;  // cudaStream_t
+  std::unique_ptr<CpuCopyWorker> worker_;  // CPU tiers: copies run on this thread
 };
 
 }  // namespace pagedkv

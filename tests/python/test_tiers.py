@@ -22,6 +22,18 @@ def make(device, dtype, tmp_path, *, device_blocks, host_blocks=0, disk_blocks=0
                            disk_blocks=disk_blocks, disk_path=tmp_path if disk_blocks else None, **kw)
 
 
+def _cut(chunks, n):
+    """The first n rows of a list of (k, v) chunks."""
+    out, have = [], 0
+    for k, v in chunks:
+        if have >= n:
+            break
+        take = min(k.shape[0], n - have)
+        out.append((k[:take], v[:take]))
+        have += take
+    return out
+
+
 def tier_counts(kv, seq):
     out = {}
     for tier, _ in kv.block_table(seq):
@@ -53,6 +65,14 @@ def test_random_walk_is_bit_exact_under_pressure(device, tmp_path, rng, gen, pol
             s = rng.choice(live)
             t, u = small.fork(s), big.fork(pairs[s])
             pairs[t], rows[t] = u, [list(r) for r in rows[s]]
+        elif op < 0.28:
+            small.prefetch([rng.choice(live)])  # asynchronous: later reads must wait for it
+        elif op < 0.31:
+            s = rng.choice(live)
+            n = rng.randrange(0, 12)
+            small.truncate(s, n)
+            big.truncate(pairs[s], n)
+            rows[s] = [_cut(r, n) for r in rows[s]]
         elif op < 0.62:
             s = rng.choice(live)
             layer = rng.randrange(LAYERS)
@@ -78,7 +98,10 @@ def test_random_walk_is_bit_exact_under_pressure(device, tmp_path, rng, gen, pol
                 small.check_invariants()
                 continue
             want = big.attend([pairs[s]], layer, q)
-            assert torch.equal(got, want), f"step {step}: attend differs from the all-resident cache"
+            if len(small.block_table(s)) <= 6:
+                assert torch.equal(got, want), f"step {step}: attend differs from the all-resident cache"
+            else:  # more blocks than the device tier: passed through in parts, merged by LSE
+                assert torch.allclose(got.float(), want.float(), atol=1e-2 if dtype != torch.float32 else 1e-6)
             k, v = small.gather(s, layer)
             if rows[s][layer]:
                 assert torch.equal(k, torch.cat([r[0] for r in rows[s][layer]]))
