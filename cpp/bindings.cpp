@@ -175,7 +175,7 @@ NB_MODULE(_C, m) {
            [](Engine& e, const std::vector<SeqId>& seqs, int32_t layer,
               const std::vector<int32_t>& lengths, const Array& q, const Array& out,
               std::optional<Array> lse, int32_t num_q_heads, float scale, int32_t window,
-              uintptr_t stream) {
+              int32_t sinks, uintptr_t stream) {
              const CacheConfig& c = e.config();
              int64_t rows = 0;
              for (int32_t n : lengths) rows += n;
@@ -186,12 +186,14 @@ NB_MODULE(_C, m) {
              if (lse) a.lse = static_cast<float*>(checked(e, *lse, "lse", rows * num_q_heads, DType::f32));
              a.scale = scale;
              a.window = window;
+             a.sink_tokens = sinks;
              a.stream = as_stream(stream);
              nb::gil_scoped_release release;
              e.attend(seqs, layer, lengths, a);
            },
            "seqs"_a, "layer"_a, "lengths"_a, "q"_a.noconvert(), "out"_a.noconvert(),
-           "lse"_a.noconvert().none(), "num_q_heads"_a, "scale"_a, "window"_a, "stream"_a)
+           "lse"_a.noconvert().none(), "num_q_heads"_a, "scale"_a, "window"_a, "sinks"_a = -1,
+           "stream"_a = 0)
       .def("blocks_needed", &Engine::blocks_needed, "seqs"_a, "layer"_a, "lengths"_a, "window"_a)
       .def("attend_range",
            [](Engine& e, SeqId seq, int32_t layer, int32_t position, int32_t key_begin,

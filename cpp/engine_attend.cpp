@@ -112,6 +112,8 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
             "attend(): q has ", args.num_q_heads, " heads, which is not a multiple of num_kv_heads=",
             cfg_.num_kv_heads);
   const int32_t window = args.window < 0 ? cfg_.window : args.window;
+  PKV_CHECK(args.sink_tokens <= cfg_.sink_tokens, ArgumentError, "attend(): sink_tokens ",
+            args.sink_tokens, " exceeds the cache's ", cfg_.sink_tokens, " (only those are kept)");
   std::vector<int32_t> kv_lens(seqs.size()), q_indptr(seqs.size() + 1, 0);
   int32_t max_q_len = 0;
   int64_t in_scope = 0;
@@ -163,7 +165,7 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   p.max_q_len = max_q_len;
   p.max_blocks = plan.max_blocks;
   p.window = window;
-  p.sink_tokens = window > 0 ? cfg_.sink_tokens : 0;
+  p.sink_tokens = window > 0 ? (args.sink_tokens < 0 ? cfg_.sink_tokens : args.sink_tokens) : 0;
   if (!cfg_.on_cuda) {
     p.block_table = plan.block_table.data();
     p.kv_lens = kv_lens.data();

@@ -31,6 +31,7 @@ struct AttendArgs {
   int32_t num_q_heads = 0;
   float scale = 0.f;        // <= 0: 1/sqrt(head_dim)
   int32_t window = -1;      // < 0: the cache's window; 0: full causal; > 0: this window
+  int32_t sink_tokens = -1; // < 0: the cache's sinks; else these (with a window)
   void* stream = nullptr;   // cudaStream_t on CUDA
 };
 

@@ -9,10 +9,11 @@
 from . import policies
 from ._C import OutOfBlocksError, built_with_cuda, cuda_available
 from .cache import PagedKV
+from .rope import RoPE
 
 __version__ = "0.1.0"
-__all__ = ["PagedKV", "OutOfBlocksError", "cuda_available", "built_with_cuda", "default_device",
-           "policies"]
+__all__ = ["PagedKV", "OutOfBlocksError", "RoPE", "cuda_available", "built_with_cuda",
+           "default_device", "policies"]
 
 
 def __getattr__(name):

@@ -71,14 +71,24 @@ class PagedKV:
             raise ValueError("PagedKV(): disk_blocks > 0 needs disk_path, a directory for the file")
         if positions not in ("original", "cache"):
             raise ValueError(f"PagedKV(): positions must be 'original' or 'cache', got {positions!r}")
-        if rope is not None or positions != "original":
-            raise NotImplementedError("PagedKV(): rope/positions='cache' come with the streaming issue")
+        if positions == "cache":
+            if rope is None:
+                raise ValueError("PagedKV(): positions='cache' needs rope=pagedkv.RoPE(...) to shift the sinks")
+            if window is None or not sink_tokens:
+                raise ValueError("PagedKV(): positions='cache' needs a window and sink_tokens > 0")
+        if rope is not None:
+            from .rope import RoPE
+
+            if not isinstance(rope, RoPE):
+                raise TypeError(f"PagedKV(): rope must be a pagedkv.RoPE, got {type(rope).__name__}")
+            rope.dim(head_dim)
 
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.dtype, self.device = block_size, dtype, device
         self.device_blocks, self.host_blocks, self.disk_blocks = device_blocks, host_blocks, disk_blocks
         self.window, self.sink_tokens, self.retain = window, sink_tokens, retain
         self.policy = policy
+        self.rope, self.positions = rope, positions
         self._engine = _C.Engine(
             num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
             block_size=block_size, dtype=DTYPE_CODES[dtype], device_blocks=device_blocks,
@@ -147,6 +157,11 @@ class PagedKV:
         elif not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"{where}: scale must be a positive finite number, got {scale!r}")
         win = self._window_arg(window, where)
+        if self.positions == "cache" and win != 0:
+            from . import streaming  # StreamingLLM: sinks scored as if right before the window
+
+            w = self.window if win < 0 else win
+            return streaming.attend(self, seq_list, layer, q, lens, float(scale), w, return_lse)
         if self.host_blocks and self._engine.blocks_needed(seq_list, layer, lens, win) > self.device_blocks:
             from . import passthrough  # more blocks in scope than the device tier holds
 
@@ -154,7 +169,7 @@ class PagedKV:
             return passthrough.attend(self, seq_list, layer, q, lens, float(scale), w, return_lse)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
-        self._engine.attend(seq_list, layer, lens, q, out, lse, hq, float(scale), win, self._stream())
+        self._engine.attend(seq_list, layer, lens, q, out, lse, hq, float(scale), win, -1, self._stream())
         return (out, lse) if return_lse else out
 
     def prepare(self, seqs) -> None:
