@@ -14,6 +14,8 @@ def main(argv=None) -> int:
     demo.add_argument("--prompt", type=int, default=None)
     demo.add_argument("--steps", type=int, default=None)
     demo.add_argument("--layers", type=int, default=None)
+    demo.add_argument("--window", type=int, default=None, help="sliding window (0: full causal)")
+    demo.add_argument("--sinks", type=int, default=4, help="attention sink tokens kept with the window")
 
     bench = sub.add_parser("bench", help="benchmarks; results go to bench/results/*.json")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
         from .demo import run
 
         run(device=args.device, batch=args.batch, prompt=args.prompt, steps=args.steps,
-            layers=args.layers)
+            layers=args.layers, window=args.window, sinks=args.sinks)
     elif args.bench == "host":
         from .bench.host import main as host_main
 
