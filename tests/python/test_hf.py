@@ -178,9 +178,33 @@ def test_softcapping_raises():
         phf.PagedKVCache.from_model(model, device_blocks=16, block_size=BLOCK)
 
 
-def test_streaming_positions_not_yet():
-    with pytest.raises(NotImplementedError, match="streaming issue"):
+def test_streaming_arguments_are_checked():
+    with pytest.raises(ValueError, match="window"):
         phf.PagedKVCache.from_model(model_for("llama"), device_blocks=16, positions="cache")
+    with pytest.raises(ValueError, match="positions='cache'"):
+        phf.PagedKVCache.from_model(model_for("llama"), device_blocks=16, window=16, sink_tokens=4)
+    with pytest.raises(NotImplementedError, match="sliding"):
+        phf.PagedKVCache.from_model(model_for("mistral"), device_blocks=16, window=16, sink_tokens=4,
+                                    positions="cache")
+
+
+def test_streaming_generation_runs_at_constant_memory(gen):
+    """StreamingLLM inside generate(): identical tokens while everything fits in the window (no
+    sink shift yet), then a flat block count however long the generation runs."""
+    model = model_for("llama")
+    window, sinks, prompt = 24, 4, 8
+    inputs = left_padded([prompt], gen)
+    want = reference(model, inputs)[0, prompt:prompt + window - prompt]
+    cache = phf.PagedKVCache.from_model(model, device_blocks=64, block_size=BLOCK, window=window,
+                                        sink_tokens=sinks, positions="cache")
+    out = model.generate(**inputs, max_new_tokens=120, **{CACHE_KW: cache})
+    assert torch.equal(out[0, prompt:prompt + window - prompt], want)
+    assert out.shape[1] == prompt + 120
+    bound = -(-(window + sinks) // BLOCK) + 2
+    assert cache.kv.stats()["device_blocks_used"] <= bound
+    assert cache.kv.stats()["drops"] > 0
+    assert cache.get_seq_length() == prompt + 120 - 1
+    cache.kv.check_invariants()
 
 
 def test_cache_without_pagedkv_attention_raises(gen):

@@ -22,9 +22,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..cache import PagedKV
+from ..rope import RoPE
 from . import attention
 
-_MODEL_DECIDES = ("window", "sink_tokens", "retain", "num_layers", "num_kv_heads", "head_dim")
+_MODEL_DECIDES = ("retain", "num_layers", "num_kv_heads", "head_dim", "rope")
 
 
 class _Step:
@@ -53,10 +54,20 @@ class PagedKVCache(Cache):
         for name in _MODEL_DECIDES:
             if name in pagedkv_kwargs:
                 raise ValueError(f"PagedKVCache(): {name} comes from the model config, not an argument")
-        if pagedkv_kwargs.get("positions", "original") != "original" or pagedkv_kwargs.get("rope") is not None:
-            raise NotImplementedError("PagedKVCache(): positions='cache' (StreamingLLM positions inside "
-                                      "transformers) comes with the streaming issue")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # Streaming (StreamingLLM): window + sinks on every layer, sinks at cache positions, and
+        # blocks out of every window freed at once, so memory stays flat however long it runs.
+        self.streaming = "window" in pagedkv_kwargs or "sink_tokens" in pagedkv_kwargs
+        if self.streaming:
+            if pagedkv_kwargs.get("positions") != "cache" or not pagedkv_kwargs.get("window") \
+                    or not pagedkv_kwargs.get("sink_tokens"):
+                raise ValueError("PagedKVCache(): streaming takes window=W, sink_tokens=S and positions='cache'")
+            if any(t == "sliding_attention" for t in _layer_types(config)):
+                raise NotImplementedError("PagedKVCache(): streaming over models with sliding-window "
+                                          "layers is not supported (they already bound their keys)")
+            pagedkv_kwargs.update(retain=False, rope=rope_of(config, head_dim))
+        elif pagedkv_kwargs.get("positions", "original") != "original":
+            raise ValueError("PagedKVCache(): positions='cache' needs window=W and sink_tokens=S")
         self.kv = PagedKV(num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
                           head_dim=head_dim, block_size=block_size, dtype=dtype, device=device,
                           device_blocks=device_blocks, host_blocks=host_blocks, **pagedkv_kwargs)
@@ -121,7 +132,8 @@ class PagedKVCache(Cache):
             self._step = self._begin_step(mask, batch, t)
         step = self._step
         self.kv.append(self._seqs, layer, _rows(k, step), _rows(v, step), step.lengths)
-        out = self.kv.attend(self._seqs, layer, _rows(q, step), step.lengths, scale=scale, window=window)
+        out = self.kv.attend(self._seqs, layer, _rows(q, step), step.lengths, scale=scale,
+                             window=None if self.streaming else window)
         if step.index is None:
             return out.view(batch, t, hq, d)
         full = out.new_zeros(batch * t, hq, d)
@@ -260,6 +272,21 @@ class _PagedLayer(CacheLayerMixin):
     @is_initialized.setter
     def is_initialized(self, value) -> None:
         pass  # CacheLayerMixin.__init__ sets it; the parent's sequences decide
+
+
+def rope_of(config, head_dim: int) -> RoPE:
+    """The model's rotary embedding as pagedkv.RoPE (transformers 5.x rope_parameters)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    kind = params.get("rope_type", "default")
+    scaling = None
+    if kind in ("linear", "llama3"):
+        scaling = {k: v for k, v in params.items() if k not in ("rope_type", "rope_theta")} | {"type": kind}
+    elif kind != "default":
+        raise NotImplementedError(f"PagedKVCache(): streaming with rope_type {kind!r} (pagedkv.RoPE knows "
+                                  "default, linear and llama3)")
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    return RoPE(theta=float(theta), rotary_dim=int(head_dim * partial), style="neox", scaling=scaling)
 
 
 def _layer_types(config) -> list[str]:
