@@ -48,6 +48,18 @@ def main(argv=None) -> int:
     srv.add_argument("--kv-heads", type=int, default=8)
     srv.add_argument("--head-dim", type=int, default=128)
 
+    lc = bsub.add_parser("longctx", help="memory and tokens/s against context: full, offloaded, windowed")
+    lc.add_argument("--device", default="cuda")
+    lc.add_argument("--contexts", default="8192,32768,131072,524288,1048576")
+    lc.add_argument("--batches", default="1,8")
+    lc.add_argument("--modes", default="a,b,c,d")
+    lc.add_argument("--window", type=int, default=4096)
+    lc.add_argument("--sinks", type=int, default=4)
+    lc.add_argument("--steps", type=int, default=16, help="decode steps timed per context")
+    lc.add_argument("--chunk", type=int, default=4096, help="tokens appended per call while growing")
+    lc.add_argument("--device-gib", type=float, default=16.0, help="device tier of mode (b)")
+    lc.add_argument("--host-gib", type=float, default=96.0, help="host tier of mode (d)")
+
     hfb = bsub.add_parser("hf", help="transformers generate(): default cache vs DynamicCache(offloading=True) vs pagedkv")
     hfb.add_argument("--layers", type=int, default=32, help="decoder layers (2 for a smoke run)")
     hfb.add_argument("--prompts", default="8192,32768,131072", help="comma-separated prompt lengths")
@@ -77,6 +89,10 @@ def main(argv=None) -> int:
         from .bench.serve import main as serve_main
 
         serve_main(args)
+    elif args.bench == "longctx":
+        from .bench.longctx import main as longctx_main
+
+        longctx_main(args)
     elif args.bench == "hf":
         from .hf.bench import main as hf_main
 
