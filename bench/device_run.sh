@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build, test (ctest incl. the CUDA kernel sweep, pytest on CUDA),
 # then the demo and benchmarks, with peers and ceilings in the same run. Logs and JSON go to $OUT.
-# Usage there: bash bench/device_run.sh [tests|bench|all]   (FlashInfer wheels travel in .whl/)
+# Usage there: bash bench/device_run.sh [tests|bench|more|all]   (FlashInfer wheels travel in .whl/)
+#   more: the long runs: bench longctx (to 1M tokens) and bench hf (transformers generate)
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,4 +27,8 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 200 python3 -m pagedkv bench kernel 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
   timeout 120 python3 -m pagedkv bench offload 2>&1 | tee "$OUT/offload.txt" | tail -9
   timeout 150 python3 -m pagedkv bench serve 2>&1 | tee "$OUT/serve.txt" | tail -8
+fi
+if [ "$what" = more ]; then
+  timeout 400 python3 -m pagedkv bench longctx 2>&1 | tee "$OUT/longctx.txt" | tail -30
+  timeout 150 python3 -m pagedkv bench hf --prompts 8192,32768 2>&1 | tee "$OUT/hf.txt" | tail -12
 fi
