@@ -67,30 +67,30 @@ DiskFile& DiskFile::operator=(DiskFile&& o) noexcept {
   return *this;
 }
 
-void DiskFile::write(int32_t slot, const void* src) {
-  const int fd = direct_ && aligned(src, block_bytes_) ? direct_fd_ : fd_;
-  const char* p = static_cast<const char*>(src);
+// One whole block through `io` (pread or pwrite), retrying partial transfers and EINTR.
+template <typename Io>
+void DiskFile::whole_block(int32_t slot, char* p, Io io, const char* what, const char* at_eof) const {
+  const int fd = direct_ && aligned(p, block_bytes_) ? direct_fd_ : fd_;
   size_t done = 0;
   while (done < block_bytes_) {
-    ssize_t n = pwrite(fd, p + done, block_bytes_ - done, off_t(slot) * off_t(block_bytes_) + off_t(done));
+    ssize_t n = io(fd, p + done, block_bytes_ - done, off_t(slot) * off_t(block_bytes_) + off_t(done));
     if (n < 0 && errno == EINTR) continue;
-    PKV_CHECK(n > 0, Error, "disk tier: writing block slot ", slot, " of ", path_, " failed: ",
-              n == 0 ? "no progress" : errno_text());
+    PKV_CHECK(n > 0, Error, "disk tier: ", what, " block slot ", slot, " of ", path_, " failed: ",
+              n == 0 ? at_eof : errno_text());
     done += size_t(n);
   }
 }
 
+void DiskFile::write(int32_t slot, const void* src) {
+  whole_block(slot, const_cast<char*>(static_cast<const char*>(src)),
+              [](int fd, char* p, size_t n, off_t off) { return pwrite(fd, p, n, off); }, "writing",
+              "no progress");
+}
+
 void DiskFile::read(int32_t slot, void* dst) const {
-  const int fd = direct_ && aligned(dst, block_bytes_) ? direct_fd_ : fd_;
-  char* p = static_cast<char*>(dst);
-  size_t done = 0;
-  while (done < block_bytes_) {
-    ssize_t n = pread(fd, p + done, block_bytes_ - done, off_t(slot) * off_t(block_bytes_) + off_t(done));
-    if (n < 0 && errno == EINTR) continue;
-    PKV_CHECK(n > 0, Error, "disk tier: reading block slot ", slot, " of ", path_, " failed: ",
-              n == 0 ? "short read (file truncated?)" : errno_text());
-    done += size_t(n);
-  }
+  whole_block(slot, static_cast<char*>(dst),
+              [](int fd, char* p, size_t n, off_t off) { return pread(fd, p, n, off); }, "reading",
+              "short read (file truncated?)");
 }
 
 }  // namespace pagedkv

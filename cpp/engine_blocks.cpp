@@ -1,6 +1,7 @@
 // Block lifecycle on the device tier: creation, copy-on-write, release, window drops, and the
 // data paths that write rows and copy blocks (memcpy on the CPU, kernels and async copies on CUDA).
 #include <cstring>
+#include <unordered_map>
 
 #include "pagedkv/engine.h"
 #include "pagedkv/errors.h"
@@ -10,6 +11,15 @@
 #endif
 
 namespace pagedkv {
+
+// Removes and returns id's fence from `fences` (empty when it has none).
+Fence take_fence(std::unordered_map<BlockId, Fence>& fences, BlockId id) {
+  auto it = fences.find(id);
+  if (it == fences.end()) return nullptr;
+  Fence f = std::move(it->second);
+  fences.erase(it);
+  return f;
+}
 
 // The caller made room. A slot still being read by an eviction copy adds its fence to `waits`:
 // the compute stream must order itself after it before writing the slot.
@@ -35,30 +45,15 @@ void Engine::release_block(BlockId id) {
   const BlockLoc loc = directory_.loc(id);
   if (!directory_.release(id)) return;
   switch (loc.tier) {
-    case Tier::device: {
+    case Tier::device:  // a prefetch may still be writing the slot
       policy_->on_leave(id);
       drop_clean_copy(id);
-      auto landing = device_ready_.find(id);  // a prefetch copy may still be writing the slot
-      if (landing != device_ready_.end()) {
-        pool(Tier::device).release_after(loc.slot, std::move(landing->second));
-        device_ready_.erase(landing);
-      } else {
-        pool(Tier::device).release(loc.slot);
-      }
+      pool(Tier::device).release_after(loc.slot, take_fence(device_ready_, id));
       break;
-    }
-    case Tier::host: {
+    case Tier::host:  // an eviction may still be writing the slot
       host_order_->on_leave(id);
-      auto it = host_ready_.find(id);
-      // The eviction copy may still be landing in this slot: its next writer waits for it.
-      if (it != host_ready_.end()) {
-        pool(Tier::host).release_after(loc.slot, std::move(it->second));
-        host_ready_.erase(it);
-      } else {
-        pool(Tier::host).release(loc.slot);
-      }
+      pool(Tier::host).release_after(loc.slot, take_fence(host_ready_, id));
       break;
-    }
     case Tier::disk:
       pool(Tier::disk).release(loc.slot);
       break;

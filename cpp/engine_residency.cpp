@@ -93,10 +93,7 @@ void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& k
       dirty.push_back(id);
       continue;
     }
-    auto landing = device_ready_.find(id);
-    Fence slot_free = landing != device_ready_.end() ? std::move(landing->second) : Fence();
-    if (landing != device_ready_.end()) device_ready_.erase(landing);
-    pool(Tier::device).release_after(directory_.loc(id).slot, std::move(slot_free));
+    pool(Tier::device).release_after(directory_.loc(id).slot, take_fence(device_ready_, id));
     directory_.set_loc(id, {Tier::host, clean->second.host_slot});
     if (clean->second.read_by) host_ready_[id] = clean->second.read_by;
     clean_copy_.erase(clean);
@@ -115,11 +112,7 @@ void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& k
     Fence w;
     const int32_t slot = host.allocate(&w);
     if (w) waits.push_back(std::move(w));
-    auto landing = device_ready_.find(id);  // a prefetch still landing in the block
-    if (landing != device_ready_.end()) {
-      waits.push_back(std::move(landing->second));
-      device_ready_.erase(landing);
-    }
+    if (Fence landing = take_fence(device_ready_, id)) waits.push_back(std::move(landing));  // a prefetch
     host_slots.push_back(slot);
     copies.push_back({slot_ptr({Tier::host, slot}), slot_ptr(directory_.loc(id))});
   }

@@ -28,6 +28,8 @@ class DiskFile {
   const std::string& path() const { return path_; }
 
  private:
+  template <typename Io>
+  void whole_block(int32_t slot, char* p, Io io, const char* what, const char* at_eof) const;
   int fd_ = -1;
   int direct_fd_ = -1;  // the same file opened with O_DIRECT, or -1
   bool direct_ = false;

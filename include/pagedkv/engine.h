@@ -24,6 +24,8 @@ namespace pagedkv {
 
 class CudaContext;  // cuda_context.h; exists only in CUDA builds
 
+Fence take_fence(std::unordered_map<BlockId, Fence>& fences, BlockId id);
+
 struct AttendArgs {
   const void* q = nullptr;  // [num_rows, num_q_heads, head_dim] contiguous, cfg.dtype
   void* out = nullptr;      // [num_rows, num_q_heads, head_dim] contiguous, cfg.dtype

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -73,30 +74,9 @@ def main(argv=None) -> int:
 
         run(device=args.device, batch=args.batch, prompt=args.prompt, steps=args.steps,
             layers=args.layers, window=args.window, sinks=args.sinks)
-    elif args.bench == "host":
-        from .bench.host import main as host_main
-
-        host_main(args)
-    elif args.bench == "kernel":
-        from .bench.kernel import main as kernel_main
-
-        kernel_main(args)
-    elif args.bench == "offload":
-        from .bench.offload import main as offload_main
-
-        offload_main(args)
-    elif args.bench == "serve":
-        from .bench.serve import main as serve_main
-
-        serve_main(args)
-    elif args.bench == "longctx":
-        from .bench.longctx import main as longctx_main
-
-        longctx_main(args)
-    elif args.bench == "hf":
-        from .hf.bench import main as hf_main
-
-        hf_main(args)
+    else:  # each benchmark imports only what it needs (transformers, flashinfer) when it runs
+        module = "pagedkv.hf.bench" if args.bench == "hf" else f"pagedkv.bench.{args.bench}"
+        importlib.import_module(module).main(args)
     return 0
 
 
