@@ -72,3 +72,71 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
     return a.type == "cpu" or (a.index or 0) == (b.index or 0)
+
+
+def positive_int(value, name: str, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"PagedKV(): {name} must be an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"PagedKV(): {name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
+    return value
+
+
+def check_constructor(num_layers, num_kv_heads, head_dim, block_size, dtype, device, device_blocks,
+                       host_blocks, disk_blocks, disk_path, window, sink_tokens, retain, rope,
+                       positions) -> torch.device:
+    """Every constructor argument checked, naming it; returns the resolved torch.device."""
+    for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim), ("block_size", block_size)):
+        positive_int(value, name)
+    if device_blocks is None:
+        raise TypeError("PagedKV(): device_blocks is required (the hot tier's capacity in blocks)")
+    positive_int(device_blocks, "device_blocks")
+    positive_int(host_blocks, "host_blocks", allow_zero=True)
+    positive_int(disk_blocks, "disk_blocks", allow_zero=True)
+    positive_int(sink_tokens, "sink_tokens", allow_zero=True)
+    if dtype not in DTYPE_CODES:
+        raise TypeError(f"PagedKV(): dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"PagedKV(): device {device!r} is not a device: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"PagedKV(): device must be 'cpu' or 'cuda', got {device}")
+    if device.type == "cuda":
+        from . import _C
+
+        if not _C.built_with_cuda():
+            raise ValueError("PagedKV(): device='cuda' but this build of pagedkv has no CUDA kernels")
+        if not (_C.cuda_available() and torch.cuda.is_available()):
+            raise ValueError("PagedKV(): device='cuda' but no usable CUDA GPU is present")
+        device = torch.device("cuda", device.index if device.index is not None
+                              else torch.cuda.current_device())
+        if dtype == torch.float32:
+            raise TypeError("PagedKV(): dtype on CUDA must be float16 or bfloat16, got float32")
+    if window is not None:
+        positive_int(window, "window")
+    elif sink_tokens:
+        raise ValueError("PagedKV(): sink_tokens needs a window (sinks are kept outside it)")
+    if not isinstance(retain, bool):
+        raise TypeError(f"PagedKV(): retain must be a bool, got {type(retain).__name__}")
+    if disk_blocks and not host_blocks:
+        raise ValueError("PagedKV(): disk_blocks needs host_blocks > 0 (disk I/O is staged "
+                         "through the pinned host tier)")
+    if disk_blocks and disk_path is None:
+        raise ValueError("PagedKV(): disk_blocks > 0 needs disk_path, a directory for the file")
+    if positions not in ("original", "cache"):
+        raise ValueError(f"PagedKV(): positions must be 'original' or 'cache', got {positions!r}")
+    if positions == "cache":
+        if rope is None:
+            raise ValueError("PagedKV(): positions='cache' needs rope=pagedkv.RoPE(...) to shift the sinks")
+        if window is None or not sink_tokens:
+            raise ValueError("PagedKV(): positions='cache' needs a window and sink_tokens > 0")
+    if rope is not None:
+        from .rope import RoPE
+
+        if not isinstance(rope, RoPE):
+            raise TypeError(f"PagedKV(): rope must be a pagedkv.RoPE, got {type(rope).__name__}")
+        rope.dim(head_dim)
+
+    return device

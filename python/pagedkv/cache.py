@@ -7,15 +7,7 @@ import torch
 
 from . import _C
 from .policies import resolve as _resolve_policy
-from ._checks import DTYPE_CODES, check_tensor, int_list, split_lengths
-
-
-def _positive_int(value, name: str, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"PagedKV(): {name} must be an int, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"PagedKV(): {name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
-    return value
+from ._checks import DTYPE_CODES, check_constructor, check_tensor, int_list, split_lengths
 
 
 class PagedKV:
@@ -30,59 +22,11 @@ class PagedKV:
                  host_blocks: int = 0, disk_blocks: int = 0, disk_path=None, policy="lru",
                  window: int | None = None, sink_tokens: int = 0, retain: bool = True,
                  rope=None, positions: str = "original", watermarks=(0.02, 0.05)):
-        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim), ("block_size", block_size)):
-            _positive_int(value, name)
-        if device_blocks is None:
-            raise TypeError("PagedKV(): device_blocks is required (the hot tier's capacity in blocks)")
-        _positive_int(device_blocks, "device_blocks")
-        _positive_int(host_blocks, "host_blocks", allow_zero=True)
-        _positive_int(disk_blocks, "disk_blocks", allow_zero=True)
-        _positive_int(sink_tokens, "sink_tokens", allow_zero=True)
-        if dtype not in DTYPE_CODES:
-            raise TypeError(f"PagedKV(): dtype must be torch.float32, float16 or bfloat16, got {dtype}")
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"PagedKV(): device {device!r} is not a device: {e}") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"PagedKV(): device must be 'cpu' or 'cuda', got {device}")
-        if device.type == "cuda":
-            if not _C.built_with_cuda():
-                raise ValueError("PagedKV(): device='cuda' but this build of pagedkv has no CUDA kernels")
-            if not (_C.cuda_available() and torch.cuda.is_available()):
-                raise ValueError("PagedKV(): device='cuda' but no usable CUDA GPU is present")
-            device = torch.device("cuda", device.index if device.index is not None
-                                  else torch.cuda.current_device())
-            if dtype == torch.float32:
-                raise TypeError("PagedKV(): dtype on CUDA must be float16 or bfloat16, got float32")
-        if window is not None:
-            _positive_int(window, "window")
-        elif sink_tokens:
-            raise ValueError("PagedKV(): sink_tokens needs a window (sinks are kept outside it)")
-        if not isinstance(retain, bool):
-            raise TypeError(f"PagedKV(): retain must be a bool, got {type(retain).__name__}")
+        device = check_constructor(num_layers, num_kv_heads, head_dim, block_size, dtype, device,
+                                    device_blocks, host_blocks, disk_blocks, disk_path, window,
+                                    sink_tokens, retain, rope, positions)
         policy_name, policy_params = _resolve_policy(policy)
         low, high = self._watermarks(watermarks)
-        if disk_blocks and not host_blocks:
-            raise ValueError("PagedKV(): disk_blocks needs host_blocks > 0 (disk I/O is staged "
-                             "through the pinned host tier)")
-        if disk_blocks and disk_path is None:
-            raise ValueError("PagedKV(): disk_blocks > 0 needs disk_path, a directory for the file")
-        if positions not in ("original", "cache"):
-            raise ValueError(f"PagedKV(): positions must be 'original' or 'cache', got {positions!r}")
-        if positions == "cache":
-            if rope is None:
-                raise ValueError("PagedKV(): positions='cache' needs rope=pagedkv.RoPE(...) to shift the sinks")
-            if window is None or not sink_tokens:
-                raise ValueError("PagedKV(): positions='cache' needs a window and sink_tokens > 0")
-        if rope is not None:
-            from .rope import RoPE
-
-            if not isinstance(rope, RoPE):
-                raise TypeError(f"PagedKV(): rope must be a pagedkv.RoPE, got {type(rope).__name__}")
-            rope.dim(head_dim)
-
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.dtype, self.device = block_size, dtype, device
         self.device_blocks, self.host_blocks, self.disk_blocks = device_blocks, host_blocks, disk_blocks
