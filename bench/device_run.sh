@@ -16,6 +16,9 @@ t0=$(date +%s)
 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a" PAGEDKV_TESTS=ON \
   python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
+# 2026-11-26: a std::ostream insertion inside _C crashed there (SIGSEGV in libstdc++'s locale
+# code, with libstdc++ symbols resolved inside _C); keep what the link looked like in the log.
+{ echo "CXXFLAGS=${CXXFLAGS:-} LDFLAGS=${LDFLAGS:-}"; ldd build/py/_C*.so; } > "$OUT/link.txt" 2>&1
 if [ "$what" = tests ] || [ "$what" = all ]; then
   ctest --test-dir build/py --output-on-failure -j8 > "$OUT/ctest.log" 2>&1; echo "ctest rc=$?"; tail -3 "$OUT/ctest.log"
   grep -E "checked|FAIL" "$OUT/ctest.log" | head -5
