@@ -59,7 +59,10 @@ def main(argv=None) -> int:
     lc.add_argument("--steps", type=int, default=16, help="decode steps timed per context")
     lc.add_argument("--chunk", type=int, default=4096, help="tokens appended per call while growing")
     lc.add_argument("--device-gib", type=float, default=16.0, help="device tier of mode (b)")
-    lc.add_argument("--host-gib", type=float, default=96.0, help="host tier of mode (d)")
+    lc.add_argument("--host-gib", type=float, default=96.0, help="host tier of modes (b) and (d)")
+    lc.add_argument("--full-gib", type=float, default=100.0, help="device tier of mode (a)")
+    lc.add_argument("--token-budget", type=int, default=1 << 20,
+                    help="batch x context at most: writing 512 KiB per token, 1M tokens take minutes")
 
     hfb = bsub.add_parser("hf", help="transformers generate(): default cache vs DynamicCache(offloading=True) vs pagedkv")
     hfb.add_argument("--layers", type=int, default=32, help="decoder layers (2 for a smoke run)")

@@ -1,7 +1,8 @@
 """`python -m pagedkv bench longctx`: a decode loop over a Llama-2-7B-shaped attention stack
 (32 layers, 32 heads, head_dim 128, fp16: 512 KiB of K/V per token) at growing contexts, for
   (a) full attention with a device tier large enough, where it fits;
-  (b) full attention with a 16 GiB device tier and the rest on the pinned host tier;
+  (b) full attention with a 16 GiB device tier and the rest on the pinned host tier, as far
+      as the host holds;
   (c) window 4096 + 4 sinks, retain=False (out-of-scope blocks freed);
   (d) the same with retain=True (out-of-scope blocks kept in the lower tiers).
 Per context: device memory in use (from the driver), host memory (RSS), decode tokens/s.
@@ -35,30 +36,55 @@ def _device_gib(device: str) -> float:
     return (total - free) / 2**30
 
 
+BLOCK_BYTES = (SHAPE["num_layers"] * 2 * SHAPE["num_kv_heads"] * SHAPE["block_size"] * SHAPE["head_dim"]
+               * 2)
+
+
+def _reach(mode: str, batch: int, a) -> int:
+    """The largest context (tokens per sequence) a mode can hold, from the tiers it is given."""
+    if mode == "a":
+        gib = a.full_gib
+    elif mode == "b":
+        gib = a.device_gib + a.host_gib
+    elif mode == "d":
+        gib = a.host_gib
+    else:
+        return 1 << 62  # constant memory
+    return int(gib * 2**30) // BLOCK_BYTES * SHAPE["block_size"] // batch
+
+
 def _cache(mode: str, batch: int, max_ctx: int, a) -> PagedKV:
-    block_bytes = SHAPE["num_layers"] * 2 * SHAPE["num_kv_heads"] * SHAPE["block_size"] * SHAPE["head_dim"] * 2
     per_seq = max_ctx // SHAPE["block_size"] + 4
     if mode == "a":
         return PagedKV(**SHAPE, device=a.device, device_blocks=batch * per_seq)
     if mode == "b":
-        dev = int(a.device_gib * 2**30) // block_bytes
-        return PagedKV(**SHAPE, device=a.device, device_blocks=dev, host_blocks=batch * per_seq)
+        dev = int(a.device_gib * 2**30) // BLOCK_BYTES
+        return PagedKV(**SHAPE, device=a.device, device_blocks=dev,
+                       host_blocks=max(batch * per_seq - dev, 1))
     # the scope, plus a growth chunk of rows, plus the chunk layer 0 wrote before the last layer did
     scope_blocks = batch * ((a.window + a.sinks + 2 * a.chunk) // SHAPE["block_size"] + 6)
     if mode == "c":
         return PagedKV(**SHAPE, device=a.device, device_blocks=scope_blocks, window=a.window,
                        sink_tokens=a.sinks, retain=False)
-    host = min(batch * per_seq, int(a.host_gib * 2**30) // block_bytes)
+    host = min(batch * per_seq, int(a.host_gib * 2**30) // BLOCK_BYTES)
     return PagedKV(**SHAPE, device=a.device, device_blocks=scope_blocks, host_blocks=host,
                    window=a.window, sink_tokens=a.sinks, retain=True)
 
 
 def run_mode(mode: str, batch: int, contexts: list[int], a) -> list[dict]:
-    rows = []
+    """Grows one cache through the contexts in order, timing decode steps at each."""
+    reach = min(_reach(mode, batch, a), a.token_budget // batch)
+    rows = [{"mode": mode, "batch": batch, "context": c,
+             "skipped": f"beyond this mode's reach ({reach} tokens per sequence: tiers or --token-budget)"}
+            for c in contexts if c > reach]
+    contexts = [c for c in contexts if c <= reach]
+    if not contexts:
+        return rows
     try:
         kv = _cache(mode, batch, max(contexts), a)
     except (MemoryError, RuntimeError, ValueError) as e:
-        return [{"mode": mode, "batch": batch, "context": c, "skipped": str(e).split(" [")[0]} for c in contexts]
+        return rows + [{"mode": mode, "batch": batch, "context": c, "skipped": str(e).split(" [")[0]}
+                       for c in contexts]
     dev = a.device
     gen = torch.Generator(device=dev).manual_seed(0)
     seqs = [kv.add_sequence() for _ in range(batch)]
@@ -103,7 +129,7 @@ def run_mode(mode: str, batch: int, contexts: list[int], a) -> list[dict]:
     del kv
     if dev.startswith("cuda"):
         torch.cuda.empty_cache()
-    return rows
+    return sorted(rows, key=lambda r: r["context"])
 
 
 def plot(rows: list[dict], path: str) -> str | None:
