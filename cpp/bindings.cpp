@@ -212,6 +212,24 @@ NB_MODULE(_C, m) {
            },
            "seq"_a, "layer"_a, "position"_a, "key_begin"_a, "key_end"_a, "q"_a.noconvert(),
            "out"_a.noconvert(), "lse"_a.noconvert(), "num_q_heads"_a, "scale"_a, "stream"_a)
+      .def("attend_prefixes",
+           [](Engine& e, const std::vector<SeqId>& seqs_of_rows, int32_t layer,
+              const std::vector<int32_t>& key_ends, const Array& q, const Array& out, const Array& lse,
+              int32_t num_q_heads, float scale, uintptr_t stream) {
+             const CacheConfig& c = e.config();
+             const int64_t rows = int64_t(seqs_of_rows.size());
+             AttendArgs a;
+             a.num_q_heads = num_q_heads;
+             a.q = checked(e, q, "q", rows * num_q_heads * c.head_dim, c.dtype);
+             a.out = checked(e, out, "out", rows * num_q_heads * c.head_dim, c.dtype);
+             a.lse = static_cast<float*>(checked(e, lse, "lse", rows * num_q_heads, DType::f32));
+             a.scale = scale;
+             a.stream = as_stream(stream);
+             nb::gil_scoped_release release;
+             e.attend_prefixes(seqs_of_rows, layer, key_ends, a);
+           },
+           "seqs_of_rows"_a, "layer"_a, "key_ends"_a, "q"_a.noconvert(), "out"_a.noconvert(),
+           "lse"_a.noconvert(), "num_q_heads"_a, "scale"_a, "stream"_a)
       .def("gather",
            [](Engine& e, SeqId seq, int32_t layer, const Array& k_out, const Array& v_out,
               uintptr_t stream) {

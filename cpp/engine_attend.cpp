@@ -236,33 +236,86 @@ void Engine::attend_range(SeqId seq, int32_t layer, int32_t position, int32_t ke
   std::vector<int32_t> table_row(size_t(blocks_for(key_end, bs)), -1);
   for (int32_t b = key_begin / bs; b < blocks_for(key_end, bs); ++b)
     table_row[size_t(b)] = directory_.loc(t.blocks[size_t(b)]).slot;
-  std::vector<int32_t> kv_lens{key_end}, q_indptr{0, 1};
   PagedAttentionParams p = base_params(args, layer);
-  p.num_seqs = 1;
-  p.num_rows = 1;
-  p.max_q_len = 1;
-  p.max_blocks = int32_t(table_row.size());
   p.window = key_end - key_begin;
   p.sink_tokens = 0;
+  run_single_rows(p, table_row, {key_end}, args.stream);
+}
+
+// Each query row r over keys [0, key_ends[r]) of seqs_of_rows[r], all of them visible: one kernel
+// call for every row of a batch (the sink part of StreamingLLM positions, python/pagedkv/streaming.py).
+void Engine::attend_prefixes(const std::vector<SeqId>& seqs_of_rows, int32_t layer,
+                             const std::vector<int32_t>& key_ends, const AttendArgs& args) {
+  check_layer(layer, "attend_prefixes()");
+  PKV_CHECK(seqs_of_rows.size() == key_ends.size(), ArgumentError, "attend_prefixes(): ",
+            key_ends.size(), " key ends for ", seqs_of_rows.size(), " rows");
+  const int32_t bs = cfg_.block_size;
+  std::vector<BlockId> ids;
+  int32_t max_blocks = 1;
+  for (size_t r = 0; r < seqs_of_rows.size(); ++r) {
+    const SequenceTable& t = table(seqs_of_rows[r], "attend_prefixes()");
+    PKV_CHECK(key_ends[r] >= 1 && key_ends[r] <= t.lens[size_t(layer)], ArgumentError,
+              "attend_prefixes(): key_ends[", r, "] = ", key_ends[r], " is not within the ",
+              t.lens[size_t(layer)], " keys of sequence ", seqs_of_rows[r]);
+    for (int32_t b = 0; b < blocks_for(key_ends[r], bs); ++b) {
+      PKV_CHECK(t.blocks[size_t(b)] != kNoBlock, ArgumentError, "attend_prefixes(): keys of sequence ",
+                seqs_of_rows[r], " were dropped by the window (retain=False)");
+      ids.push_back(t.blocks[size_t(b)]);
+    }
+    max_blocks = std::max(max_blocks, blocks_for(key_ends[r], bs));
+  }
+  if (seqs_of_rows.empty()) return;
+  if (tiered()) {
+    const KeepSet keep(ids.begin(), ids.end());
+    check_room(0, keep, "attend_prefixes()");
+    make_resident(ids, keep, args.stream);
+    await_blocks(ids, args.stream);
+  }
+  std::vector<int32_t> tables(seqs_of_rows.size() * size_t(max_blocks), -1);
+  for (size_t r = 0; r < seqs_of_rows.size(); ++r) {
+    const SequenceTable& t = tables_.at(seqs_of_rows[r]);
+    for (int32_t b = 0; b < blocks_for(key_ends[r], bs); ++b)
+      tables[r * size_t(max_blocks) + size_t(b)] = directory_.loc(t.blocks[size_t(b)]).slot;
+  }
+  PagedAttentionParams p = base_params(args, layer);
+  p.window = 0;
+  p.sink_tokens = 0;
+  run_single_rows(p, tables, key_ends, args.stream);
+}
+
+// Runs `p` over one query row per block-table row: tables [rows, max_blocks], kv_lens [rows]
+// (each row sits at kv_lens[r] - 1). Metadata goes to the device through the meta buffer.
+void Engine::run_single_rows(PagedAttentionParams& p, const std::vector<int32_t>& tables,
+                             const std::vector<int32_t>& kv_lens, void* stream) {
+  const int32_t rows = int32_t(kv_lens.size());
+  std::vector<int32_t> q_indptr(size_t(rows) + 1);
+  for (int32_t r = 0; r <= rows; ++r) q_indptr[size_t(r)] = r;
+  p.num_seqs = rows;
+  p.num_rows = rows;
+  p.max_q_len = 1;
+  p.max_blocks = int32_t(tables.size() / size_t(rows));
   if (!cfg_.on_cuda) {
-    p.block_table = table_row.data();
+    p.block_table = tables.data();
     p.kv_lens = kv_lens.data();
     p.q_indptr = q_indptr.data();
     attention_cpu(p);
     return;
   }
 #ifdef PAGEDKV_WITH_CUDA
-  auto st = static_cast<cudaStream_t>(args.stream);
-  const size_t table_bytes = table_row.size() * sizeof(int32_t);
-  const size_t lens_off = (table_bytes + 255) & ~size_t(255), indptr_off = lens_off + 256;
-  char* meta = static_cast<char*>(cuda_->meta.reserve(indptr_off + 256));
-  cuda_->upload(meta, table_row.data(), table_bytes, st);
-  cuda_->upload(meta + lens_off, kv_lens.data(), sizeof(int32_t), st);
-  cuda_->upload(meta + indptr_off, q_indptr.data(), 2 * sizeof(int32_t), st);
+  auto st = static_cast<cudaStream_t>(stream);
+  auto aligned = [](size_t n) { return (n + 255) & ~size_t(255); };
+  const size_t table_bytes = tables.size() * sizeof(int32_t), lens_bytes = kv_lens.size() * sizeof(int32_t);
+  const size_t lens_off = aligned(table_bytes), indptr_off = lens_off + aligned(lens_bytes);
+  char* meta = static_cast<char*>(cuda_->meta.reserve(indptr_off + q_indptr.size() * sizeof(int32_t)));
+  cuda_->upload(meta, tables.data(), table_bytes, st);
+  cuda_->upload(meta + lens_off, kv_lens.data(), lens_bytes, st);
+  cuda_->upload(meta + indptr_off, q_indptr.data(), q_indptr.size() * sizeof(int32_t), st);
   p.block_table = reinterpret_cast<const int32_t*>(meta);
   p.kv_lens = reinterpret_cast<const int32_t*>(meta + lens_off);
   p.q_indptr = reinterpret_cast<const int32_t*>(meta + indptr_off);
   launch(p, st);
+#else
+  (void)stream;
 #endif
 }
 

@@ -68,6 +68,10 @@ class Engine {
   // for contexts larger than the device tier; args.lse is required to merge the parts.
   void attend_range(SeqId seq, int32_t layer, int32_t position, int32_t key_begin, int32_t key_end,
                     const AttendArgs& args);
+  // Query row r (args.q/out/lse hold one row per entry) over keys [0, key_ends[r]) of
+  // seqs_of_rows[r], every one of them visible; one kernel call for all rows.
+  void attend_prefixes(const std::vector<SeqId>& seqs_of_rows, int32_t layer,
+                       const std::vector<int32_t>& key_ends, const AttendArgs& args);
   // Builds (or reuses) the block table of this batch, as attend() does once per step; returns
   // its row stride. Lets a caller pay the host-side preparation before the first layer.
   int32_t prepare(const std::vector<SeqId>& seqs, void* stream);
@@ -149,6 +153,8 @@ class Engine {
   const StepPlan& plan_for(const std::vector<SeqId>& seqs, void* stream);
   PagedAttentionParams base_params(const AttendArgs& args, int32_t layer) const;
   void launch(const PagedAttentionParams& p, void* stream);  // CUDA builds: kernel + workspace
+  void run_single_rows(PagedAttentionParams& p, const std::vector<int32_t>& tables,
+                       const std::vector<int32_t>& kv_lens, void* stream);
   int64_t check_in_scope(SeqId seq, const SequenceTable& t, int32_t layer, int32_t n,
                          int32_t window, size_t index) const;
   std::vector<BlockId> blocks_in_scope(const SequenceTable& t, int32_t layer, int32_t n,

@@ -5,8 +5,8 @@ Keys stay stored as the model rotated them, at their original positions. RoPE sc
 on the distance, so the sinks' shift is a rotation of the query: for a row at position p whose
 window starts at w = p − window + 1, sink key j must score as if at distance min(S, w) + (p − w)
 − j instead of p − j, i.e. with the query rotated once more by min(S, w) − w. The window part and
-the sink part run separately and merge by log-sum-exp. (This path loops over rows for the sink
-part; the kernel-side rotation is the streaming issue's next step.)
+the sink part (every row at once) are two kernel calls that merge by log-sum-exp; folding the
+rotation into the kernel would make them one.
 """
 from __future__ import annotations
 
@@ -31,16 +31,15 @@ def attend(kv, seqs: list[int], layer: int, q: torch.Tensor, lengths: list[int],
             if kept > 0:  # this row's sinks lie outside its window
                 rows.append(row)
                 shifts.append(kept - first)
-                where.append((seq, pos, kept))
+                where.append((seq, kept))
             row += 1
     if rows:
         idx = torch.tensor(rows, device=q.device)
         q_rot = kv.rope.rotate(q[idx], torch.tensor(shifts, dtype=torch.float64, device=q.device))
         part = torch.empty_like(q_rot)
         part_lse = torch.empty((len(rows), hq), dtype=torch.float32, device=q.device)
-        for i, (seq, pos, kept) in enumerate(where):
-            engine.attend_range(seq, layer, pos, 0, kept, q_rot[i:i + 1], part[i:i + 1],
-                                part_lse[i:i + 1], hq, scale, stream)
+        engine.attend_prefixes([w[0] for w in where], layer, [w[1] for w in where], q_rot, part,
+                               part_lse, hq, scale, stream)  # every row's sinks in one call
         both = torch.stack([lse[idx], part_lse])                    # [2, rows, hq]
         total = torch.logsumexp(both, dim=0)
         w = torch.exp(both - total)[..., None]
