@@ -123,7 +123,9 @@ class PagedKV:
 
     def prefetch(self, seqs) -> None:
         """Starts moving the blocks of `seqs` up to the device (as many as fit without evicting
-        their own blocks), so that a later attend finds them there. Never waits."""
+        their own blocks), so that a later attend finds them there. Host-to-device copies are
+        asynchronous (a later read waits for them on the device); blocks on disk are read back
+        to the host first, synchronously."""
         self._engine.prefetch(int_list(seqs, "seqs", "prefetch()"), self._stream())
 
     def offload(self, seqs) -> None:
