@@ -23,14 +23,13 @@ class BlockDirectory {
     return id >= 0 && size_t(id) < entries_.size() && entries_[size_t(id)].refcount > 0;
   }
   int64_t num_live() const { return int64_t(entries_.size() - free_ids_.size()); }
-  int64_t id_space() const { return int64_t(entries_.size()); }
 
  private:
   struct Entry {
     BlockLoc loc;
     int32_t refcount = 0;
   };
-  std::vector<Entry> entries_;      // [id_space]
+  std::vector<Entry> entries_;      // [ids ever handed out]
   std::vector<BlockId> free_ids_;   // recycled ids
 };
 

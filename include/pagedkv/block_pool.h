@@ -34,7 +34,6 @@ class BlockPool {
   std::vector<int32_t> free_slots() const;
 
   void* data() const { return memory_.data(); }
-  MemoryKind memory_kind() const { return memory_.kind(); }
 
  private:
   std::vector<int32_t> free_slots_;  // stack; lowest slot on top so pools fill from 0

@@ -23,8 +23,6 @@ class DiskFile {
   void write(int32_t slot, const void* src);
   void read(int32_t slot, void* dst) const;
 
-  bool is_open() const { return fd_ >= 0; }
-  bool direct() const { return direct_; }
   const std::string& path() const { return path_; }
 
  private:
