@@ -147,6 +147,38 @@ Fence CopyEngine::to_device(const std::vector<BlockCopy>& copies, const std::vec
 #endif
 }
 
+Fence CopyEngine::slices_to_device(const std::vector<SliceRun>& runs, const std::vector<Fence>& waits,
+                                   void* compute) {
+  if (runs.empty()) return nullptr;
+  if (!cuda_) {
+    for (const Fence& f : waits) fence_wait_host(f);
+    Fence landed = worker_->submit([runs] {
+      for (const SliceRun& r : runs)
+        for (size_t i = 0; i < r.count; ++i)
+          std::memcpy(static_cast<char*>(r.dst) + i * r.width, static_cast<const char*>(r.src) + i * r.src_pitch,
+                      r.width);
+    });
+    fence_wait_host(landed);
+    return landed;
+  }
+#ifdef PAGEDKV_WITH_CUDA
+  auto st = static_cast<cudaStream_t>(h2d_);
+  auto cs = static_cast<cudaStream_t>(compute);
+  Fence after_compute = record(cs);
+  PKV_CUDA(cudaStreamWaitEvent(st, after_compute->event, 0));
+  for (const Fence& f : waits)
+    if (f && !fence_done(f)) PKV_CUDA(cudaStreamWaitEvent(st, f->event, 0));
+  for (const SliceRun& r : runs)
+    PKV_CUDA(cudaMemcpy2DAsync(r.dst, r.width, r.src, r.src_pitch, r.width, r.count, cudaMemcpyHostToDevice, st));
+  Fence landed = record(st);
+  PKV_CUDA(cudaStreamWaitEvent(cs, landed->event, 0));
+  return landed;
+#else
+  (void)compute;
+  return nullptr;
+#endif
+}
+
 void CopyEngine::order_after(const Fence& f, void* stream) {
   if (!f || fence_done(f)) return;
   if (!cuda_) return fence_wait_host(f);  // the CPU "stream" is the calling thread

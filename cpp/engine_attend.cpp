@@ -45,15 +45,20 @@ const StepPlan& Engine::plan_for(const std::vector<SeqId>& seqs, void* stream) {
   plan_.max_blocks = 1;
   for (SeqId s : seqs) plan_.max_blocks = std::max(plan_.max_blocks, int32_t(tables_.at(s).blocks.size()));
   plan_.block_table.assign(seqs.size() * size_t(plan_.max_blocks), -1);
-  plan_.fully_resident = true;
+  plan_.resident_head.assign(seqs.size(), 0);
+  plan_.resident_tail.assign(seqs.size(), 0);
   for (size_t i = 0; i < seqs.size(); ++i) {
     const auto& blocks = tables_.at(seqs[i]).blocks;
+    int32_t tail = 0;      // blocks [tail, end) are all on the device (or dropped)
+    bool head = true;      // still counting the leading run of device blocks
     for (size_t b = 0; b < blocks.size(); ++b) {
-      if (blocks[b] == kNoBlock) continue;
-      const BlockLoc& loc = directory_.loc(blocks[b]);
-      if (loc.tier == Tier::device) plan_.block_table[i * size_t(plan_.max_blocks) + b] = loc.slot;
-      else plan_.fully_resident = false;
+      const bool on_device = blocks[b] != kNoBlock && directory_.loc(blocks[b]).tier == Tier::device;
+      if (on_device) plan_.block_table[i * size_t(plan_.max_blocks) + b] = directory_.loc(blocks[b]).slot;
+      if (head && on_device) ++plan_.resident_head[i];
+      else head = false;
+      if (!on_device && blocks[b] != kNoBlock) tail = int32_t(b) + 1;
     }
+    plan_.resident_tail[i] = tail;
   }
 #ifdef PAGEDKV_WITH_CUDA
   if (cuda_) {
@@ -125,21 +130,33 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
     max_q_len = std::max(max_q_len, lengths[i]);
   }
   if (q_indptr.back() == 0) return;
-  const bool resident = plan_.matches(seqs, version_) && plan_.fully_resident;
+  bool resident = plan_.matches(seqs, version_);
+  for (size_t i = 0; resident && i < seqs.size(); ++i) {  // every block in scope is on the device
+    const int32_t len = kv_lens[i], bs = cfg_.block_size;
+    if (lengths[i] == 0) continue;
+    const int32_t first = window_start(len - lengths[i], window) / bs;
+    const int32_t sinks = window > 0 ? std::min(blocks_for(cfg_.sink_tokens, bs), first) : 0;
+    resident = first >= plan_.resident_tail[i] && sinks <= plan_.resident_head[i];
+  }
+  std::vector<BlockId> needed;  // filled when the batch's blocks may not all be on the device
+  bool staged = false;
   if (tiered() && (!resident || !device_ready_.empty())) {
     // Bring every block in scope to the device (a batch whose blocks all sit there skips this)
-    // and order the kernel after prefetches still landing in them.
-    std::vector<BlockId> needed;
+    // and order the kernel after prefetches still landing in them. A scope larger than the
+    // device tier passes through instead: its off-device blocks are read from staged slices.
     for (size_t i = 0; i < seqs.size(); ++i) {
       auto ids = blocks_in_scope(tables_.at(seqs[i]), layer, lengths[i], window);
       needed.insert(needed.end(), ids.begin(), ids.end());
     }
     if (!resident) {
       const KeepSet keep(needed.begin(), needed.end());
-      check_room(0, keep, "attend()");
-      const int64_t misses_before = counters_.device_misses;
-      make_resident(needed, keep, args.stream);
-      in_scope -= counters_.device_misses - misses_before;
+      staged = int64_t(keep.size()) > pool(Tier::device).capacity();
+      if (!staged) {
+        check_room(0, keep, "attend()");
+        const int64_t misses_before = counters_.device_misses;
+        make_resident(needed, keep, args.stream);
+        in_scope -= counters_.device_misses - misses_before;
+      }
     }
     await_blocks(needed, args.stream);
   }
@@ -156,8 +173,11 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
       for (int32_t b = 0; b < sinks; ++b) note_use(t, seqs[i], b);
       for (int32_t b = first; b < blocks_for(len, bs); ++b) note_use(t, seqs[i], b);
     }
-  const StepPlan& plan = plan_for(seqs, args.stream);
+  if (staged) {
+    for (BlockId id : KeepSet(needed.begin(), needed.end())) in_scope -= directory_.loc(id).tier != Tier::device;
+  }
   if (layer == 0) counters_.device_hits += in_scope;  // per step: every layer reads the same blocks
+  const StepPlan& plan = plan_for(seqs, args.stream);
 
   PagedAttentionParams p = base_params(args, layer);
   p.num_seqs = int32_t(seqs.size());
@@ -166,6 +186,10 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   p.max_blocks = plan.max_blocks;
   p.window = window;
   p.sink_tokens = window > 0 ? (args.sink_tokens < 0 ? cfg_.sink_tokens : args.sink_tokens) : 0;
+  if (staged) {
+    attend_staged(seqs, layer, needed, p, kv_lens, q_indptr, args.stream);
+    return;
+  }
   if (!cfg_.on_cuda) {
     p.block_table = plan.block_table.data();
     p.kv_lens = kv_lens.data();
@@ -284,7 +308,7 @@ void Engine::attend_prefixes(const std::vector<SeqId>& seqs_of_rows, int32_t lay
 }
 
 // Runs `p` over one query row per block-table row: tables [rows, max_blocks], kv_lens [rows]
-// (each row sits at kv_lens[r] - 1). Metadata goes to the device through the meta buffer.
+// (each row sits at kv_lens[r] - 1).
 void Engine::run_single_rows(PagedAttentionParams& p, const std::vector<int32_t>& tables,
                              const std::vector<int32_t>& kv_lens, void* stream) {
   const int32_t rows = int32_t(kv_lens.size());
@@ -293,7 +317,13 @@ void Engine::run_single_rows(PagedAttentionParams& p, const std::vector<int32_t>
   p.num_seqs = rows;
   p.num_rows = rows;
   p.max_q_len = 1;
-  p.max_blocks = int32_t(tables.size() / size_t(rows));
+  run_with_tables(p, tables, kv_lens, q_indptr, stream);
+}
+
+void Engine::run_with_tables(PagedAttentionParams& p, const std::vector<int32_t>& tables,
+                             const std::vector<int32_t>& kv_lens, const std::vector<int32_t>& q_indptr,
+                             void* stream) {
+  p.max_blocks = int32_t(tables.size() / kv_lens.size());
   if (!cfg_.on_cuda) {
     p.block_table = tables.data();
     p.kv_lens = kv_lens.data();
@@ -317,6 +347,72 @@ void Engine::run_single_rows(PagedAttentionParams& p, const std::vector<int32_t>
 #else
   (void)stream;
 #endif
+}
+
+void Engine::attend_staged(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<BlockId>& needed, PagedAttentionParams& p,
+                           const std::vector<int32_t>& kv_lens, const std::vector<int32_t>& q_indptr,
+                           void* stream) {
+  const KeepSet keep(needed.begin(), needed.end());
+  int64_t off_device = 0;
+  for (BlockId id : keep) off_device += directory_.loc(id).tier != Tier::device;
+  PKV_CHECK(off_device <= pool(Tier::host).capacity(), OutOfBlocks, "attend(): ", off_device,
+            " blocks in scope are off the device tier (", pool(Tier::device).capacity(),
+            " blocks) and the host tier holds only ", pool(Tier::host).capacity());
+  // Staged slices in scope order; a run of blocks in consecutive host slots is one 2-D copy.
+  const size_t slice = size_t(cfg_.block_bytes() / cfg_.num_layers), block = size_t(cfg_.block_bytes());
+  std::unordered_map<BlockId, int32_t> index;
+  std::vector<BlockId> order;
+  for (BlockId id : needed) {
+    if (directory_.loc(id).tier == Tier::disk) {
+      disk_to_host(id, keep);
+      ++version_;
+    }
+    if (directory_.loc(id).tier == Tier::host && index.emplace(id, int32_t(order.size())).second) order.push_back(id);
+  }
+  char* staging = nullptr;
+#ifdef PAGEDKV_WITH_CUDA
+  if (cfg_.on_cuda) staging = static_cast<char*>(cuda_->staging.reserve(std::max<size_t>(order.size(), 1) * slice));
+#endif
+  if (!cfg_.on_cuda) {
+    staging_cpu_.resize(std::max<size_t>(order.size(), 1) * slice);
+    staging = staging_cpu_.data();
+  }
+  std::vector<SliceRun> runs;
+  std::vector<Fence> waits;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const BlockLoc loc = directory_.loc(order[i]);
+    auto ready = host_ready_.find(order[i]);
+    if (ready != host_ready_.end()) waits.push_back(ready->second);
+    const char* src = slot_ptr(loc) + size_t(layer) * slice;
+    if (!runs.empty() && static_cast<const char*>(runs.back().src) + runs.back().count * block == src)
+      ++runs.back().count;
+    else
+      runs.push_back({staging + i * slice, src, slice, block, 1});
+  }
+  const Fence landed = copies_->slices_to_device(runs, waits, stream);
+  if (landed && cfg_.on_cuda)
+    for (BlockId id : order) host_read_by_[id] = landed;
+  counters_.slices_staged += int64_t(order.size());
+  counters_.bytes_staged += int64_t(order.size() * slice);
+  if (layer == 0) counters_.device_misses += int64_t(order.size());
+
+  int32_t max_blocks = 1;
+  for (SeqId s : seqs) max_blocks = std::max(max_blocks, int32_t(tables_.at(s).blocks.size()));
+  std::vector<int32_t> tables(seqs.size() * size_t(max_blocks), -1);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const auto& blocks = tables_.at(seqs[i]).blocks;
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      if (blocks[b] == kNoBlock) continue;
+      const BlockLoc loc = directory_.loc(blocks[b]);
+      auto it = index.find(blocks[b]);
+      if (it != index.end()) tables[i * size_t(max_blocks) + b] = staged_entry(it->second);
+      else if (loc.tier == Tier::device) tables[i * size_t(max_blocks) + b] = loc.slot;
+    }
+  }
+  const size_t es = dtype_size(cfg_.dtype);
+  p.staged_offset = (reinterpret_cast<intptr_t>(staging) - reinterpret_cast<intptr_t>(p.pool)) / intptr_t(es);
+  run_with_tables(p, tables, kv_lens, q_indptr, stream);
+  offload_to_watermark(stream);
 }
 
 void Engine::gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream) {

@@ -41,6 +41,13 @@ BlockId Engine::clone_block(BlockId id, const BlockUse& use, std::vector<Fence>&
   return fresh;
 }
 
+// A staging copy that read the slot waited for the eviction that wrote it, so it passes last.
+Fence Engine::host_slot_fence(BlockId id) {
+  Fence written = take_fence(host_ready_, id);
+  Fence read = take_fence(host_read_by_, id);
+  return read ? read : written;
+}
+
 void Engine::release_block(BlockId id) {
   const BlockLoc loc = directory_.loc(id);
   if (!directory_.release(id)) return;
@@ -50,9 +57,9 @@ void Engine::release_block(BlockId id) {
       drop_clean_copy(id);
       pool(Tier::device).release_after(loc.slot, take_fence(device_ready_, id));
       break;
-    case Tier::host:  // an eviction may still be writing the slot
+    case Tier::host:  // an eviction may still be writing the slot, a staging copy reading it
       host_order_->on_leave(id);
-      pool(Tier::host).release_after(loc.slot, take_fence(host_ready_, id));
+      pool(Tier::host).release_after(loc.slot, host_slot_fence(id));
       break;
     case Tier::disk:
       pool(Tier::disk).release(loc.slot);

@@ -168,8 +168,7 @@ void Engine::spill_host_to_disk(int64_t n, const KeepSet& keep) {
       pool(Tier::disk).release(slot);  // the block stays on the host, intact
       throw;
     }
-    if (ready != host_ready_.end()) host_ready_.erase(ready);
-    pool(Tier::host).release(from.slot);
+    pool(Tier::host).release_after(from.slot, host_slot_fence(id));
     host_order_->on_leave(id);
     directory_.set_loc(id, {Tier::disk, slot});
     ++counters_.blocks_to_disk;
@@ -245,6 +244,7 @@ void Engine::host_to_device(const std::vector<BlockId>& ids, void* stream) {
     clean_copy_[id] = CleanCopy{directory_.loc(id).slot, landed};  // the host bytes stay valid
     clean_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
     host_ready_.erase(id);
+    host_read_by_.erase(id);  // the fetch reads the slot after any staging copy (same stream)
     host_order_->on_leave(id);
     directory_.set_loc(id, {Tier::device, device_slots[i]});
     policy_->on_arrive(id, BlockUse{-1, 0, 1, step_});

@@ -15,6 +15,7 @@
 // merge_splits_kernel (paged_attention_merge.cuh) from float partials in the workspace.
 #pragma once
 #include <cfloat>
+#include <cstdint>
 
 #include "mma_ptx.cuh"
 #include "pagedkv/attention_params.h"
@@ -58,13 +59,16 @@ __device__ __forceinline__ KeyScope make_scope(int min_pos, int max_pos, int win
   return s;
 }
 
-// Pool element offset of the K row of virtual key c * 16 + (lane & 15), or -1 past the scope.
+// Offsets are signed (a staged slice may sit below the pool), so "no row" is its own value.
+constexpr int64_t kNoRow = INT64_MIN;
+
+// Pool element offset of the K row of virtual key c * 16 + (lane & 15), or kNoRow past the scope.
 // Lanes 0-15 and 16-31 resolve the same 16 rows (one block-table lookup per row per chunk); the
 // result is consumed one pipeline step later, so the lookup's latency hides behind compute.
 __device__ __forceinline__ int64_t resolve_row(const PagedAttentionParams& p, const int32_t* bt_row,
                                                const KeyScope& sc, int kvh, int c, int lane) {
   const int v = c * 16 + (lane & 15);
-  if (v >= sc.n_keys) return -1;
+  if (v >= sc.n_keys) return kNoRow;
   const int key = sc.key(v);
   const int lb = key / p.block_size;
   return tile_offset(p, bt_row[lb], 0, kvh) + int64_t(key - lb * p.block_size) * p.head_dim;
@@ -83,7 +87,7 @@ __device__ __forceinline__ void issue_chunk(const T* pool, int64_t off, int64_t 
     const int it = lane + 32 * i;
     const int r = it / S::kVecs, cv = it % S::kVecs;
     const int64_t o = __shfl_sync(0xffffffffu, off, r);
-    const bool ok = o >= 0;
+    const bool ok = o != kNoRow;
     const T* src = pool + (ok ? o + cv * 8 : 0);
     cp_async_16(sK + r * S::kStride + cv * 8, src, ok);
     cp_async_16(sV + r * S::kStride + cv * 8, ok ? src + v_off : src, ok);
@@ -114,7 +118,7 @@ __device__ __forceinline__ void issue_chunk_bulk(const T* pool, int64_t off, int
   using S = AttnShape<HD, NWARPS, STAGES>;
   constexpr uint32_t kRowBytes = HD * sizeof(T);
   T* dst = (lane < 16 ? sK : sV) + (lane & 15) * S::kStride;
-  if (off >= 0) {
+  if (off != kNoRow) {
     mbar_arrive_expect_tx(bar, kRowBytes);
     bulk_g2s(dst, pool + off + (lane < 16 ? 0 : v_off), kRowBytes, bar);
   } else {
@@ -173,7 +177,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
   const int my_first = c_begin + warp;
   const int n_mine = my_first < c_end ? (c_end - my_first + NWARPS - 1) / NWARPS : 0;
   const int64_t v_off = int64_t(p.num_kv_heads) * p.block_size * HD;  // K tile -> V tile
-  int64_t next_off = n_mine > 0 ? resolve_row(p, bt_row, sc, kvh, my_first, lane) : -1;
+  int64_t next_off = n_mine > 0 ? resolve_row(p, bt_row, sc, kvh, my_first, lane) : kNoRow;
   if constexpr (kBulk) {
     if (lane == 0) {
 #pragma unroll

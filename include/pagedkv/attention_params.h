@@ -25,7 +25,8 @@ struct PagedAttentionParams {
   void* out = nullptr;                  // [num_rows, num_q_heads, head_dim] contiguous, dtype
   float* lse = nullptr;                 // [num_rows, num_q_heads] float32 natural log, or nullptr
   const void* pool = nullptr;           // [num_slots, num_layers, 2, num_kv_heads, block_size, head_dim]
-  const int32_t* block_table = nullptr; // [num_seqs, max_blocks] pool slot of each logical block; -1 = none
+  const int32_t* block_table = nullptr; // [num_seqs, max_blocks] pool slot of each logical block; -1 = none;
+                                        // staged_entry(i) = staged slice i (see staged_offset)
   const int32_t* kv_lens = nullptr;     // [num_seqs] tokens this layer of each sequence has seen
   const int32_t* q_indptr = nullptr;    // [num_seqs + 1] row offsets; q_indptr[0] == 0
   int32_t num_seqs = 0;
@@ -42,10 +43,20 @@ struct PagedAttentionParams {
   int32_t sink_tokens = 0;  // only meaningful with window > 0
   float scale = 1.f;
   DType dtype = DType::f16; // of q, out and pool
+  // Blocks passing through (more in scope than the device tier holds): this layer's part of each,
+  // [2 (K,V)][num_kv_heads][block_size][head_dim], copied back to back into a staging buffer that
+  // starts `staged_offset` elements after `pool` (it may lie before it: the offset is signed).
+  int64_t staged_offset = 0;
 };
+
+// Block-table entry of staged slice i (entries <= -2; -1 means no block).
+PKV_HD int32_t staged_entry(int32_t i) { return -2 - i; }
 
 // Element offset of the [block_size][head_dim] tile of (slot, layer, kv, head) in the pool.
 PKV_HD int64_t tile_offset(const PagedAttentionParams& p, int32_t slot, int32_t kv, int32_t head) {
+  if (slot <= -2)
+    return p.staged_offset +
+           ((int64_t(-2 - slot) * 2 + kv) * p.num_kv_heads + head) * (int64_t)p.block_size * p.head_dim;
   return ((((int64_t)slot * p.num_layers + p.layer) * 2 + kv) * p.num_kv_heads + head) *
          (int64_t)p.block_size * p.head_dim;
 }

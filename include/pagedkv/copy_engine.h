@@ -18,6 +18,16 @@ struct BlockCopy {
   const void* src;  // one block in the source tier
 };
 
+// `count` pieces of `width` bytes, `src_pitch` apart in the source, back to back at `dst`: one
+// layer's part of consecutive host blocks (a 2-D copy).
+struct SliceRun {
+  void* dst;
+  const void* src;
+  size_t width;
+  size_t src_pitch;
+  size_t count;
+};
+
 class CopyEngine {
  public:
   CopyEngine(bool cuda, int device, size_t block_bytes);
@@ -35,6 +45,10 @@ class CopyEngine {
   // and orders a reader after it when one comes.
   Fence to_device(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits, void* compute,
                   bool compute_waits = true);
+
+  // Host -> device slices, ordered like to_device with compute_waits: after `compute`'s work so
+  // far (a kernel may still read the destination) and `waits`; `compute` waits for them.
+  Fence slices_to_device(const std::vector<SliceRun>& runs, const std::vector<Fence>& waits, void* compute);
 
   // `stream` waits (on the device, not the host) for `f` to pass.
   void order_after(const Fence& f, void* stream);

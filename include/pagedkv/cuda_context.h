@@ -51,6 +51,7 @@ class CudaContext {
   DeviceBuffer attn_meta;  // attend(): kv_lens then q_indptr, re-sent only when they change
   std::vector<int32_t> attn_meta_sent;  // what attn_meta holds now
   DeviceBuffer workspace;  // split-K partial results
+  DeviceBuffer staging;    // one layer's slices of host blocks passing through attend()
 
  private:
   void* stage(const void* src, size_t bytes, cudaStream_t stream);

@@ -155,6 +155,18 @@ class Engine {
   void launch(const PagedAttentionParams& p, void* stream);  // CUDA builds: kernel + workspace
   void run_single_rows(PagedAttentionParams& p, const std::vector<int32_t>& tables,
                        const std::vector<int32_t>& kv_lens, void* stream);
+  // attend() over more blocks than the device tier holds: blocks on the device are read there,
+  // the rest have this layer's slices staged into a device buffer for the one call.
+  void attend_staged(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<BlockId>& needed,
+                     PagedAttentionParams& p,
+                     const std::vector<int32_t>& kv_lens, const std::vector<int32_t>& q_indptr, void* stream);
+  // Sends `tables`, `kv_lens` and `q_indptr` through the meta buffer and runs the kernel (CUDA),
+  // or runs the CPU reference on them.
+  void run_with_tables(PagedAttentionParams& p, const std::vector<int32_t>& tables,
+                       const std::vector<int32_t>& kv_lens, const std::vector<int32_t>& q_indptr,
+                       void* stream);
+  // Releases a host slot, after any staging copy that still reads it.
+  Fence host_slot_fence(BlockId id);
   int64_t check_in_scope(SeqId seq, const SequenceTable& t, int32_t layer, int32_t n,
                          int32_t window, size_t index) const;
   std::vector<BlockId> blocks_in_scope(const SequenceTable& t, int32_t layer, int32_t n,
@@ -168,6 +180,8 @@ class Engine {
   std::unique_ptr<CopyEngine> copies_;
   std::unordered_map<BlockId, Fence> host_ready_;  // host copies still landing
   std::unordered_map<BlockId, Fence> device_ready_;  // prefetched device copies still landing
+  std::unordered_map<BlockId, Fence> host_read_by_;  // host blocks a staging copy still reads
+  std::vector<char> staging_cpu_;                    // CPU builds' staging buffer
   // Device blocks fetched from the host and not written since: their host slot still holds the
   // same bytes, so evicting them again moves nothing. The fence is the fetch that reads the slot.
   struct CleanCopy {

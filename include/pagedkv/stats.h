@@ -9,6 +9,8 @@ struct TransferCounters {
   int64_t bytes_to_host = 0, bytes_from_host = 0, bytes_to_disk = 0, bytes_from_disk = 0;
   int64_t evictions = 0, drops = 0, device_hits = 0, device_misses = 0;
   int64_t cow_copies = 0;
+  // Host blocks read in place of a device copy: one layer's slices staged per attend call.
+  int64_t slices_staged = 0, bytes_staged = 0;
   double transfer_wait_s = 0.0;
 };
 

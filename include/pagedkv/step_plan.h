@@ -14,7 +14,8 @@ struct StepPlan {
   int32_t max_blocks = 0;             // row stride of block_table
   std::vector<int32_t> block_table;   // [num_seqs, max_blocks] device slot, -1 when not on device
   const int32_t* device_block_table = nullptr;  // the same on the GPU (CUDA builds)
-  bool fully_resident = true;         // every live block of the batch is on the device
+  std::vector<int32_t> resident_head;  // [num_seqs] leading blocks all on the device
+  std::vector<int32_t> resident_tail;  // [num_seqs] blocks from here on all on the device (or dropped)
 
   bool matches(const std::vector<SeqId>& s, uint64_t v) const { return version == v && seqs == s; }
 };

@@ -106,8 +106,11 @@ class PagedKV:
 
             w = self.window if win < 0 else win
             return streaming.attend(self, seq_list, layer, q, lens, float(scale), w, return_lse)
-        if self.host_blocks and self._engine.blocks_needed(seq_list, layer, lens, win) > self.device_blocks:
-            from . import passthrough  # more blocks in scope than the device tier holds
+        # More blocks in scope than the device and host tiers hold together (some on disk): pass
+        # them through range by range. Up to that, the engine stages the off-device ones itself.
+        if self.disk_blocks and (self._engine.blocks_needed(seq_list, layer, lens, win)
+                                 > self.device_blocks + self.host_blocks):
+            from . import passthrough
 
             w = (self.window or 0) if win < 0 else win
             return passthrough.attend(self, seq_list, layer, q, lens, float(scale), w, return_lse)
