@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "pagedkv/errors.h"
+#include "pagedkv/kernels.h"
 
 namespace pagedkv {
 
@@ -51,7 +52,8 @@ CudaContext::CudaContext(int device) : device_(device) {
   DeviceGuard guard(device);
   PKV_CUDA(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device));
   PKV_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&ring_), kSegments * kSegmentBytes,
-                         cudaHostAllocDefault));
+                         cudaHostAllocMapped));
+  PKV_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ring_device_), ring_, 0));
   segment_done_.resize(kSegments);
   segment_pending_.assign(kSegments, false);
   for (auto& e : segment_done_) PKV_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
@@ -92,8 +94,8 @@ void CudaContext::upload(void* dst, const void* src, size_t bytes, cudaStream_t 
   char* to = static_cast<char*>(dst);
   while (bytes > 0) {
     size_t chunk = std::min(bytes, kSegmentBytes);
-    void* staged = stage(from, chunk, stream);
-    PKV_CUDA(cudaMemcpyAsync(to, staged, chunk, cudaMemcpyHostToDevice, stream));
+    char* staged = static_cast<char*>(stage(from, chunk, stream));
+    PKV_CUDA(cuda::copy_from_mapped_host(to, ring_device_ + (staged - ring_), chunk, stream));
     from += chunk;
     to += chunk;
     bytes -= chunk;

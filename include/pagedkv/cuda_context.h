@@ -43,7 +43,8 @@ class CudaContext {
   int num_sms() const { return num_sms_; }
 
   // Copies `bytes` from host memory to `dst` (device) on `stream` through the pinned ring, so the
-  // caller may reuse `src` at once and the host never waits for the copy.
+  // caller may reuse `src` at once and the host never waits for the copy. A kernel reads the ring
+  // (cuda::copy_from_mapped_host), so the copy does not queue behind swaps on the copy engines.
   void upload(void* dst, const void* src, size_t bytes, cudaStream_t stream);
 
   DeviceBuffer table;      // step plan block tables
@@ -59,7 +60,8 @@ class CudaContext {
   int num_sms_ = 0;
   static constexpr int kSegments = 16;
   static constexpr size_t kSegmentBytes = size_t(1) << 20;
-  char* ring_ = nullptr;                       // [kSegments * kSegmentBytes] pinned
+  char* ring_ = nullptr;                       // [kSegments * kSegmentBytes] pinned, mapped
+  char* ring_device_ = nullptr;                // the ring's device address (the same under UVA)
   std::vector<cudaEvent_t> segment_done_;      // [kSegments] recorded when the cursor leaves one
   std::vector<bool> segment_pending_;          // [kSegments] an event was recorded and not waited
   int segment_ = 0;

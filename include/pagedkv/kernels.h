@@ -34,4 +34,8 @@ size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sm
 cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size_t workspace_bytes,
                             int num_sms, cudaStream_t stream);
 
+// Copies `bytes` from mapped pinned host memory (`src`, its device address) to device memory with
+// a kernel, so the copy never queues behind bulk transfers on the copy engines.
+cudaError_t copy_from_mapped_host(void* dst, const void* src, size_t bytes, cudaStream_t stream);
+
 }  // namespace pagedkv::cuda
