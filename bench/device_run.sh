@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build, test (ctest incl. the CUDA kernel sweep, pytest on CUDA),
 # then the demo and benchmarks, with peers and ceilings in the same run. Logs and JSON go to $OUT.
-# Usage there: bash bench/device_run.sh [tests|bench|more|all]   (FlashInfer wheels travel in .whl/)
-#   more: the long runs: bench longctx (to 1M tokens) and bench hf (transformers generate)
+# Usage there: bash bench/device_run.sh [PARTS]   (FlashInfer wheels travel in .whl/)
+#   PARTS: comma-separated of tests, demo, kernel, offload, serve, longctx, hf;
+#   all = tests,demo,kernel,offload,serve; more = longctx,hf (the long runs)
 set -uo pipefail
 what=${1:-all}
+what=${what/all/tests,demo,kernel,offload,serve}
+what=${what/more/longctx,hf}
+has() { [[ ",$what," == *",$1,"* ]]; }
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a PAGEDKV_BENCH_DIR="$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -19,7 +23,7 @@ echo "build: $(( $(date +%s) - t0 )) s"
 # 2026-11-26: a std::ostream insertion inside _C crashed there (SIGSEGV in libstdc++'s locale
 # code, with libstdc++ symbols resolved inside _C); keep what the link looked like in the log.
 { echo "CXXFLAGS=${CXXFLAGS:-} LDFLAGS=${LDFLAGS:-}"; ldd build/py/_C*.so; } > "$OUT/link.txt" 2>&1
-if [ "$what" = tests ] || [ "$what" = all ]; then
+if has tests; then
   ctest --test-dir build/py --output-on-failure -j8 > "$OUT/ctest.log" 2>&1; echo "ctest rc=$?"; tail -3 "$OUT/ctest.log"
   grep -E "checked|FAIL" "$OUT/ctest.log" | head -5
   for tool in memcheck racecheck; do  # the kernels under compute-sanitizer, a representative sweep
@@ -29,13 +33,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout ${PYTEST_TIMEOUT:-240} python3 -m pytest tests/python -q -k "${PYTEST_K:-cuda}" -p no:cacheprovider > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | head -20
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  timeout 100 python3 -m pagedkv demo --prompt 8192 --steps 128 2>&1 | tail -6
-  timeout 200 python3 -m pagedkv bench kernel 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
-  timeout 120 python3 -m pagedkv bench offload 2>&1 | tee "$OUT/offload.txt" | tail -9
-  timeout 150 python3 -m pagedkv bench serve 2>&1 | tee "$OUT/serve.txt" | tail -8
-fi
-if [ "$what" = more ]; then
-  timeout 400 python3 -m pagedkv bench longctx 2>&1 | tee "$OUT/longctx.txt" | tail -30
-  timeout 150 python3 -m pagedkv bench hf --prompts 8192,32768 2>&1 | tee "$OUT/hf.txt" | tail -12
-fi
+has demo && timeout 100 python3 -m pagedkv demo --prompt 8192 --steps 128 2>&1 | tail -6
+has kernel && timeout 200 python3 -m pagedkv bench kernel 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
+has offload && timeout 120 python3 -m pagedkv bench offload 2>&1 | tee "$OUT/offload.txt" | tail -9
+has serve && timeout 200 python3 -m pagedkv bench serve 2>&1 | tee "$OUT/serve.txt" | tail -14
+has longctx && timeout ${LONGCTX_TIMEOUT:-400} python3 -m pagedkv bench longctx 2>&1 | tee "$OUT/longctx.txt" | tail -40
+has hf && timeout ${HF_TIMEOUT:-400} python3 -m pagedkv bench hf ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.txt" | tail -16
+true

@@ -97,6 +97,7 @@ nb::dict stats_dict(const Stats& s) {
   d["bytes_staged"] = c.bytes_staged;
   d["transfer_wait_s"] = c.transfer_wait_s;
   d["num_sequences"] = s.num_sequences;
+  d["device_scratch_bytes"] = s.device_scratch_bytes;
   return d;
 }
 

@@ -147,6 +147,11 @@ Stats Engine::stats() const {
   s.disk_blocks_free = pool(Tier::disk).num_free();
   s.num_sequences = int64_t(tables_.size());
   s.counters = counters_;
+#ifdef PAGEDKV_WITH_CUDA
+  if (cuda_)
+    s.device_scratch_bytes = int64_t(cuda_->table.bytes() + cuda_->meta.bytes() + cuda_->attn_meta.bytes() +
+                                     cuda_->workspace.bytes() + cuda_->staging.bytes());
+#endif
   return s;
 }
 

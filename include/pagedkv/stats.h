@@ -19,6 +19,7 @@ struct Stats {
   int64_t host_blocks_used = 0, host_blocks_free = 0;
   int64_t disk_blocks_used = 0, disk_blocks_free = 0;
   int64_t num_sequences = 0;
+  int64_t device_scratch_bytes = 0;  // device memory beside the pool: tables, split-K, staging
   TransferCounters counters;
 };
 

@@ -68,8 +68,8 @@ def reference(model, inputs, attn=None, **gen_kwargs):
     return model.generate(**inputs, max_new_tokens=NEW, **gen_kwargs)
 
 
-def paged(model, inputs, blocks=256, **gen_kwargs):
-    cache = phf.PagedKVCache.from_model(model, device_blocks=blocks, block_size=BLOCK)
+def paged(model, inputs, blocks=256, host_blocks=0, **gen_kwargs):
+    cache = phf.PagedKVCache.from_model(model, device_blocks=blocks, host_blocks=host_blocks, block_size=BLOCK)
     out = model.generate(**inputs, max_new_tokens=NEW, **{CACHE_KW: cache}, **gen_kwargs)
     cache.kv.check_invariants()
     return out, cache
@@ -88,6 +88,19 @@ def test_greedy_matches_default_cache(name, lengths, gen):
     held = [cache.kv.seq_len(s, layer) for s in cache._seqs for layer in range(2)]
     assert held == [n + NEW - 1 for n in lengths for _ in range(2)]
     assert cache.get_seq_length() == max(lengths) + NEW - 1
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_host_tier_with_chunked_prefill_matches_default_cache(name, gen):
+    """A device tier of 6 blocks for contexts of up to 14: the rest sits on the host tier and
+    passes through each layer's attention as staged slices; prefill runs in chunks of 8."""
+    model = model_for(name)
+    inputs = left_padded([33, 17], gen)
+    want = reference(model, inputs, do_sample=False)
+    got, cache = paged(model, inputs, blocks=6, host_blocks=64, do_sample=False, prefill_chunk_size=8)
+    assert torch.equal(got, want)
+    st = cache.kv.stats()
+    assert st["slices_staged"] > 0 and st["blocks_to_host"] > 0, st
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2"])

@@ -3,8 +3,13 @@ no download) with transformers' default cache, DynamicCache(offloading=True) and
 
 Per prompt length: time to first token (a generate of 1 token), decode tokens/s (the extra
 tokens of a generate of `new` tokens over the extra time) and peak device memory of the long
-generate. pagedkv's pool is allocated outside torch's allocator, so its bytes are added to torch's
-peak. The device+host pagedkv column waits for the tiers issue.
+generate. pagedkv's pool and scratch buffers are allocated outside torch's allocator, so their
+bytes are added to torch's peak.
+
+pagedkv_host keeps a small device tier (two prefill chunks of blocks) and the rest on the pinned
+host tier; generate runs with `prefill_chunk_size` so that no forward holds the whole prompt's
+activations, and each layer's attention reads the host part of the context from staged slices.
+The other columns run generate as transformers does by default (one prefill forward).
 """
 from __future__ import annotations
 
@@ -15,7 +20,6 @@ import torch
 
 from ..bench.common import save
 
-HOST_NA = "n/a until the tiers issue"
 MODES = ("default", "offload", "pagedkv", "pagedkv_host")
 
 
@@ -39,7 +43,7 @@ def build_model(layers: int, device: str):
     return model
 
 
-def _cache(mode: str, model, prompt: int, new: int, block_size: int):
+def _cache(mode: str, model, prompt: int, new: int, block_size: int, chunk: int):
     from transformers import DynamicCache
 
     from .cache import PagedKVCache
@@ -51,17 +55,23 @@ def _cache(mode: str, model, prompt: int, new: int, block_size: int):
         model.set_attn_implementation("sdpa")
         return DynamicCache(config=model.config, offloading=True), 0
     blocks = (prompt + new) // block_size + 2
+    if mode == "pagedkv_host":
+        device = min(blocks, 2 * chunk // block_size + 64)
+        cache = PagedKVCache.from_model(model, device_blocks=device, host_blocks=blocks, block_size=block_size)
+        return cache, device * cache.kv.block_bytes
     cache = PagedKVCache.from_model(model, device_blocks=blocks, block_size=block_size)
     return cache, blocks * cache.kv.block_bytes
 
 
-def _generate(model, mode, ids, new, block_size):
+def _generate(model, mode, ids, new, block_size, chunk):
     """(seconds, peak bytes) of one generate of `new` tokens with a fresh cache."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cache, pool_bytes = _cache(mode, model, ids.shape[1], new, block_size)
+    cache, pool_bytes = _cache(mode, model, ids.shape[1], new, block_size, chunk)
     kwargs = {} if cache is None else {"past_key_values": cache}
+    if mode == "pagedkv_host":
+        kwargs["prefill_chunk_size"] = chunk
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
@@ -69,17 +79,17 @@ def _generate(model, mode, ids, new, block_size):
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() + pool_bytes
+    if cache is not None and hasattr(cache, "kv"):
+        peak += cache.kv.stats()["device_scratch_bytes"]
     del cache
     return seconds, peak
 
 
-def measure(model, mode: str, prompt: int, new: int, block_size: int) -> dict:
-    if mode == "pagedkv_host":
-        return {"status": HOST_NA}
+def measure(model, mode: str, prompt: int, new: int, block_size: int, chunk: int) -> dict:
     ids = torch.randint(1000, 100000, (1, prompt), device="cuda")
     try:
-        ttft, _ = _generate(model, mode, ids, 1, block_size)
-        total, peak = _generate(model, mode, ids, new, block_size)
+        ttft, _ = _generate(model, mode, ids, 1, block_size, chunk)
+        total, peak = _generate(model, mode, ids, new, block_size, chunk)
     except torch.OutOfMemoryError:
         return {"status": "OOM"}
     except MemoryError as e:           # pagedkv.OutOfBlocksError
@@ -90,7 +100,7 @@ def measure(model, mode: str, prompt: int, new: int, block_size: int) -> dict:
 
 
 def run(layers: int = 32, prompts=(8192, 32768, 131072), new: int = 64, block_size: int = 16,
-        modes=MODES) -> dict:
+        modes=MODES, chunk: int = 4096) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("bench hf: needs a CUDA GPU (bf16 Llama-3-8B-shaped model)")
     model = build_model(layers, "cuda")
@@ -99,11 +109,11 @@ def run(layers: int = 32, prompts=(8192, 32768, 131072), new: int = 64, block_si
     for prompt in prompts:
         row = {"prompt": prompt}
         for mode in modes:
-            row[mode] = measure(model, mode, prompt, new, block_size)
+            row[mode] = measure(model, mode, prompt, new, block_size, chunk)
         rows.append(row)
         print_row(row, modes)
     return {"config": dict(model="Llama-3-8B shape, random bf16 weights", layers=layers,
-                           new_tokens=new, block_size=block_size, batch=1,
+                           new_tokens=new, block_size=block_size, batch=1, host_prefill_chunk=chunk,
                            weights_gib=weights / 2**30),
             "rows": rows}
 
@@ -134,13 +144,18 @@ def main(args) -> None:
     print(f"generate() on a Llama-3-8B-shaped model, {args.layers} layers, bf16, batch 1, "
           f"{args.new} new tokens; peak = torch peak + pagedkv pool")
     print_header(modes)
-    res = run(layers=args.layers, prompts=prompts, new=args.new, block_size=args.block_size, modes=modes)
+    res = run(layers=args.layers, prompts=prompts, new=args.new, block_size=args.block_size, modes=modes,
+              chunk=args.prefill_chunk)
     ratios = []
     for row in res["rows"]:
-        d, p = row.get("default", {}), row.get("pagedkv", {})
-        if d.get("status") == "ok" and p.get("status") == "ok":
-            ratios.append(f"{row['prompt']}: pagedkv/default tok/s {p['decode_tok_s'] / d['decode_tok_s']:.2f}x, "
-                          f"peak {p['peak_gib'] / d['peak_gib']:.2f}x")
+        d, o = row.get("default", {}), row.get("offload", {})
+        for name in ("pagedkv", "pagedkv_host"):
+            p = row.get(name, {})
+            if d.get("status") == "ok" and p.get("status") == "ok":
+                ratios.append(f"{row['prompt']}: {name}/default tok/s {p['decode_tok_s'] / d['decode_tok_s']:.2f}x, "
+                              f"peak {p['peak_gib'] / d['peak_gib']:.2f}x")
+            if o.get("status") == "ok" and p.get("status") == "ok":
+                ratios.append(f"{row['prompt']}: {name}/offload tok/s {p['decode_tok_s'] / o['decode_tok_s']:.2f}x")
     for r in ratios:
         print("  " + r)
     print(f"  saved {save('hf', res)}")

@@ -224,8 +224,8 @@ class PagedKVCache(Cache):
         self._seen = [0] * len(self._seen)
 
     def offload(self, layer_idx: int, only_non_sliding: bool = True):
-        raise NotImplementedError("PagedKVCache: offloading is pagedkv's host tier (host_blocks), "
-                                  "which comes with the tiers issue")
+        raise NotImplementedError("PagedKVCache: offloading is pagedkv's host tier: pass host_blocks= "
+                                  "to PagedKVCache.from_model and blocks move between tiers on their own")
 
     def __repr__(self) -> str:
         return f"PagedKVCache(batch={len(self._seqs)}, seen={self._seen[0]}, kv={self.kv!r})"
