@@ -39,4 +39,6 @@ has offload && timeout 120 python3 -m pagedkv bench offload 2>&1 | tee "$OUT/off
 has serve && timeout 200 python3 -m pagedkv bench serve 2>&1 | tee "$OUT/serve.txt" | tail -14
 has longctx && timeout ${LONGCTX_TIMEOUT:-400} python3 -m pagedkv bench longctx 2>&1 | tee "$OUT/longctx.txt" | tail -40
 has hf && timeout ${HF_TIMEOUT:-400} python3 -m pagedkv bench hf ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.txt" | tail -16
+# At most 8 files come back: the JSON and plots alone, every log in one archive.
+(cd "$OUT" && tar czf logs.tgz --remove-files $(ls | grep -v -E "\.(json|png)$") 2>/dev/null)
 true

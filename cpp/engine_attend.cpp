@@ -45,6 +45,7 @@ const StepPlan& Engine::plan_for(const std::vector<SeqId>& seqs, void* stream) {
   plan_.max_blocks = 1;
   for (SeqId s : seqs) plan_.max_blocks = std::max(plan_.max_blocks, int32_t(tables_.at(s).blocks.size()));
   plan_.block_table.assign(seqs.size() * size_t(plan_.max_blocks), -1);
+  plan_.awaited_epoch = ~uint64_t(0);
   plan_.resident_head.assign(seqs.size(), 0);
   plan_.resident_tail.assign(seqs.size(), 0);
   for (size_t i = 0; i < seqs.size(); ++i) {
@@ -138,9 +139,13 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
     const int32_t sinks = window > 0 ? std::min(blocks_for(cfg_.sink_tokens, bs), first) : 0;
     resident = first >= plan_.resident_tail[i] && sinks <= plan_.resident_head[i];
   }
+  // Prefetches still landing: once per prefetch, the stream waits for those of this batch.
+  const bool awaited = device_ready_.empty() || (plan_.matches(seqs, version_) &&
+                                                 plan_.awaited_epoch == landing_epoch_ &&
+                                                 plan_.awaited_stream == args.stream);
   std::vector<BlockId> needed;  // filled when the batch's blocks may not all be on the device
   bool staged = false;
-  if (tiered() && (!resident || !device_ready_.empty())) {
+  if (tiered() && (!resident || !awaited)) {
     // Bring every block in scope to the device (a batch whose blocks all sit there skips this)
     // and order the kernel after prefetches still landing in them. A scope larger than the
     // device tier passes through instead: its off-device blocks are read from staged slices.
@@ -158,7 +163,15 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
         in_scope -= counters_.device_misses - misses_before;
       }
     }
-    await_blocks(needed, args.stream);
+    if (!awaited) {  // every block of the batch, so that other layers and scopes need not look
+      std::vector<BlockId> all;
+      for (SeqId s : seqs)
+        for (BlockId id : tables_.at(s).blocks)
+          if (id != kNoBlock) all.push_back(id);
+      await_blocks(all, args.stream);
+    } else {
+      await_blocks(needed, args.stream);
+    }
   }
   if (tiered() && layer == 0) ++step_;
   if (tiered())
@@ -178,6 +191,10 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   }
   if (layer == 0) counters_.device_hits += in_scope;  // per step: every layer reads the same blocks
   const StepPlan& plan = plan_for(seqs, args.stream);
+  if (!awaited) {
+    plan_.awaited_epoch = landing_epoch_;
+    plan_.awaited_stream = args.stream;
+  }
 
   PagedAttentionParams p = base_params(args, layer);
   p.num_seqs = int32_t(seqs.size());

@@ -241,6 +241,7 @@ void Engine::host_to_device(const std::vector<BlockId>& ids, void* stream) {
   for (size_t i = 0; i < ids.size(); ++i) {
     const BlockId id = ids[i];
     if (prefetching_ && landed) device_ready_[id] = landed;
+    if (prefetching_ && landed && i == 0) ++landing_epoch_;
     clean_copy_[id] = CleanCopy{directory_.loc(id).slot, landed};  // the host bytes stay valid
     clean_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
     host_ready_.erase(id);
@@ -321,15 +322,17 @@ void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
   prefetching_ = false;
 }
 
+// Blocks of one prefetch share its fence: each distinct fence is waited for once.
 void Engine::await_blocks(const std::vector<BlockId>& ids, void* stream) {
-  if (device_ready_.empty()) return;
-  for (auto it = device_ready_.begin(); it != device_ready_.end();)
-    it = fence_done(it->second) ? device_ready_.erase(it) : std::next(it);
+  const void* last = nullptr;
   for (BlockId id : ids) {
     if (device_ready_.empty()) return;
     auto it = device_ready_.find(id);
     if (it == device_ready_.end()) continue;
-    copies_->order_after(it->second, stream);
+    if (it->second.get() != last) {
+      last = it->second.get();
+      copies_->order_after(it->second, stream);
+    }
     device_ready_.erase(it);
   }
 }

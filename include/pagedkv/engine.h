@@ -180,6 +180,7 @@ class Engine {
   std::unique_ptr<CopyEngine> copies_;
   std::unordered_map<BlockId, Fence> host_ready_;  // host copies still landing
   std::unordered_map<BlockId, Fence> device_ready_;  // prefetched device copies still landing
+  uint64_t landing_epoch_ = 0;  // bumps with every prefetch that leaves copies landing
   std::unordered_map<BlockId, Fence> host_read_by_;  // host blocks a staging copy still reads
   std::vector<char> staging_cpu_;                    // CPU builds' staging buffer
   // Device blocks fetched from the host and not written since: their host slot still holds the

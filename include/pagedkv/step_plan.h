@@ -14,6 +14,9 @@ struct StepPlan {
   int32_t max_blocks = 0;             // row stride of block_table
   std::vector<int32_t> block_table;   // [num_seqs, max_blocks] device slot, -1 when not on device
   const int32_t* device_block_table = nullptr;  // the same on the GPU (CUDA builds)
+  // The batch's blocks were ordered after every prefetch up to this epoch on this stream.
+  uint64_t awaited_epoch = ~uint64_t(0);
+  void* awaited_stream = nullptr;
   std::vector<int32_t> resident_head;  // [num_seqs] leading blocks all on the device
   std::vector<int32_t> resident_tail;  // [num_seqs] blocks from here on all on the device (or dropped)
 

@@ -121,9 +121,12 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
             kv.append(seqs, layer, k, k)
             kv.attend(seqs, layer, q)
 
-    def compute_time(fn) -> float:
-        """Seconds the compute stream spends on fn's work (copy streams may still be busy)."""
+    def compute_time(fn, before=None) -> float:
+        """Seconds the compute stream spends on fn's work; `before` (untimed) runs after the
+        device is idle and may leave copies in flight on the copy streams."""
         torch.cuda.synchronize()
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -137,12 +140,11 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
     for i in range(steps):
         down, up = other[i % 2], other[(i + 1) % 2]
 
-        def with_traffic():
-            kv.offload([down])  # 512 MiB down and 512 MiB up on the copy streams ...
+        def swaps():  # 512 MiB down and 512 MiB up on the copy streams ...
+            kv.offload([down])
             kv.prefetch([up])
-            step()              # ... while the decode step runs on the compute stream
 
-        times.append(compute_time(with_traffic))
+        times.append(compute_time(step, before=swaps))  # ... while the decode step runs
     kv.check_invariants()
     busy = min(times)
     return {"batch": batch, "context": ctx, "step_s": plain, "step_with_swaps_s": busy,

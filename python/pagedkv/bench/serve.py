@@ -85,6 +85,7 @@ def main(a) -> None:
     total = a.sessions * ((a.context + a.rounds * (a.turn + a.new)) // 16 + 2)
     a.host_blocks = total + 64
     card = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    run_one("lru", total + 64, a)  # warm-up: kernels, allocator and clocks settle before timing
     unlimited = run_one("lru", total + 64, a)
     base = unlimited["tokens_per_s"]
     print(f"serve on {card}: {a.sessions} sessions x {a.context} tokens, Zipf {a.zipf}, batch {a.batch}, "
