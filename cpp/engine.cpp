@@ -150,7 +150,8 @@ Stats Engine::stats() const {
 #ifdef PAGEDKV_WITH_CUDA
   if (cuda_)
     s.device_scratch_bytes = int64_t(cuda_->table.bytes() + cuda_->meta.bytes() + cuda_->attn_meta.bytes() +
-                                     cuda_->workspace.bytes() + cuda_->staging.bytes());
+                                     cuda_->workspace.bytes() + cuda_->staging.bytes() +
+                                     cuda_->slot_map.bytes());
 #endif
   return s;
 }

@@ -155,7 +155,10 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
     }
     if (!resident) {
       const KeepSet keep(needed.begin(), needed.end());
-      staged = int64_t(keep.size()) > pool(Tier::device).capacity();
+      // Fetching whole blocks pays only when they then stay: a scope that leaves less free than
+      // the proactive offload keeps would evict what the next layer reads again.
+      const int64_t cap = pool(Tier::device).capacity();
+      staged = int64_t(keep.size()) > cap - int64_t(cfg_.high_watermark * double(cap));
       if (!staged) {
         check_room(0, keep, "attend()");
         const int64_t misses_before = counters_.device_misses;

@@ -120,9 +120,14 @@ void Engine::write_rows(const std::vector<int32_t>& slot_mapping, int32_t layer,
   }
 #ifdef PAGEDKV_WITH_CUDA
   auto st = static_cast<cudaStream_t>(stream);
+  // Every layer of a decode step writes the same slots: the mapping is sent once per step.
   const size_t bytes = slot_mapping.size() * sizeof(int32_t);
-  void* mapping = cuda_->meta.reserve(bytes);
-  cuda_->upload(mapping, slot_mapping.data(), bytes, st);
+  const void* before = cuda_->slot_map.data();
+  void* mapping = cuda_->slot_map.reserve(bytes);
+  if (mapping != before || slot_mapping != cuda_->slot_map_sent) {
+    cuda_->upload(mapping, slot_mapping.data(), bytes, st);
+    cuda_->slot_map_sent = slot_mapping;
+  }
   cuda::KVWriteParams p;
   p.k = k;
   p.v = v;

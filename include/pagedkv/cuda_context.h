@@ -52,6 +52,8 @@ class CudaContext {
   DeviceBuffer attn_meta;  // attend(): kv_lens then q_indptr, re-sent only when they change
   std::vector<int32_t> attn_meta_sent;  // what attn_meta holds now
   DeviceBuffer workspace;  // split-K partial results
+  DeviceBuffer slot_map;   // append(): row -> slot * block_size + offset, re-sent only when it changes
+  std::vector<int32_t> slot_map_sent;  // what slot_map holds now
   DeviceBuffer staging;    // one layer's slices of host blocks passing through attend()
 
  private:

@@ -113,6 +113,7 @@ def run_mode(mode: str, batch: int, contexts: list[int], a) -> list[dict]:
             step()  # untimed: the first step after growing rebuilds the block table
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
+            staged0 = kv.stats()["bytes_staged"]
             t0 = time.perf_counter()
             for _ in range(a.steps - 1):
                 step()
@@ -129,7 +130,7 @@ def run_mode(mode: str, batch: int, contexts: list[int], a) -> list[dict]:
         rows.append({"mode": mode, "batch": batch, "context": ctx, "tokens_per_s": (a.steps - 1) * batch / secs,
                      "device_gib": _device_gib(dev), "host_gib": _host_gib(),
                      "device_blocks": s["device_blocks_used"], "host_blocks": s["host_blocks_used"],
-                     "drops": s["drops"], "staged_gib": s["bytes_staged"] / 2**30})
+                     "drops": s["drops"], "staged_gb_s": (s["bytes_staged"] - staged0) / secs / 1e9})
         print(f"  ({mode}) batch {batch} ctx {ctx:>8}: {rows[-1]['tokens_per_s']:9.1f} tok/s, device "
               f"{rows[-1]['device_gib']:7.2f} GiB, host {rows[-1]['host_gib']:7.2f} GiB", flush=True)
     del kv
