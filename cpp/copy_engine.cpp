@@ -179,6 +179,14 @@ Fence CopyEngine::slices_to_device(const std::vector<SliceRun>& runs, const std:
 #endif
 }
 
+Fence CopyEngine::mark(void* stream) {
+#ifdef PAGEDKV_WITH_CUDA
+  if (cuda_) return record(static_cast<cudaStream_t>(stream));
+#endif
+  (void)stream;
+  return nullptr;  // the CPU "stream" is the calling thread: its work is already done
+}
+
 void CopyEngine::order_after(const Fence& f, void* stream) {
   if (!f || fence_done(f)) return;
   if (!cuda_) return fence_wait_host(f);  // the CPU "stream" is the calling thread

@@ -2,6 +2,8 @@
 #include "pagedkv/engine.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "pagedkv/errors.h"
 #ifdef PAGEDKV_WITH_CUDA
@@ -19,6 +21,7 @@ Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
   PKV_CHECK(cfg_.disk_blocks == 0 || cfg_.host_blocks > 0, ArgumentError,
             "disk_blocks: the disk tier is staged through pinned host memory; give host_blocks > 0");
   const size_t block = size_t(cfg_.block_bytes());
+  if (const char* how = std::getenv("PAGEDKV_STAGING")) stage_by_kernel_ = std::strcmp(how, "dma") != 0;
   policy_ = make_policy(cfg_.policy, cfg_.policy_params);
   host_order_ = make_policy("lru", {});
   clean_order_ = make_policy("lru", {});

@@ -399,17 +399,35 @@ void Engine::attend_staged(const std::vector<SeqId>& seqs, int32_t layer, const 
   }
   std::vector<SliceRun> runs;
   std::vector<Fence> waits;
+  std::vector<int32_t> host_slots;
   for (size_t i = 0; i < order.size(); ++i) {
     const BlockLoc loc = directory_.loc(order[i]);
     auto ready = host_ready_.find(order[i]);
     if (ready != host_ready_.end()) waits.push_back(ready->second);
+    host_slots.push_back(loc.slot);
     const char* src = slot_ptr(loc) + size_t(layer) * slice;
     if (!runs.empty() && static_cast<const char*>(runs.back().src) + runs.back().count * block == src)
       ++runs.back().count;
     else
       runs.push_back({staging + i * slice, src, slice, block, 1});
   }
-  const Fence landed = copies_->slices_to_device(runs, waits, stream);
+  Fence landed;
+#ifdef PAGEDKV_WITH_CUDA
+  if (cfg_.on_cuda && stage_by_kernel_ && !order.empty()) {
+    auto st = static_cast<cudaStream_t>(stream);
+    for (const Fence& w : waits) copies_->order_after(w, stream);  // evictions still writing a slot
+    const size_t bytes = host_slots.size() * sizeof(int32_t);
+    void* slots = cuda_->staged_slots.reserve(bytes);
+    cuda_->upload(slots, host_slots.data(), bytes, st);
+    void* host_base = nullptr;
+    PKV_CUDA(cudaHostGetDevicePointer(&host_base, pool(Tier::host).data(), 0));
+    PKV_CUDA(cuda::gather_from_mapped_host(staging, host_base, static_cast<const int32_t*>(slots),
+                                           int64_t(order.size()), int64_t(slice), int64_t(block),
+                                           int64_t(layer) * int64_t(slice), cuda_->num_sms(), st));
+    landed = copies_->mark(stream);
+  }
+#endif
+  if (!landed) landed = copies_->slices_to_device(runs, waits, stream);
   if (landed && cfg_.on_cuda)
     for (BlockId id : order) host_read_by_[id] = landed;
   counters_.slices_staged += int64_t(order.size());

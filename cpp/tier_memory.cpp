@@ -34,7 +34,7 @@ TierMemory::TierMemory(MemoryKind kind, size_t bytes, int cuda_device)
 #ifdef PAGEDKV_WITH_CUDA
   DeviceGuard guard(cuda_device);
   cudaError_t err = kind == MemoryKind::cuda_device ? cudaMalloc(&data_, bytes)
-                                                    : cudaHostAlloc(&data_, bytes, cudaHostAllocDefault);
+                                                    : cudaHostAlloc(&data_, bytes, cudaHostAllocMapped);
   if (err == cudaErrorMemoryAllocation) {
     cudaGetLastError();
     data_ = nullptr;

@@ -36,3 +36,52 @@ cudaError_t copy_from_mapped_host(void* dst, const void* src, size_t bytes, cuda
 }
 
 }  // namespace pagedkv::cuda
+
+namespace pagedkv::cuda {
+namespace {
+
+// Vector v of the output is 16-byte piece v % per_slice of slice v / per_slice, which is read from
+// host_base + slots[slice] * block_bytes + offset. Each thread keeps kUnroll loads in flight: a
+// read over the link takes microseconds, so the link fills only with many outstanding.
+constexpr int kUnroll = 4;
+
+__global__ void gather_mapped_kernel(uint4* __restrict__ dst, const char* __restrict__ host_base,
+                                     const int32_t* __restrict__ slots, int64_t total, int64_t per_slice,
+                                     int64_t block_bytes, int64_t offset) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t v0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v0 < total; v0 += stride * kUnroll) {
+    uint4 r[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + u * stride;
+      if (v < total) {
+        const int64_t s = v / per_slice;
+        r[u] = reinterpret_cast<const uint4*>(host_base + int64_t(slots[s]) * block_bytes + offset)[v - s * per_slice];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (v0 + u * stride < total) dst[v0 + u * stride] = r[u];
+  }
+}
+
+}  // namespace
+
+cudaError_t gather_from_mapped_host(void* dst, const void* host_base, const int32_t* slots, int64_t count,
+                                    int64_t slice_bytes, int64_t block_bytes, int64_t offset, int num_sms,
+                                    cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  if (slice_bytes % 16 || block_bytes % 16 || offset % 16 ||
+      (reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(host_base)) % 16)
+    return cudaErrorInvalidValue;
+  const int64_t total = count * (slice_bytes / 16);
+  constexpr int kThreads = 256;
+  const int64_t want = (total + int64_t(kThreads) * kUnroll - 1) / (int64_t(kThreads) * kUnroll);
+  const int64_t most = int64_t(num_sms) * 8;
+  const unsigned blocks = unsigned(want < 1 ? 1 : (want > most ? most : want));
+  gather_mapped_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<uint4*>(dst), static_cast<const char*>(host_base),
+                                                        slots, total, slice_bytes / 16, block_bytes, offset);
+  return cudaGetLastError();
+}
+
+}  // namespace pagedkv::cuda

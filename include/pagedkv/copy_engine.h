@@ -50,6 +50,9 @@ class CopyEngine {
   // far (a kernel may still read the destination) and `waits`; `compute` waits for them.
   Fence slices_to_device(const std::vector<SliceRun>& runs, const std::vector<Fence>& waits, void* compute);
 
+  // A fence that passes when everything enqueued on `stream` so far is done.
+  Fence mark(void* stream);
+
   // `stream` waits (on the device, not the host) for `f` to pass.
   void order_after(const Fence& f, void* stream);
 

@@ -54,6 +54,7 @@ class CudaContext {
   DeviceBuffer workspace;  // split-K partial results
   DeviceBuffer slot_map;   // append(): row -> slot * block_size + offset, re-sent only when it changes
   std::vector<int32_t> slot_map_sent;  // what slot_map holds now
+  DeviceBuffer staged_slots;  // host slot of each staged slice (kernel staging)
   DeviceBuffer staging;    // one layer's slices of host blocks passing through attend()
 
  private:

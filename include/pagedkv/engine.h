@@ -183,6 +183,9 @@ class Engine {
   uint64_t landing_epoch_ = 0;  // bumps with every prefetch that leaves copies landing
   std::unordered_map<BlockId, Fence> host_read_by_;  // host blocks a staging copy still reads
   std::vector<char> staging_cpu_;                    // CPU builds' staging buffer
+  // CUDA: stage slices with SM loads over the link (a kernel on the compute stream) rather than
+  // with 2-D copies on the copy engine. PAGEDKV_STAGING=dma|kernel when the engine is made.
+  bool stage_by_kernel_ = true;
   // Device blocks fetched from the host and not written since: their host slot still holds the
   // same bytes, so evicting them again moves nothing. The fence is the fetch that reads the slot.
   struct CleanCopy {

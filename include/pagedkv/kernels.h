@@ -38,4 +38,11 @@ cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size
 // a kernel, so the copy never queues behind bulk transfers on the copy engines.
 cudaError_t copy_from_mapped_host(void* dst, const void* src, size_t bytes, cudaStream_t stream);
 
+// Copies `count` slices of `slice_bytes` into `dst`, back to back: slice i from mapped pinned host
+// memory at host_base + slots[i] * block_bytes + offset (`slots` in device memory). SM loads over
+// the link, on `stream`: no copy engine, no event, and no queueing behind other transfers.
+cudaError_t gather_from_mapped_host(void* dst, const void* host_base, const int32_t* slots, int64_t count,
+                                    int64_t slice_bytes, int64_t block_bytes, int64_t offset, int num_sms,
+                                    cudaStream_t stream);
+
 }  // namespace pagedkv::cuda
