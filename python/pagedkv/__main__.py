@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     hfb.add_argument("--new", type=int, default=64, help="tokens generated per run")
     hfb.add_argument("--block-size", type=int, default=16)
     hfb.add_argument("--prefill-chunk", type=int, default=4096, help="prefill_chunk_size of pagedkv_host")
+    hfb.add_argument("--check-new", type=int, default=256,
+                     help="greedy tokens compared with the default cache first (0: skip)")
     hfb.add_argument("--modes", default=None, help="subset of default,offload,pagedkv,pagedkv_host")
 
     args = ap.parse_args(argv)

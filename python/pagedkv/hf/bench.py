@@ -1,9 +1,10 @@
 """`python -m pagedkv bench hf`: generate() on a Llama-3-8B-shaped model (random bf16 weights,
 no download) with transformers' default cache, DynamicCache(offloading=True) and PagedKVCache.
 
-Per prompt length: time to first token (a generate of 1 token), decode tokens/s (the extra
-tokens of a generate of `new` tokens over the extra time) and peak device memory of the long
-generate. pagedkv's pool and scratch buffers are allocated outside torch's allocator, so their
+Per prompt length: time to first token (when generate first asks for a token's logits to be
+processed), decode tokens/s (the other `new - 1` tokens over the rest of the time) and peak
+device memory, from one generate. Then greedy tokens of pagedkv against the default cache for
+`--check-new` tokens, with the first divergence if any. pagedkv's pool and scratch buffers are allocated outside torch's allocator, so their
 bytes are added to torch's peak.
 
 pagedkv_host keeps a small device tier (two prefill chunks of blocks) and the rest on the pinned
@@ -63,8 +64,22 @@ def _cache(mode: str, model, prompt: int, new: int, block_size: int, chunk: int)
     return cache, blocks * cache.kv.block_bytes
 
 
+class _FirstToken:
+    """A logits processor that notes when generate first calls it: the prompt's forward is done."""
+
+    def __init__(self):
+        self.at = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            torch.cuda.synchronize()
+            self.at = time.perf_counter()
+        return scores
+
+
 def _generate(model, mode, ids, new, block_size, chunk):
-    """(seconds, peak bytes) of one generate of `new` tokens with a fresh cache."""
+    """(seconds to the first token, seconds in all, peak bytes, tokens) of one generate of `new`
+    tokens with a fresh cache."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -72,24 +87,34 @@ def _generate(model, mode, ids, new, block_size, chunk):
     kwargs = {} if cache is None else {"past_key_values": cache}
     if mode == "pagedkv_host":
         kwargs["prefill_chunk_size"] = chunk
+    first = _FirstToken()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                   min_new_tokens=new, do_sample=False, **kwargs)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                         min_new_tokens=new, do_sample=False, logits_processor=[first], **kwargs)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() + pool_bytes
     if cache is not None and hasattr(cache, "kv"):
         peak += cache.kv.stats()["device_scratch_bytes"]
     del cache
-    return seconds, peak
+    return first.at - t0, seconds, peak, out[0, ids.shape[1]:]
+
+
+def check_greedy(model, prompt: int, new: int, block_size: int) -> dict:
+    """Greedy tokens of pagedkv against the default cache (sdpa) on the same bf16 model."""
+    ids = torch.randint(1000, 100000, (1, prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    want = _generate(model, "default", ids, new, block_size, 0)[3]
+    got = _generate(model, "pagedkv", ids, new, block_size, 0)[3]
+    differ = (want != got).nonzero()
+    return {"prompt": prompt, "new_tokens": new, "identical": bool(differ.numel() == 0),
+            "first_divergence": None if differ.numel() == 0 else int(differ[0, 0])}
 
 
 def measure(model, mode: str, prompt: int, new: int, block_size: int, chunk: int) -> dict:
     ids = torch.randint(1000, 100000, (1, prompt), device="cuda")
     try:
-        ttft, _ = _generate(model, mode, ids, 1, block_size, chunk)
-        total, peak = _generate(model, mode, ids, new, block_size, chunk)
+        ttft, total, peak, _ = _generate(model, mode, ids, new, block_size, chunk)
     except torch.OutOfMemoryError:
         return {"status": "OOM"}
     except MemoryError as e:           # pagedkv.OutOfBlocksError
@@ -100,11 +125,17 @@ def measure(model, mode: str, prompt: int, new: int, block_size: int, chunk: int
 
 
 def run(layers: int = 32, prompts=(8192, 32768, 131072), new: int = 64, block_size: int = 16,
-        modes=MODES, chunk: int = 4096) -> dict:
+        modes=MODES, chunk: int = 4096, check_new: int = 256) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("bench hf: needs a CUDA GPU (bf16 Llama-3-8B-shaped model)")
     model = build_model(layers, "cuda")
     weights = torch.cuda.memory_allocated()
+    greedy = check_greedy(model, 1000, check_new, block_size) if check_new else None
+    if greedy:
+        print(f"  greedy, prompt {greedy['prompt']}, {greedy['new_tokens']} new tokens: "
+              + ("identical to the default cache" if greedy["identical"]
+                 else f"first divergence at new token {greedy['first_divergence']}"), flush=True)
+    print_header(modes)
     rows = []
     for prompt in prompts:
         row = {"prompt": prompt}
@@ -115,7 +146,7 @@ def run(layers: int = 32, prompts=(8192, 32768, 131072), new: int = 64, block_si
     return {"config": dict(model="Llama-3-8B shape, random bf16 weights", layers=layers,
                            new_tokens=new, block_size=block_size, batch=1, host_prefill_chunk=chunk,
                            weights_gib=weights / 2**30),
-            "rows": rows}
+            "greedy_check": greedy, "rows": rows}
 
 
 def _cell(m: dict, key: str, fmt: str) -> str:
@@ -143,9 +174,8 @@ def main(args) -> None:
     modes = tuple(args.modes.split(",")) if getattr(args, "modes", None) else MODES
     print(f"generate() on a Llama-3-8B-shaped model, {args.layers} layers, bf16, batch 1, "
           f"{args.new} new tokens; peak = torch peak + pagedkv pool")
-    print_header(modes)
     res = run(layers=args.layers, prompts=prompts, new=args.new, block_size=args.block_size, modes=modes,
-              chunk=args.prefill_chunk)
+              chunk=args.prefill_chunk, check_new=args.check_new)
     ratios = []
     for row in res["rows"]:
         d, o = row.get("default", {}), row.get("offload", {})
