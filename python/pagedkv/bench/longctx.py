@@ -4,13 +4,15 @@
   (b) full attention with a 16 GiB device tier and the rest on the pinned host tier, as far
       as the host holds;
   (c) window 4096 + 4 sinks, retain=False (out-of-scope blocks freed);
-  (d) the same with retain=True (out-of-scope blocks kept in the lower tiers).
+  (d) the same with retain=True (out-of-scope blocks kept in the lower tiers: the host tier, then
+      the disk tier with --disk-gib; 1M tokens retained are 512 GiB).
 Per context: device memory in use (from the driver), host memory (RSS), decode tokens/s.
 Writes JSON and, when matplotlib is there, a PNG of memory and tokens/s against context.
 """
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 import torch
@@ -47,7 +49,7 @@ def _reach(mode: str, batch: int, a) -> int:
     elif mode == "b":
         gib = a.device_gib + a.host_gib
     elif mode == "d":
-        gib = a.host_gib
+        gib = a.host_gib + a.disk_gib
     else:
         return 1 << 62  # constant memory
     return int(gib * 2**30) // BLOCK_BYTES * SHAPE["block_size"] // batch
@@ -67,7 +69,9 @@ def _cache(mode: str, batch: int, max_ctx: int, a) -> PagedKV:
         return PagedKV(**SHAPE, device=a.device, device_blocks=scope_blocks, window=a.window,
                        sink_tokens=a.sinks, retain=False)
     host = min(batch * per_seq, int(a.host_gib * 2**30) // BLOCK_BYTES)
+    disk = min(max(batch * per_seq - host, 0), int(a.disk_gib * 2**30) // BLOCK_BYTES)
     return PagedKV(**SHAPE, device=a.device, device_blocks=scope_blocks, host_blocks=host,
+                   disk_blocks=disk, disk_path=(a.disk_path or tempfile.gettempdir()) if disk else None,
                    window=a.window, sink_tokens=a.sinks, retain=True)
 
 
