@@ -5,12 +5,15 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "io_pool.h"
 #include "pagedkv/errors.h"
 #ifdef PAGEDKV_WITH_CUDA
 #include "pagedkv/cuda_context.h"
 #endif
 
 namespace pagedkv {
+
+constexpr int kDiskThreads = 4;  // whole-block reads or writes in flight at once
 
 #ifndef PAGEDKV_WITH_CUDA
 class CudaContext {};  // CPU-only builds hold no CUDA state
@@ -45,7 +48,10 @@ Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
   pool(Tier::host) = BlockPool(cfg_.host_blocks,
                                TierMemory(host_kind, size_t(cfg_.host_blocks) * block, cfg_.cuda_device));
   pool(Tier::disk) = BlockPool(cfg_.disk_blocks, TierMemory());
-  if (cfg_.disk_blocks > 0) disk_ = DiskFile(cfg_.disk_path, cfg_.disk_blocks, block);
+  if (cfg_.disk_blocks > 0) {
+    disk_ = DiskFile(cfg_.disk_path, cfg_.disk_blocks, block);
+    io_ = std::make_unique<IoPool>(kDiskThreads);
+  }
   copies_ = std::make_unique<CopyEngine>(cfg_.on_cuda, cfg_.cuda_device, block);
 }
 

@@ -382,11 +382,8 @@ void Engine::attend_staged(const std::vector<SeqId>& seqs, int32_t layer, const 
   const size_t slice = size_t(cfg_.block_bytes() / cfg_.num_layers), block = size_t(cfg_.block_bytes());
   std::unordered_map<BlockId, int32_t> index;
   std::vector<BlockId> order;
+  disk_to_host(needed, keep);  // the disk ones come up to the host first
   for (BlockId id : needed) {
-    if (directory_.loc(id).tier == Tier::disk) {
-      disk_to_host(id, keep);
-      ++version_;
-    }
     if (directory_.loc(id).tier == Tier::host && index.emplace(id, int32_t(order.size())).second) order.push_back(id);
   }
   char* staging = nullptr;

@@ -4,7 +4,9 @@
 // before anything moves.
 #include <algorithm>
 #include <chrono>
+#include <exception>
 
+#include "io_pool.h"
 #include "pagedkv/engine.h"
 #include "pagedkv/errors.h"
 
@@ -152,29 +154,42 @@ void Engine::make_host_room(int64_t want_free, const KeepSet& keep) {
   if (host.num_free() < want_free) spill_host_to_disk(want_free - host.num_free(), keep);
 }
 
+// The victims' writes run on the I/O threads together. A block whose write fails stays on the
+// host, whole; the others are committed, and then the first failure is rethrown.
 void Engine::spill_host_to_disk(int64_t n, const KeepSet& keep) {
   std::vector<BlockId> victims = host_order_->victims(n, [&](BlockId id) { return keep.count(id) != 0; });
   PKV_CHECK(int64_t(victims.size()) == n && pool(Tier::disk).num_free() >= n, OutOfBlocks,
             "the host tier is full and the disk tier cannot take ", n, " more blocks");
+  std::vector<int32_t> slots;
+  std::vector<const char*> from;
   for (BlockId id : victims) {
-    const BlockLoc from = directory_.loc(id);
+    slots.push_back(pool(Tier::disk).allocate());
+    from.push_back(slot_ptr(directory_.loc(id)));
     auto ready = host_ready_.find(id);
-    const int32_t slot = pool(Tier::disk).allocate();
-    try {
-      WaitClock clock(counters_.transfer_wait_s);
-      if (ready != host_ready_.end()) fence_wait_host(ready->second);
-      disk_.write(slot, slot_ptr(from));
-    } catch (...) {
-      pool(Tier::disk).release(slot);  // the block stays on the host, intact
-      throw;
+    WaitClock clock(counters_.transfer_wait_s);
+    if (ready != host_ready_.end()) fence_wait_host(ready->second);  // its eviction has landed
+  }
+  std::vector<std::exception_ptr> errors;
+  {
+    WaitClock clock(counters_.transfer_wait_s);
+    errors = io_->run(victims.size(), [&](size_t i) { disk_.write(slots[i], from[i]); });
+  }
+  std::exception_ptr first;
+  for (size_t i = 0; i < victims.size(); ++i) {
+    const BlockId id = victims[i];
+    if (errors[i]) {
+      pool(Tier::disk).release(slots[i]);  // the block stays on the host, intact
+      if (!first) first = errors[i];
+      continue;
     }
-    pool(Tier::host).release_after(from.slot, host_slot_fence(id));
+    pool(Tier::host).release_after(directory_.loc(id).slot, host_slot_fence(id));
     host_order_->on_leave(id);
-    directory_.set_loc(id, {Tier::disk, slot});
+    directory_.set_loc(id, {Tier::disk, slots[i]});
     ++counters_.blocks_to_disk;
     counters_.bytes_to_disk += cfg_.block_bytes();
   }
   ++version_;
+  if (first) std::rethrow_exception(first);
 }
 
 void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream) {
@@ -192,32 +207,52 @@ void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep,
     if (pool(Tier::device).num_free() == 0) make_device_room(std::min(left, eviction_room(keep)), keep, stream);
     const size_t take = size_t(std::min(left, pool(Tier::device).num_free()));
     std::vector<BlockId> batch(misses.begin() + long(done), misses.begin() + long(done + take));
-    for (BlockId id : batch)
-      if (directory_.loc(id).tier == Tier::disk) disk_to_host(id, keep);
+    disk_to_host(batch, keep);
     host_to_device(batch, stream);
     done += take;
   }
 }
 
-void Engine::disk_to_host(BlockId id, const KeepSet& keep) {
+// Reads the blocks of `ids` that are on disk into host slots, on the I/O threads together. A
+// block whose read fails stays on disk; the others are committed, then the failure is rethrown.
+void Engine::disk_to_host(const std::vector<BlockId>& ids, const KeepSet& keep) {
+  std::vector<BlockId> want;
+  for (BlockId id : ids)
+    if (directory_.loc(id).tier == Tier::disk && std::find(want.begin(), want.end(), id) == want.end())
+      want.push_back(id);
+  if (want.empty()) return;
   BlockPool& host = pool(Tier::host);
-  const BlockLoc from = directory_.loc(id);
-  make_host_room(1, keep);
-  Fence w;
-  const int32_t slot = host.allocate(&w);
-  try {
+  make_host_room(int64_t(want.size()), keep);
+  std::vector<int32_t> slots, disk_slots;
+  std::vector<char*> to;
+  for (size_t i = 0; i < want.size(); ++i) {
+    Fence w;
+    slots.push_back(host.allocate(&w));
+    disk_slots.push_back(directory_.loc(want[i]).slot);
+    to.push_back(slot_ptr({Tier::host, slots.back()}));
     WaitClock clock(counters_.transfer_wait_s);
-    fence_wait_host(w);
-    disk_.read(from.slot, slot_ptr({Tier::host, slot}));
-  } catch (...) {
-    host.release(slot);  // the block stays on disk
-    throw;
+    fence_wait_host(w);  // a copy may still read a slot given back with a fence
   }
-  pool(Tier::disk).release(from.slot);
-  directory_.set_loc(id, {Tier::host, slot});
-  host_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
-  ++counters_.blocks_from_disk;
-  counters_.bytes_from_disk += cfg_.block_bytes();
+  std::vector<std::exception_ptr> errors;
+  {
+    WaitClock clock(counters_.transfer_wait_s);
+    errors = io_->run(want.size(), [&](size_t i) { disk_.read(disk_slots[i], to[i]); });
+  }
+  std::exception_ptr first;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (errors[i]) {
+      host.release(slots[i]);  // the block stays on disk
+      if (!first) first = errors[i];
+      continue;
+    }
+    pool(Tier::disk).release(disk_slots[i]);
+    directory_.set_loc(want[i], {Tier::host, slots[i]});
+    host_order_->on_arrive(want[i], BlockUse{-1, 0, 0, step_});
+    ++counters_.blocks_from_disk;
+    counters_.bytes_from_disk += cfg_.block_bytes();
+  }
+  ++version_;
+  if (first) std::rethrow_exception(first);
 }
 
 void Engine::host_to_device(const std::vector<BlockId>& ids, void* stream) {

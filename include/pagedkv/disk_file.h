@@ -1,5 +1,7 @@
 // The disk tier: one preallocated file of block-sized slots under `disk_path`, read and written
-// whole blocks at a time (O_DIRECT when the file system and the block size allow it).
+// whole blocks at a time (O_DIRECT when the file system and the block size allow it). The
+// positional calls are safe from several threads at once: the engine runs a batch on its I/O
+// threads (cpp/io_pool.h).
 #pragma once
 #include <cstddef>
 #include <cstdint>

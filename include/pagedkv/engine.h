@@ -23,6 +23,7 @@
 namespace pagedkv {
 
 class CudaContext;  // cuda_context.h; exists only in CUDA builds
+class IoPool;       // cpp/io_pool.h: the disk tier's I/O threads
 
 Fence take_fence(std::unordered_map<BlockId, Fence>& fences, BlockId id);
 
@@ -142,7 +143,8 @@ class Engine {
   void make_host_room(int64_t want_free, const KeepSet& keep);
   int64_t host_resident() const { return pool(Tier::host).num_used() - int64_t(clean_copy_.size()); }
   int64_t eviction_room(const KeepSet& keep) const;
-  void disk_to_host(BlockId id, const KeepSet& keep);
+  // The blocks of `ids` on disk come up to host slots (reads on the I/O threads, together).
+  void disk_to_host(const std::vector<BlockId>& ids, const KeepSet& keep);
   void host_to_device(const std::vector<BlockId>& ids, void* stream);
   // Orders `stream` after prefetch copies still landing in any of `ids` (no-op when none are).
   void await_blocks(const std::vector<BlockId>& ids, void* stream);
@@ -175,6 +177,7 @@ class Engine {
   CacheConfig cfg_;
   BlockPool pools_[kNumStorageTiers];  // device, host, disk (the disk pool holds no memory)
   DiskFile disk_;
+  std::unique_ptr<IoPool> io_;  // with a disk tier
   BlockDirectory directory_;
   std::unique_ptr<EvictionPolicy> policy_;
   std::unique_ptr<CopyEngine> copies_;
