@@ -47,7 +47,9 @@ void Engine::check_room(int64_t fresh, const KeepSet& keep, const char* what) co
   PKV_CHECK(dev.num_free() + host.num_free() + clean + disk.num_free() >= fresh, OutOfBlocks, what, ": needs ",
             fresh, " new blocks but every tier is full (device ", dev.capacity(), ", host ",
             host.capacity(), ", disk ", disk.capacity(), ")");
-  PKV_CHECK(host.num_free() + clean > 0 || (disk.num_free() > 0 && host_resident() > kept_host), OutOfBlocks,
+  // (Kept host blocks going up first leave clean copies, which give their slots up.)
+  PKV_CHECK(host.num_free() + clean > 0 || (disk.num_free() > 0 && host_resident() > kept_host) ||
+                (kept_host > 0 && dev.num_free() > 0), OutOfBlocks,
             what, ": needs ", deficit, " device blocks freed but the host tier is full",
             disk.capacity() ? " and so is the disk tier" : " and there is no disk tier",
             " (device ", dev.capacity(), ", host ", host.capacity(), ", disk ", disk.capacity(), ")");
@@ -205,7 +207,8 @@ void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep,
   while (done < misses.size()) {
     const int64_t left = int64_t(misses.size() - done);
     if (pool(Tier::device).num_free() == 0) make_device_room(std::min(left, eviction_room(keep)), keep, stream);
-    const size_t take = size_t(std::min(left, pool(Tier::device).num_free()));
+    // A batch's disk blocks pass through host slots: no more at once than the host tier holds.
+    const size_t take = size_t(std::min({left, pool(Tier::device).num_free(), std::max<int64_t>(pool(Tier::host).capacity(), 1)}));
     std::vector<BlockId> batch(misses.begin() + long(done), misses.begin() + long(done + take));
     disk_to_host(batch, keep);
     host_to_device(batch, stream);
@@ -321,8 +324,10 @@ void Engine::offload(const std::vector<SeqId>& seqs, void* stream) {
       if (id != kNoBlock && directory_.loc(id).tier == Tier::device && seen.insert(id).second)
         victims.push_back(id);
   const KeepSet none;
-  PKV_CHECK(int64_t(victims.size()) <= eviction_room(none), OutOfBlocks, "offload(): ",
-            victims.size(), " blocks do not fit in the host and disk tiers");
+  // Host blocks spill to disk as the host tier fills, so the room is every free slot below.
+  const int64_t room = pool(Tier::host).num_free() + int64_t(clean_copy_.size()) + pool(Tier::disk).num_free();
+  PKV_CHECK(int64_t(victims.size()) <= room, OutOfBlocks, "offload(): ", victims.size(),
+            " blocks do not fit in the host and disk tiers");
   for (size_t done = 0; done < victims.size();) {  // as many per batch as the host tier takes
     const size_t n = size_t(std::min<int64_t>(int64_t(victims.size() - done), eviction_room(none)));
     evict_to_host(std::vector<BlockId>(victims.begin() + long(done), victims.begin() + long(done + n)),
