@@ -159,7 +159,13 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
       // the proactive offload keeps would evict what the next layer reads again.
       const int64_t cap = pool(Tier::device).capacity();
       staged = int64_t(keep.size()) > cap - int64_t(cfg_.high_watermark * double(cap));
-      if (!staged) {
+      if (staged) {
+        int64_t off_device = 0;
+        for (BlockId id : keep) off_device += directory_.loc(id).tier != Tier::device;
+        PKV_CHECK(off_device <= pool(Tier::host).capacity(), OutOfBlocks, "attend(): ", off_device,
+                  " blocks in scope are off the device tier (", cap, " blocks) and the host tier holds only ",
+                  pool(Tier::host).capacity());
+      } else {
         check_room(0, keep, "attend()");
         const int64_t misses_before = counters_.device_misses;
         make_resident(needed, keep, args.stream);
@@ -193,23 +199,23 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
     for (BlockId id : KeepSet(needed.begin(), needed.end())) in_scope -= directory_.loc(id).tier != Tier::device;
   }
   if (layer == 0) counters_.device_hits += in_scope;  // per step: every layer reads the same blocks
-  const StepPlan& plan = plan_for(seqs, args.stream);
-  if (!awaited) {
-    plan_.awaited_epoch = landing_epoch_;
-    plan_.awaited_stream = args.stream;
-  }
 
   PagedAttentionParams p = base_params(args, layer);
   p.num_seqs = int32_t(seqs.size());
   p.num_rows = q_indptr.back();
   p.max_q_len = max_q_len;
-  p.max_blocks = plan.max_blocks;
   p.window = window;
   p.sink_tokens = window > 0 ? (args.sink_tokens < 0 ? cfg_.sink_tokens : args.sink_tokens) : 0;
-  if (staged) {
+  if (staged) {  // a table of its own for this call: the step plan holds device slots only
     attend_staged(seqs, layer, needed, p, kv_lens, q_indptr, args.stream);
     return;
   }
+  const StepPlan& plan = plan_for(seqs, args.stream);
+  if (!awaited) {
+    plan_.awaited_epoch = landing_epoch_;
+    plan_.awaited_stream = args.stream;
+  }
+  p.max_blocks = plan.max_blocks;
   if (!cfg_.on_cuda) {
     p.block_table = plan.block_table.data();
     p.kv_lens = kv_lens.data();
@@ -373,11 +379,6 @@ void Engine::attend_staged(const std::vector<SeqId>& seqs, int32_t layer, const 
                            const std::vector<int32_t>& kv_lens, const std::vector<int32_t>& q_indptr,
                            void* stream) {
   const KeepSet keep(needed.begin(), needed.end());
-  int64_t off_device = 0;
-  for (BlockId id : keep) off_device += directory_.loc(id).tier != Tier::device;
-  PKV_CHECK(off_device <= pool(Tier::host).capacity(), OutOfBlocks, "attend(): ", off_device,
-            " blocks in scope are off the device tier (", pool(Tier::device).capacity(),
-            " blocks) and the host tier holds only ", pool(Tier::host).capacity());
   // Staged slices in scope order; a run of blocks in consecutive host slots is one 2-D copy.
   const size_t slice = size_t(cfg_.block_bytes() / cfg_.num_layers), block = size_t(cfg_.block_bytes());
   std::unordered_map<BlockId, int32_t> index;
