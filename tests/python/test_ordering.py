@@ -68,3 +68,30 @@ def test_evicting_a_block_just_written_copies_the_new_bytes(device, gen):
     assert all(t == "host" for t, _ in kv.block_table(a))
     assert torch.equal(kv.gather(a, 0)[0], k)
     kv.check_invariants()
+
+
+def test_staged_reads_wait_for_evictions_and_slots_wait_for_staged_reads(device, gen):
+    """A scope larger than the device tier is read from staged slices of host blocks: the staging
+    must follow the evictions still writing those host slots, and a host slot a staging copy
+    still reads must not be rewritten (freeing `a` and spilling new blocks into its slots)."""
+    kv = make(device, device_blocks=24, host_blocks=96)
+    big = make(device, device_blocks=96, host_blocks=0)
+    a, a_ref = kv.add_sequence(), big.add_sequence()
+    for layer in range(LAYERS):
+        k = randn(gen, (64 * BS, H, D), kv.dtype, device)   # 64 blocks through a 24-block tier
+        kv.append([a], layer, k, k)
+        big.append([a_ref], layer, k, k)
+    q = randn(gen, (1, 4 * H, D), kv.dtype, device)
+    for layer in (0, LAYERS - 1):
+        assert torch.equal(kv.attend([a], layer, q), big.attend([a_ref], layer, q))
+    before = kv.stats()["slices_staged"]
+    kv.offload([a])                                          # D2H still writing host slots ...
+    out = kv.attend([a], LAYERS - 1, q)                      # ... staged from them at once
+    assert kv.stats()["slices_staged"] - before == 64
+    b = kv.add_sequence()
+    kv.free(a)                                               # a's host slots go back while read
+    rows_b = fill(kv, b, 64 * BS, gen, device)               # b's evictions reuse them
+    assert torch.equal(out, big.attend([a_ref], LAYERS - 1, q))  # the first look at `out`
+    for layer in (0, LAYERS - 1):
+        assert torch.equal(kv.gather(b, layer)[0], rows_b[layer])
+    kv.check_invariants()

@@ -276,3 +276,21 @@ def test_context_larger_than_the_device_tier_passes_through(device, tmp_path, ge
         assert after["blocks_from_host"] == before["blocks_from_host"]  # nothing moved up whole
     small.check_invariants()
     assert torch.equal(small.gather(s)[0], k)
+
+
+def test_offload_larger_than_the_host_tier_spills_to_disk_and_comes_back(device, tmp_path, gen):
+    dtype = best_dtype(device)
+    kv = make(device, dtype, tmp_path, device_blocks=10, host_blocks=3, disk_blocks=12)
+    s = kv.add_sequence()
+    k = randn(gen, (8 * BS, H, D), dtype, device)  # 8 blocks; the host tier holds 3
+    for layer in range(LAYERS):
+        kv.append([s], layer, k, k)
+    kv.offload([s])
+    assert tier_counts(kv, s) == {"host": 3, "disk": 5}
+    kv.prefetch([s])                                # disk -> host -> device, 3 host slots at a time
+    assert tier_counts(kv, s) == {"device": 8}
+    st = kv.stats()
+    assert st["blocks_to_disk"] == 5 and st["blocks_from_disk"] == 5, st
+    for layer in range(LAYERS):
+        assert torch.equal(kv.gather(s, layer)[0], k)
+    kv.check_invariants()
