@@ -118,6 +118,24 @@ Fence CopyEngine::to_host(const std::vector<BlockCopy>& copies, const std::vecto
 #endif
 }
 
+#ifdef PAGEDKV_WITH_CUDA
+// Host -> device work on the H2D stream after `compute`'s work so far and after `waits`; with
+// `compute_waits`, `compute` waits for it in turn.
+Fence CopyEngine::on_h2d_stream(const std::vector<Fence>& waits, void* compute, bool compute_waits,
+                                const std::function<void(void*)>& issue) {
+  auto st = static_cast<cudaStream_t>(h2d_);
+  auto cs = static_cast<cudaStream_t>(compute);
+  Fence after_compute = record(cs);
+  PKV_CUDA(cudaStreamWaitEvent(st, after_compute->event, 0));
+  for (const Fence& f : waits)
+    if (f && !fence_done(f)) PKV_CUDA(cudaStreamWaitEvent(st, f->event, 0));
+  issue(st);
+  Fence landed = record(st);
+  if (compute_waits) PKV_CUDA(cudaStreamWaitEvent(cs, landed->event, 0));
+  return landed;
+}
+#endif
+
 Fence CopyEngine::to_device(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits,
                             void* compute, bool compute_waits) {
   if (copies.empty()) return nullptr;
@@ -127,18 +145,11 @@ Fence CopyEngine::to_device(const std::vector<BlockCopy>& copies, const std::vec
     return landed;
   }
 #ifdef PAGEDKV_WITH_CUDA
-  auto st = static_cast<cudaStream_t>(h2d_);
-  auto cs = static_cast<cudaStream_t>(compute);
-  Fence after_compute = record(cs);
-  PKV_CUDA(cudaStreamWaitEvent(st, after_compute->event, 0));
-  for (const Fence& f : waits)
-    if (f && !fence_done(f)) PKV_CUDA(cudaStreamWaitEvent(st, f->event, 0));
-  merged(copies, [&](void* d, const void* s, size_t n) {
-    PKV_CUDA(cudaMemcpyAsync(d, s, n, cudaMemcpyHostToDevice, st));
+  return on_h2d_stream(waits, compute, compute_waits, [&](void* st) {
+    merged(copies, [&](void* d, const void* s, size_t n) {
+      PKV_CUDA(cudaMemcpyAsync(d, s, n, cudaMemcpyHostToDevice, static_cast<cudaStream_t>(st)));
+    });
   });
-  Fence landed = record(st);
-  if (compute_waits) PKV_CUDA(cudaStreamWaitEvent(cs, landed->event, 0));
-  return landed;
 #else
   (void)waits;
   (void)compute;
@@ -162,17 +173,11 @@ Fence CopyEngine::slices_to_device(const std::vector<SliceRun>& runs, const std:
     return landed;
   }
 #ifdef PAGEDKV_WITH_CUDA
-  auto st = static_cast<cudaStream_t>(h2d_);
-  auto cs = static_cast<cudaStream_t>(compute);
-  Fence after_compute = record(cs);
-  PKV_CUDA(cudaStreamWaitEvent(st, after_compute->event, 0));
-  for (const Fence& f : waits)
-    if (f && !fence_done(f)) PKV_CUDA(cudaStreamWaitEvent(st, f->event, 0));
-  for (const SliceRun& r : runs)
-    PKV_CUDA(cudaMemcpy2DAsync(r.dst, r.width, r.src, r.src_pitch, r.width, r.count, cudaMemcpyHostToDevice, st));
-  Fence landed = record(st);
-  PKV_CUDA(cudaStreamWaitEvent(cs, landed->event, 0));
-  return landed;
+  return on_h2d_stream(waits, compute, true, [&](void* st) {
+    for (const SliceRun& r : runs)
+      PKV_CUDA(cudaMemcpy2DAsync(r.dst, r.width, r.src, r.src_pitch, r.width, r.count, cudaMemcpyHostToDevice,
+                                 static_cast<cudaStream_t>(st)));
+  });
 #else
   (void)compute;
   return nullptr;

@@ -4,6 +4,7 @@
 // blocks merge into one copy.
 #pragma once
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -62,6 +63,8 @@ class CopyEngine {
   template <typename Issue>
   void merged(const std::vector<BlockCopy>& copies, Issue&& issue) const;
   Fence cpu_copy(const std::vector<BlockCopy>& copies);
+  Fence on_h2d_stream(const std::vector<Fence>& waits, void* compute, bool compute_waits,
+                      const std::function<void(void*)>& issue);  // CUDA builds only
   bool cuda_;
   int device_;
   size_t block_bytes_;
