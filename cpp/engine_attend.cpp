@@ -144,8 +144,11 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
                                                  plan_.awaited_epoch == landing_epoch_ &&
                                                  plan_.awaited_stream == args.stream);
   std::vector<BlockId> needed;  // filled when the batch's blocks may not all be on the device
-  bool staged = false;
-  if (tiered() && (!resident || !awaited)) {
+  // The same scope as the last staged call, nothing moved since: its plan holds.
+  bool staged = tiered() && !resident && awaited &&
+                staged_plan_.matches(seqs, version_, kv_lens, lengths, window);
+  const bool staged_again = staged;
+  if (tiered() && !staged_again && (!resident || !awaited)) {
     // Bring every block in scope to the device (a batch whose blocks all sit there skips this)
     // and order the kernel after prefetches still landing in them. A scope larger than the
     // device tier passes through instead: its off-device blocks are read from staged slices.
@@ -195,9 +198,8 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
       for (int32_t b = 0; b < sinks; ++b) note_use(t, seqs[i], b);
       for (int32_t b = first; b < blocks_for(len, bs); ++b) note_use(t, seqs[i], b);
     }
-  if (staged) {
-    for (BlockId id : KeepSet(needed.begin(), needed.end())) in_scope -= directory_.loc(id).tier != Tier::device;
-  }
+  if (staged && !staged_again) build_staged_plan(seqs, needed, kv_lens, lengths, window);
+  if (staged) in_scope -= int64_t(staged_plan_.order.size());
   if (layer == 0) counters_.device_hits += in_scope;  // per step: every layer reads the same blocks
 
   PagedAttentionParams p = base_params(args, layer);
@@ -206,8 +208,8 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   p.max_q_len = max_q_len;
   p.window = window;
   p.sink_tokens = window > 0 ? (args.sink_tokens < 0 ? cfg_.sink_tokens : args.sink_tokens) : 0;
-  if (staged) {  // a table of its own for this call: the step plan holds device slots only
-    attend_staged(seqs, layer, needed, p, kv_lens, q_indptr, args.stream);
+  if (staged) {  // a table of its own: the step plan holds device slots only
+    run_staged(layer, p, kv_lens, q_indptr, args.stream);
     return;
   }
   const StepPlan& plan = plan_for(seqs, args.stream);
@@ -373,82 +375,6 @@ void Engine::run_with_tables(PagedAttentionParams& p, const std::vector<int32_t>
 #else
   (void)stream;
 #endif
-}
-
-void Engine::attend_staged(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<BlockId>& needed, PagedAttentionParams& p,
-                           const std::vector<int32_t>& kv_lens, const std::vector<int32_t>& q_indptr,
-                           void* stream) {
-  const KeepSet keep(needed.begin(), needed.end());
-  // Staged slices in scope order; a run of blocks in consecutive host slots is one 2-D copy.
-  const size_t slice = size_t(cfg_.block_bytes() / cfg_.num_layers), block = size_t(cfg_.block_bytes());
-  std::unordered_map<BlockId, int32_t> index;
-  std::vector<BlockId> order;
-  disk_to_host(needed, keep);  // the disk ones come up to the host first
-  for (BlockId id : needed) {
-    if (directory_.loc(id).tier == Tier::host && index.emplace(id, int32_t(order.size())).second) order.push_back(id);
-  }
-  char* staging = nullptr;
-#ifdef PAGEDKV_WITH_CUDA
-  if (cfg_.on_cuda) staging = static_cast<char*>(cuda_->staging.reserve(std::max<size_t>(order.size(), 1) * slice));
-#endif
-  if (!cfg_.on_cuda) {
-    staging_cpu_.resize(std::max<size_t>(order.size(), 1) * slice);
-    staging = staging_cpu_.data();
-  }
-  std::vector<SliceRun> runs;
-  std::vector<Fence> waits;
-  std::vector<int32_t> host_slots;
-  for (size_t i = 0; i < order.size(); ++i) {
-    const BlockLoc loc = directory_.loc(order[i]);
-    auto ready = host_ready_.find(order[i]);
-    if (ready != host_ready_.end()) waits.push_back(ready->second);
-    host_slots.push_back(loc.slot);
-    const char* src = slot_ptr(loc) + size_t(layer) * slice;
-    if (!runs.empty() && static_cast<const char*>(runs.back().src) + runs.back().count * block == src)
-      ++runs.back().count;
-    else
-      runs.push_back({staging + i * slice, src, slice, block, 1});
-  }
-  Fence landed;
-#ifdef PAGEDKV_WITH_CUDA
-  if (cfg_.on_cuda && stage_by_kernel_ && !order.empty()) {
-    auto st = static_cast<cudaStream_t>(stream);
-    for (const Fence& w : waits) copies_->order_after(w, stream);  // evictions still writing a slot
-    const size_t bytes = host_slots.size() * sizeof(int32_t);
-    void* slots = cuda_->staged_slots.reserve(bytes);
-    cuda_->upload(slots, host_slots.data(), bytes, st);
-    void* host_base = nullptr;
-    PKV_CUDA(cudaHostGetDevicePointer(&host_base, pool(Tier::host).data(), 0));
-    PKV_CUDA(cuda::gather_from_mapped_host(staging, host_base, static_cast<const int32_t*>(slots),
-                                           int64_t(order.size()), int64_t(slice), int64_t(block),
-                                           int64_t(layer) * int64_t(slice), cuda_->num_sms(), st));
-    landed = copies_->mark(stream);
-  }
-#endif
-  if (!landed) landed = copies_->slices_to_device(runs, waits, stream);
-  if (landed && cfg_.on_cuda)
-    for (BlockId id : order) host_read_by_[id] = landed;
-  counters_.slices_staged += int64_t(order.size());
-  counters_.bytes_staged += int64_t(order.size() * slice);
-  if (layer == 0) counters_.device_misses += int64_t(order.size());
-
-  int32_t max_blocks = 1;
-  for (SeqId s : seqs) max_blocks = std::max(max_blocks, int32_t(tables_.at(s).blocks.size()));
-  std::vector<int32_t> tables(seqs.size() * size_t(max_blocks), -1);
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const auto& blocks = tables_.at(seqs[i]).blocks;
-    for (size_t b = 0; b < blocks.size(); ++b) {
-      if (blocks[b] == kNoBlock) continue;
-      const BlockLoc loc = directory_.loc(blocks[b]);
-      auto it = index.find(blocks[b]);
-      if (it != index.end()) tables[i * size_t(max_blocks) + b] = staged_entry(it->second);
-      else if (loc.tier == Tier::device) tables[i * size_t(max_blocks) + b] = loc.slot;
-    }
-  }
-  const size_t es = dtype_size(cfg_.dtype);
-  p.staged_offset = (reinterpret_cast<intptr_t>(staging) - reinterpret_cast<intptr_t>(p.pool)) / intptr_t(es);
-  run_with_tables(p, tables, kv_lens, q_indptr, stream);
-  offload_to_watermark(stream);
 }
 
 void Engine::gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream) {

@@ -44,7 +44,12 @@ BlockId Engine::clone_block(BlockId id, const BlockUse& use, std::vector<Fence>&
 // A staging copy that read the slot waited for the eviction that wrote it, so it passes last.
 Fence Engine::host_slot_fence(BlockId id) {
   Fence written = take_fence(host_ready_, id);
-  Fence read = take_fence(host_read_by_, id);
+  Fence read;
+  auto it = host_read_by_.find(id);
+  if (it != host_read_by_.end()) {
+    read = *it->second;
+    host_read_by_.erase(it);
+  }
   return read ? read : written;
 }
 

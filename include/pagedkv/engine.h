@@ -157,11 +157,14 @@ class Engine {
   void launch(const PagedAttentionParams& p, void* stream);  // CUDA builds: kernel + workspace
   void run_single_rows(PagedAttentionParams& p, const std::vector<int32_t>& tables,
                        const std::vector<int32_t>& kv_lens, void* stream);
-  // attend() over more blocks than the device tier holds: blocks on the device are read there,
-  // the rest have this layer's slices staged into a device buffer for the one call.
-  void attend_staged(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<BlockId>& needed,
-                     PagedAttentionParams& p,
-                     const std::vector<int32_t>& kv_lens, const std::vector<int32_t>& q_indptr, void* stream);
+  // attend() over more blocks than the device tier holds (engine_staged.cpp): blocks on the
+  // device are read there, the rest have this layer's slices staged into a device buffer for the
+  // call. The plan (which blocks, the table) is built once and reused while nothing changes.
+  void build_staged_plan(const std::vector<SeqId>& seqs, const std::vector<BlockId>& needed,
+                         const std::vector<int32_t>& kv_lens, const std::vector<int32_t>& lengths,
+                         int32_t window);
+  void run_staged(int32_t layer, PagedAttentionParams& p, const std::vector<int32_t>& kv_lens,
+                  const std::vector<int32_t>& q_indptr, void* stream);
   // Sends `tables`, `kv_lens` and `q_indptr` through the meta buffer and runs the kernel (CUDA),
   // or runs the CPU reference on them.
   void run_with_tables(PagedAttentionParams& p, const std::vector<int32_t>& tables,
@@ -184,7 +187,9 @@ class Engine {
   std::unordered_map<BlockId, Fence> host_ready_;  // host copies still landing
   std::unordered_map<BlockId, Fence> device_ready_;  // prefetched device copies still landing
   uint64_t landing_epoch_ = 0;  // bumps with every prefetch that leaves copies landing
-  std::unordered_map<BlockId, Fence> host_read_by_;  // host blocks a staging copy still reads
+  // Host blocks a staging copy may still read: the cell holds the latest such copy's fence.
+  std::unordered_map<BlockId, std::shared_ptr<Fence>> host_read_by_;
+  StagedPlan staged_plan_;
   std::vector<char> staging_cpu_;                    // CPU builds' staging buffer
   // CUDA: stage slices with SM loads over the link (a kernel on the compute stream) rather than
   // with 2-D copies on the copy engine. PAGEDKV_STAGING=dma|kernel when the engine is made.

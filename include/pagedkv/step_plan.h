@@ -2,8 +2,10 @@
 // until a block table changes.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
+#include "pagedkv/fence.h"
 #include "pagedkv/types.h"
 
 namespace pagedkv {
@@ -21,6 +23,26 @@ struct StepPlan {
   std::vector<int32_t> resident_tail;  // [num_seqs] blocks from here on all on the device (or dropped)
 
   bool matches(const std::vector<SeqId>& s, uint64_t v) const { return version == v && seqs == s; }
+};
+
+// attend() over a scope larger than the device tier: which host blocks have this layer's slices
+// staged, and the block table that names them. Every layer of a decode step reads the same
+// blocks, so the plan is built at the first and reused by the rest.
+struct StagedPlan {
+  std::vector<SeqId> seqs;
+  uint64_t version = ~uint64_t(0);
+  std::vector<int32_t> kv_lens, lengths;  // the scope it was built for
+  int32_t window = -1;
+  std::vector<BlockId> order;             // staged blocks, slice i = order[i]
+  std::vector<int32_t> host_slots;        // [order.size()] their host slots
+  std::vector<int32_t> tables;            // [seqs, max_blocks] device slot, staged_entry(i), or -1
+  std::vector<Fence> waits;               // evictions still writing those host slots at build time
+  std::shared_ptr<Fence> last_read;       // the latest staging of these slots (host_read_by_ shares it)
+
+  bool matches(const std::vector<SeqId>& s, uint64_t v, const std::vector<int32_t>& lens,
+               const std::vector<int32_t>& rows, int32_t w) const {
+    return version == v && window == w && seqs == s && kv_lens == lens && lengths == rows;
+  }
 };
 
 }  // namespace pagedkv

@@ -1,0 +1,111 @@
+// attend() over a scope larger than the device tier: nothing moves between tiers. The kernel reads
+// the device-resident blocks in place and, for every other block, this layer's slice from a
+// staging buffer it was copied to for the call (block-table entries staged_entry(i)).
+#include <algorithm>
+#include <cstdint>
+#include <unordered_map>
+
+#include "pagedkv/engine.h"
+#include "pagedkv/errors.h"
+#ifdef PAGEDKV_WITH_CUDA
+#include "pagedkv/cuda_context.h"
+#include "pagedkv/kernels.h"
+#endif
+
+namespace pagedkv {
+
+void Engine::build_staged_plan(const std::vector<SeqId>& seqs, const std::vector<BlockId>& needed,
+                               const std::vector<int32_t>& kv_lens, const std::vector<int32_t>& lengths,
+                               int32_t window) {
+  const KeepSet keep(needed.begin(), needed.end());
+  disk_to_host(needed, keep);  // the disk ones come up to the host first
+  StagedPlan& sp = staged_plan_;
+  sp.order.clear();
+  sp.host_slots.clear();
+  sp.waits.clear();
+  std::unordered_map<BlockId, int32_t> index;
+  for (BlockId id : needed) {
+    const BlockLoc loc = directory_.loc(id);
+    if (loc.tier != Tier::host || !index.emplace(id, int32_t(sp.order.size())).second) continue;
+    sp.order.push_back(id);
+    sp.host_slots.push_back(loc.slot);
+    auto ready = host_ready_.find(id);
+    if (ready != host_ready_.end()) sp.waits.push_back(ready->second);
+  }
+  int32_t max_blocks = 1;
+  for (SeqId s : seqs) max_blocks = std::max(max_blocks, int32_t(tables_.at(s).blocks.size()));
+  sp.tables.assign(seqs.size() * size_t(max_blocks), -1);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const auto& blocks = tables_.at(seqs[i]).blocks;
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      if (blocks[b] == kNoBlock) continue;
+      auto it = index.find(blocks[b]);
+      const BlockLoc loc = directory_.loc(blocks[b]);
+      if (it != index.end()) sp.tables[i * size_t(max_blocks) + b] = staged_entry(it->second);
+      else if (loc.tier == Tier::device) sp.tables[i * size_t(max_blocks) + b] = loc.slot;
+    }
+  }
+  // One cell for every slot this plan reads: each call stores its copy's fence there, and a host
+  // slot released later waits for the latest.
+  sp.last_read = std::make_shared<Fence>();
+  if (cfg_.on_cuda)
+    for (BlockId id : sp.order) host_read_by_[id] = sp.last_read;
+  sp.seqs = seqs;
+  sp.kv_lens = kv_lens;
+  sp.lengths = lengths;
+  sp.window = window;
+  sp.version = version_;  // after the disk reads above
+}
+
+void Engine::run_staged(int32_t layer, PagedAttentionParams& p, const std::vector<int32_t>& kv_lens,
+                        const std::vector<int32_t>& q_indptr, void* stream) {
+  StagedPlan& sp = staged_plan_;
+  const size_t slice = size_t(cfg_.block_bytes() / cfg_.num_layers), block = size_t(cfg_.block_bytes());
+  const size_t n = sp.order.size();
+  char* staging = nullptr;
+#ifdef PAGEDKV_WITH_CUDA
+  if (cfg_.on_cuda) staging = static_cast<char*>(cuda_->staging.reserve(std::max<size_t>(n, 1) * slice));
+#endif
+  if (!cfg_.on_cuda) {
+    staging_cpu_.resize(std::max<size_t>(n, 1) * slice);
+    staging = staging_cpu_.data();
+  }
+  Fence landed;
+#ifdef PAGEDKV_WITH_CUDA
+  if (cfg_.on_cuda && stage_by_kernel_ && n > 0) {  // SM loads over the link, on the compute stream
+    auto st = static_cast<cudaStream_t>(stream);
+    for (const Fence& w : sp.waits) copies_->order_after(w, stream);  // evictions still writing a slot
+    const size_t bytes = n * sizeof(int32_t);
+    void* slots = cuda_->staged_slots.reserve(bytes);
+    cuda_->upload(slots, sp.host_slots.data(), bytes, st);
+    void* host_base = nullptr;
+    PKV_CUDA(cudaHostGetDevicePointer(&host_base, pool(Tier::host).data(), 0));
+    PKV_CUDA(cuda::gather_from_mapped_host(staging, host_base, static_cast<const int32_t*>(slots), int64_t(n),
+                                           int64_t(slice), int64_t(block), int64_t(layer) * int64_t(slice),
+                                           cuda_->num_sms(), st));
+    landed = copies_->mark(stream);
+  }
+#endif
+  if (!landed && n > 0) {  // copies: a run of blocks in consecutive host slots is one 2-D copy
+    std::vector<SliceRun> runs;
+    const char* host = static_cast<const char*>(pool(Tier::host).data()) + size_t(layer) * slice;
+    for (size_t i = 0; i < n; ++i) {
+      const char* src = host + size_t(sp.host_slots[i]) * block;
+      if (!runs.empty() && static_cast<const char*>(runs.back().src) + runs.back().count * block == src)
+        ++runs.back().count;
+      else
+        runs.push_back({staging + i * slice, src, slice, block, 1});
+    }
+    landed = copies_->slices_to_device(runs, sp.waits, stream);
+  }
+  if (sp.last_read && landed && cfg_.on_cuda) *sp.last_read = landed;
+  counters_.slices_staged += int64_t(n);
+  counters_.bytes_staged += int64_t(n * slice);
+  if (layer == 0) counters_.device_misses += int64_t(n);
+  const size_t es = dtype_size(cfg_.dtype);
+  p.staged_offset = (reinterpret_cast<intptr_t>(staging) - reinterpret_cast<intptr_t>(p.pool)) / intptr_t(es);
+  run_with_tables(p, sp.tables, kv_lens, q_indptr, stream);
+  offload_to_watermark(stream);
+}
+
+}  // namespace pagedkv
