@@ -294,3 +294,25 @@ def test_offload_larger_than_the_host_tier_spills_to_disk_and_comes_back(device,
     for layer in range(LAYERS):
         assert torch.equal(kv.gather(s, layer)[0], k)
     kv.check_invariants()
+
+
+def test_staged_decode_steps_match_the_resident_cache(device, tmp_path, gen):
+    """Decode steps over a context 4x the device tier, every layer its own K/V: the staged plan
+    is reused from layer to layer and rebuilt when a step adds a block."""
+    dtype = best_dtype(device)
+    small = make(device, dtype, tmp_path, device_blocks=8, host_blocks=40)
+    big = make(device, dtype, tmp_path, device_blocks=48)
+    s, b = small.add_sequence(), big.add_sequence()
+    for layer in range(LAYERS):
+        k, v = randn(gen, (32 * BS - 3, H, D), dtype, device), randn(gen, (32 * BS - 3, H, D), dtype, device)
+        small.append([s], layer, k, v)
+        big.append([b], layer, k, v)
+    for _ in range(2 * BS):  # crosses block boundaries
+        for layer in range(LAYERS):
+            k, v = randn(gen, (1, H, D), dtype, device), randn(gen, (1, H, D), dtype, device)
+            small.append([s], layer, k, v)
+            big.append([b], layer, k, v)
+            q = randn(gen, (1, 2 * H, D), dtype, device)
+            assert torch.equal(small.attend([s], layer, q), big.attend([b], layer, q))
+    assert small.stats()["slices_staged"] > 0
+    small.check_invariants()
