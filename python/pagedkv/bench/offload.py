@@ -231,7 +231,8 @@ def main(args) -> None:
           f"{dk['to_disk_gb_s']:.2f} GB/s ({dk['to_disk_gb_s'] / disk['write']:.2f}x), back up "
           f"{dk['from_disk_gb_s']:.2f} GB/s ({dk['from_disk_gb_s'] / disk['read']:.2f}x)"
           + ("" if dk["intact"] else "  DATA MISMATCH"))
-    print(f"  decode step, batch {dec['batch']} x {dec['context']}: {dec['step_s'] * 1e3:.2f} ms alone, "
+    print(f"  decode step (mean of 3 back to back), batch {dec['batch']} x {dec['context']}: "
+          f"{dec['step_s'] * 1e3:.2f} ms alone, "
           f"{dec['step_with_swaps_s'] * 1e3:.2f} ms with {dec['swap_bytes_per_step'] / 2**30:.2f} GiB of swaps "
           f"in flight ({dec['ratio']:.3f}x)")
     for how, r in pt.items():
