@@ -2,7 +2,8 @@
 # One call on a lent GPU machine: build, test (ctest incl. the CUDA kernel sweep, pytest on CUDA),
 # then the demo and benchmarks, with peers and ceilings in the same run. Logs and JSON go to $OUT.
 # Usage there: bash bench/device_run.sh [PARTS]   (FlashInfer wheels travel in .whl/)
-#   PARTS: comma-separated of tests, demo, kernel, offload, serve, longctx, hf;
+#   PARTS: comma-separated of tests, demo, kernel, offload, serve, longctx, longctx1m, hf;
+#   longctx1m: mode (d) to 1M tokens on a machine with 512 GiB of RAM (an x4 kind);
 #   all = tests,demo,kernel,offload,serve; more = longctx,hf (the long runs)
 set -uo pipefail
 what=${1:-all}
@@ -38,6 +39,8 @@ has kernel && timeout 200 python3 -m pagedkv bench kernel 2>&1 | tee "$OUT/kerne
 has offload && timeout 120 python3 -m pagedkv bench offload 2>&1 | tee "$OUT/offload.txt" | tail -9
 has serve && timeout 200 python3 -m pagedkv bench serve 2>&1 | tee "$OUT/serve.txt" | tail -14
 has longctx && timeout ${LONGCTX_TIMEOUT:-400} python3 -m pagedkv bench longctx 2>&1 | tee "$OUT/longctx.txt" | tail -40
+has longctx1m && timeout 560 python3 -m pagedkv bench longctx --modes d --batches 1 --host-gib 400 \
+  --disk-gib 130 --disk-path "${DISK_PATH:-/tmp}" 2>&1 | tee "$OUT/longctx1m.txt" | tail -12
 has hf && timeout ${HF_TIMEOUT:-400} python3 -m pagedkv bench hf ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.txt" | tail -16
 # At most 8 files come back: the JSON and plots alone, every log in one archive.
 (cd "$OUT" && tar czf logs.tgz --remove-files $(ls | grep -v -E "\.(json|png)$") 2>/dev/null)
