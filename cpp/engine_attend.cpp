@@ -40,6 +40,10 @@ void Engine::launch(const PagedAttentionParams& p, void* stream) {
 
 const StepPlan& Engine::plan_for(const std::vector<SeqId>& seqs, void* stream) {
   if (plan_.matches(seqs, version_)) return plan_;
+  // Moves of other sequences' blocks change the version too: a rebuilt table equal to the one on
+  // the device is not sent again.
+  const bool same_batch = plan_.seqs == seqs;
+  std::vector<int32_t> previous = std::move(plan_.block_table);
   plan_.seqs = seqs;
   plan_.version = version_;
   plan_.max_blocks = 1;
@@ -62,7 +66,7 @@ const StepPlan& Engine::plan_for(const std::vector<SeqId>& seqs, void* stream) {
     plan_.resident_tail[i] = tail;
   }
 #ifdef PAGEDKV_WITH_CUDA
-  if (cuda_) {
+  if (cuda_ && !(same_batch && plan_.device_block_table && plan_.block_table == previous)) {
     const size_t bytes = plan_.block_table.size() * sizeof(int32_t);
     void* dst = cuda_->table.reserve(bytes);
     cuda_->upload(dst, plan_.block_table.data(), bytes, static_cast<cudaStream_t>(stream));
@@ -70,6 +74,7 @@ const StepPlan& Engine::plan_for(const std::vector<SeqId>& seqs, void* stream) {
   }
 #else
   (void)stream;
+  (void)same_batch;
 #endif
   return plan_;
 }
