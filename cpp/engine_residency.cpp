@@ -220,9 +220,9 @@ void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep,
 // block whose read fails stays on disk; the others are committed, then the failure is rethrown.
 void Engine::disk_to_host(const std::vector<BlockId>& ids, const KeepSet& keep) {
   std::vector<BlockId> want;
+  KeepSet seen;
   for (BlockId id : ids)
-    if (directory_.loc(id).tier == Tier::disk && std::find(want.begin(), want.end(), id) == want.end())
-      want.push_back(id);
+    if (directory_.loc(id).tier == Tier::disk && seen.insert(id).second) want.push_back(id);
   if (want.empty()) return;
   BlockPool& host = pool(Tier::host);
   make_host_room(int64_t(want.size()), keep);
