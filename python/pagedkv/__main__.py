@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     srv.add_argument("--device", default="cuda")
     srv.add_argument("--sessions", type=int, default=48)
     srv.add_argument("--context", type=int, default=4096)
-    srv.add_argument("--tiers", default="4,2,1.6,1.33", help="total KV / device tier, one run per value")
+    srv.add_argument("--tiers", default="4,2,1.6", help="total KV / device tier, one run per value")
     srv.add_argument("--batch", type=int, default=8)
     srv.add_argument("--turn", type=int, default=32)
     srv.add_argument("--new", type=int, default=64)
