@@ -102,4 +102,20 @@ void CudaContext::upload(void* dst, const void* src, size_t bytes, cudaStream_t 
   }
 }
 
+const int32_t* DeviceInts::send(CudaContext& ctx, const std::vector<int32_t>& values, cudaStream_t stream) {
+  const size_t bytes = values.size() * sizeof(int32_t);
+  const void* before = buffer_.data();
+  void* dst = buffer_.reserve(bytes);
+  if (bytes > 0 && (dst != before || values != sent_)) {  // grown (fresh memory) or changed
+    ctx.upload(dst, values.data(), bytes, stream);
+    sent_ = values;
+  }
+  return static_cast<const int32_t*>(dst);
+}
+
+size_t CudaContext::scratch_bytes() const {
+  return table.bytes() + attn_meta.bytes() + slot_map.bytes() + call_table.bytes() + call_lens.bytes() +
+         call_indptr.bytes() + staged_slots.bytes() + workspace.bytes() + staging.bytes();
+}
+
 }  // namespace pagedkv

@@ -158,9 +158,7 @@ Stats Engine::stats() const {
   s.counters = counters_;
 #ifdef PAGEDKV_WITH_CUDA
   if (cuda_)
-    s.device_scratch_bytes = int64_t(cuda_->table.bytes() + cuda_->meta.bytes() + cuda_->attn_meta.bytes() +
-                                     cuda_->workspace.bytes() + cuda_->staging.bytes() +
-                                     cuda_->slot_map.bytes());
+    s.device_scratch_bytes = int64_t(cuda_->scratch_bytes());
 #endif
   return s;
 }

@@ -40,10 +40,6 @@ void Engine::launch(const PagedAttentionParams& p, void* stream) {
 
 const StepPlan& Engine::plan_for(const std::vector<SeqId>& seqs, void* stream) {
   if (plan_.matches(seqs, version_)) return plan_;
-  // Moves of other sequences' blocks change the version too: a rebuilt table equal to the one on
-  // the device is not sent again.
-  const bool same_batch = plan_.seqs == seqs;
-  std::vector<int32_t> previous = std::move(plan_.block_table);
   plan_.seqs = seqs;
   plan_.version = version_;
   plan_.max_blocks = 1;
@@ -66,15 +62,10 @@ const StepPlan& Engine::plan_for(const std::vector<SeqId>& seqs, void* stream) {
     plan_.resident_tail[i] = tail;
   }
 #ifdef PAGEDKV_WITH_CUDA
-  if (cuda_ && !(same_batch && plan_.device_block_table && plan_.block_table == previous)) {
-    const size_t bytes = plan_.block_table.size() * sizeof(int32_t);
-    void* dst = cuda_->table.reserve(bytes);
-    cuda_->upload(dst, plan_.block_table.data(), bytes, static_cast<cudaStream_t>(stream));
-    plan_.device_block_table = static_cast<const int32_t*>(dst);
-  }
+  // Moves of other sequences' blocks change the version too: an equal table is not sent again.
+  if (cuda_) plan_.device_block_table = cuda_->table.send(*cuda_, plan_.block_table, static_cast<cudaStream_t>(stream));
 #else
   (void)stream;
-  (void)same_batch;
 #endif
   return plan_;
 }
@@ -92,14 +83,17 @@ int64_t Engine::check_in_scope(SeqId seq, const SequenceTable& t, int32_t layer,
   PKV_CHECK(n <= len, ArgumentError, "attend(): lengths[", index, "] = ", n, " but layer ", layer,
             " of sequence ", seq, " has seen only ", len, " tokens");
   if (n == 0) return 0;
-  const int32_t first = window_start(len - n, window) / bs;
-  const int32_t last = blocks_for(len, bs);
-  const int32_t sink_blocks = window > 0 ? std::min(blocks_for(cfg_.sink_tokens, bs), first) : 0;
-  for (int32_t b = first; b < std::min(t.drop_cursor, last); ++b)
+  const ScopeBlocks sc = scope_blocks(len, n, window);
+  for (int32_t b = sc.first; b < std::min(t.drop_cursor, sc.last); ++b)
     PKV_CHECK(t.blocks[size_t(b)] != kNoBlock || int64_t(b) * bs < cfg_.sink_tokens, ArgumentError,
               "attend(): lengths[", index, "] = ", n, " reaches keys of sequence ", seq,
               " that the window already dropped (retain=False)");
-  return int64_t(last - first) + sink_blocks;
+  return int64_t(sc.last - sc.first) + sc.sinks;
+}
+
+Engine::ScopeBlocks Engine::scope_blocks(int32_t len, int32_t n, int32_t window) const {
+  const int32_t bs = cfg_.block_size, first = window_start(len - n, window) / bs;
+  return {window > 0 ? std::min(blocks_for(cfg_.sink_tokens, bs), first) : 0, first, blocks_for(len, bs)};
 }
 
 // The blocks rows [len - n, len) read, sinks first; dropped ones never are (check_in_scope).
@@ -107,11 +101,9 @@ std::vector<BlockId> Engine::blocks_in_scope(const SequenceTable& t, int32_t lay
                                              int32_t window) const {
   std::vector<BlockId> out;
   if (n == 0) return out;
-  const int32_t len = t.lens[size_t(layer)], bs = cfg_.block_size;
-  const int32_t first = window_start(len - n, window) / bs;
-  const int32_t sink_blocks = window > 0 ? std::min(blocks_for(cfg_.sink_tokens, bs), first) : 0;
-  for (int32_t b = 0; b < sink_blocks; ++b) out.push_back(t.blocks[size_t(b)]);
-  for (int32_t b = first; b < blocks_for(len, bs); ++b) out.push_back(t.blocks[size_t(b)]);
+  const ScopeBlocks sc = scope_blocks(t.lens[size_t(layer)], n, window);
+  for (int32_t b = 0; b < sc.sinks; ++b) out.push_back(t.blocks[size_t(b)]);
+  for (int32_t b = sc.first; b < sc.last; ++b) out.push_back(t.blocks[size_t(b)]);
   return out;
 }
 
@@ -138,11 +130,9 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   if (q_indptr.back() == 0) return;
   bool resident = plan_.matches(seqs, version_);
   for (size_t i = 0; resident && i < seqs.size(); ++i) {  // every block in scope is on the device
-    const int32_t len = kv_lens[i], bs = cfg_.block_size;
     if (lengths[i] == 0) continue;
-    const int32_t first = window_start(len - lengths[i], window) / bs;
-    const int32_t sinks = window > 0 ? std::min(blocks_for(cfg_.sink_tokens, bs), first) : 0;
-    resident = first >= plan_.resident_tail[i] && sinks <= plan_.resident_head[i];
+    const ScopeBlocks sc = scope_blocks(kv_lens[i], lengths[i], window);
+    resident = sc.first >= plan_.resident_tail[i] && sc.sinks <= plan_.resident_head[i];
   }
   // Prefetches still landing: once per prefetch, the stream waits for those of this batch.
   const bool awaited = device_ready_.empty() || (plan_.matches(seqs, version_) &&
@@ -186,8 +176,6 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
         for (BlockId id : tables_.at(s).blocks)
           if (id != kNoBlock) all.push_back(id);
       await_blocks(all, args.stream);
-    } else {
-      await_blocks(needed, args.stream);
     }
   }
   if (tiered() && layer == 0) ++step_;
@@ -196,12 +184,10 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
       SequenceTable& t = tables_.at(seqs[i]);
       if (t.touched_step == step_) continue;  // once per step, not once per layer
       t.touched_step = step_;
-      const int32_t len = t.lens[size_t(layer)], bs = cfg_.block_size;
       if (lengths[i] == 0) continue;
-      const int32_t first = window_start(len - lengths[i], window) / bs;
-      const int32_t sinks = window > 0 ? std::min(blocks_for(cfg_.sink_tokens, bs), first) : 0;
-      for (int32_t b = 0; b < sinks; ++b) note_use(t, seqs[i], b);
-      for (int32_t b = first; b < blocks_for(len, bs); ++b) note_use(t, seqs[i], b);
+      const ScopeBlocks sc = scope_blocks(kv_lens[i], lengths[i], window);
+      for (int32_t b = 0; b < sc.sinks; ++b) note_use(t, seqs[i], b);
+      for (int32_t b = sc.first; b < sc.last; ++b) note_use(t, seqs[i], b);
     }
   if (staged && !staged_again) build_staged_plan(seqs, needed, kv_lens, lengths, window);
   if (staged) in_scope -= int64_t(staged_plan_.order.size());
@@ -233,17 +219,10 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   }
 #ifdef PAGEDKV_WITH_CUDA
   auto st = static_cast<cudaStream_t>(args.stream);
-  // kv_lens and q_indptr in one buffer, sent only when they differ from what it holds: every
-  // layer of a decode step after the first finds them unchanged, and sends nothing.
+  // kv_lens and q_indptr in one array (every layer of a decode step after the first sends nothing)
   std::vector<int32_t> meta_host(kv_lens);
   meta_host.insert(meta_host.end(), q_indptr.begin(), q_indptr.end());
-  const size_t meta_bytes = meta_host.size() * sizeof(int32_t);
-  const bool resend = meta_host != cuda_->attn_meta_sent || cuda_->attn_meta.bytes() < meta_bytes;
-  int32_t* meta = static_cast<int32_t*>(cuda_->attn_meta.reserve(meta_bytes));
-  if (resend) {
-    cuda_->upload(meta, meta_host.data(), meta_bytes, st);
-    cuda_->attn_meta_sent = std::move(meta_host);
-  }
+  const int32_t* meta = cuda_->attn_meta.send(*cuda_, meta_host, st);
   p.kv_lens = meta;
   p.q_indptr = meta + kv_lens.size();
   p.block_table = plan.device_block_table;
@@ -366,16 +345,9 @@ void Engine::run_with_tables(PagedAttentionParams& p, const std::vector<int32_t>
   }
 #ifdef PAGEDKV_WITH_CUDA
   auto st = static_cast<cudaStream_t>(stream);
-  auto aligned = [](size_t n) { return (n + 255) & ~size_t(255); };
-  const size_t table_bytes = tables.size() * sizeof(int32_t), lens_bytes = kv_lens.size() * sizeof(int32_t);
-  const size_t lens_off = aligned(table_bytes), indptr_off = lens_off + aligned(lens_bytes);
-  char* meta = static_cast<char*>(cuda_->meta.reserve(indptr_off + q_indptr.size() * sizeof(int32_t)));
-  cuda_->upload(meta, tables.data(), table_bytes, st);
-  cuda_->upload(meta + lens_off, kv_lens.data(), lens_bytes, st);
-  cuda_->upload(meta + indptr_off, q_indptr.data(), q_indptr.size() * sizeof(int32_t), st);
-  p.block_table = reinterpret_cast<const int32_t*>(meta);
-  p.kv_lens = reinterpret_cast<const int32_t*>(meta + lens_off);
-  p.q_indptr = reinterpret_cast<const int32_t*>(meta + indptr_off);
+  p.block_table = cuda_->call_table.send(*cuda_, tables, st);
+  p.kv_lens = cuda_->call_lens.send(*cuda_, kv_lens, st);
+  p.q_indptr = cuda_->call_indptr.send(*cuda_, q_indptr, st);
   launch(p, st);
 #else
   (void)stream;

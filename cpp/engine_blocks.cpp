@@ -125,19 +125,12 @@ void Engine::write_rows(const std::vector<int32_t>& slot_mapping, int32_t layer,
   }
 #ifdef PAGEDKV_WITH_CUDA
   auto st = static_cast<cudaStream_t>(stream);
-  // Every layer of a decode step writes the same slots: the mapping is sent once per step.
-  const size_t bytes = slot_mapping.size() * sizeof(int32_t);
-  const void* before = cuda_->slot_map.data();
-  void* mapping = cuda_->slot_map.reserve(bytes);
-  if (mapping != before || slot_mapping != cuda_->slot_map_sent) {
-    cuda_->upload(mapping, slot_mapping.data(), bytes, st);
-    cuda_->slot_map_sent = slot_mapping;
-  }
+  const int32_t* mapping = cuda_->slot_map.send(*cuda_, slot_mapping, st);
   cuda::KVWriteParams p;
   p.k = k;
   p.v = v;
   p.pool = pool(Tier::device).data();
-  p.slot_mapping = static_cast<const int32_t*>(mapping);
+  p.slot_mapping = mapping;
   p.num_rows = int32_t(slot_mapping.size());
   p.num_kv_heads = H;
   p.head_dim = D;

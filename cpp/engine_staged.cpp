@@ -75,12 +75,10 @@ void Engine::run_staged(int32_t layer, PagedAttentionParams& p, const std::vecto
   if (cfg_.on_cuda && stage_by_kernel_ && n > 0) {  // SM loads over the link, on the compute stream
     auto st = static_cast<cudaStream_t>(stream);
     for (const Fence& w : sp.waits) copies_->order_after(w, stream);  // evictions still writing a slot
-    const size_t bytes = n * sizeof(int32_t);
-    void* slots = cuda_->staged_slots.reserve(bytes);
-    cuda_->upload(slots, sp.host_slots.data(), bytes, st);
+    const int32_t* slots = cuda_->staged_slots.send(*cuda_, sp.host_slots, st);
     void* host_base = nullptr;
     PKV_CUDA(cudaHostGetDevicePointer(&host_base, pool(Tier::host).data(), 0));
-    PKV_CUDA(cuda::gather_from_mapped_host(staging, host_base, static_cast<const int32_t*>(slots), int64_t(n),
+    PKV_CUDA(cuda::gather_from_mapped_host(staging, host_base, slots, int64_t(n),
                                            int64_t(slice), int64_t(block), int64_t(layer) * int64_t(slice),
                                            cuda_->num_sms(), st));
     landed = copies_->mark(stream);

@@ -34,6 +34,20 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
+class CudaContext;
+
+// A device copy of an int32 array that is sent again only when the array changes: every layer of
+// a decode step finds the same lengths, slot mapping and block table, and sends nothing.
+class DeviceInts {
+ public:
+  const int32_t* send(CudaContext& ctx, const std::vector<int32_t>& values, cudaStream_t stream);
+  size_t bytes() const { return buffer_.bytes(); }
+
+ private:
+  DeviceBuffer buffer_;
+  std::vector<int32_t> sent_;  // what buffer_ holds
+};
+
 class CudaContext {
  public:
   explicit CudaContext(int device);
@@ -47,15 +61,15 @@ class CudaContext {
   // (cuda::copy_from_mapped_host), so the copy does not queue behind swaps on the copy engines.
   void upload(void* dst, const void* src, size_t bytes, cudaStream_t stream);
 
-  DeviceBuffer table;      // step plan block tables
-  DeviceBuffer meta;       // per-call slot mappings and attend_range metadata
-  DeviceBuffer attn_meta;  // attend(): kv_lens then q_indptr, re-sent only when they change
-  std::vector<int32_t> attn_meta_sent;  // what attn_meta holds now
-  DeviceBuffer workspace;  // split-K partial results
-  DeviceBuffer slot_map;   // append(): row -> slot * block_size + offset, re-sent only when it changes
-  std::vector<int32_t> slot_map_sent;  // what slot_map holds now
-  DeviceBuffer staged_slots;  // host slot of each staged slice (kernel staging)
-  DeviceBuffer staging;    // one layer's slices of host blocks passing through attend()
+  DeviceInts table;         // the step plan's block table
+  DeviceInts attn_meta;     // attend(): kv_lens then q_indptr
+  DeviceInts slot_map;      // append(): row -> slot * block_size + offset
+  DeviceInts call_table, call_lens, call_indptr;  // tables of their own: staged, single rows
+  DeviceInts staged_slots;  // host slot of each staged slice (kernel staging)
+  DeviceBuffer workspace;   // split-K partial results
+  DeviceBuffer staging;     // one layer's slices of host blocks passing through attend()
+  // Device memory all of the above hold.
+  size_t scratch_bytes() const;
 
  private:
   void* stage(const void* src, size_t bytes, cudaStream_t stream);

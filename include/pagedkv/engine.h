@@ -172,6 +172,11 @@ class Engine {
                        void* stream);
   // Releases a host slot, after any staging copy that still reads it.
   Fence host_slot_fence(BlockId id);
+  // The logical blocks rows [len - n, len) of a layer read: [0, sinks) and [first, last).
+  struct ScopeBlocks {
+    int32_t sinks, first, last;
+  };
+  ScopeBlocks scope_blocks(int32_t len, int32_t n, int32_t window) const;
   int64_t check_in_scope(SeqId seq, const SequenceTable& t, int32_t layer, int32_t n,
                          int32_t window, size_t index) const;
   std::vector<BlockId> blocks_in_scope(const SequenceTable& t, int32_t layer, int32_t n,

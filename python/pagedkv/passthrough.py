@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _lse
+
 
 def key_ranges(begin: int, end: int, chunk_tokens: int, block_size: int) -> list[tuple[int, int]]:
     """[begin, end) cut at block boundaries into pieces spanning at most chunk_tokens of blocks."""
@@ -39,12 +41,10 @@ def attend(kv, seqs: list[int], layer: int, q: torch.Tensor, lengths: list[int],
                 o = torch.empty_like(q_row)
                 part_lse = torch.empty((1, hq), dtype=torch.float32, device=q.device)
                 engine.attend_range(seq, layer, pos, k0, k1, q_row, o, part_lse, hq, scale, stream)
-                parts.append(o.float())
+                parts.append(o)
                 lses.append(part_lse)
-            stacked = torch.stack(lses)                      # [ranges, 1, hq]
-            total = torch.logsumexp(stacked, dim=0)          # [1, hq]
-            weights = torch.exp(stacked - total)[..., None]  # [ranges, 1, hq, 1]
-            out[row] = (weights * torch.stack(parts)).sum(0)[0].to(q.dtype)
+            merged, total = _lse.merge(parts, lses)
+            out[row] = merged[0].to(q.dtype)
             lse[row] = total[0]
             row += 1
     return (out, lse) if return_lse else out

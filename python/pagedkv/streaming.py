@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _lse
+
 
 def attend(kv, seqs: list[int], layer: int, q: torch.Tensor, lengths: list[int], scale: float,
            window: int, return_lse: bool):
@@ -40,9 +42,7 @@ def attend(kv, seqs: list[int], layer: int, q: torch.Tensor, lengths: list[int],
         part_lse = torch.empty((len(rows), hq), dtype=torch.float32, device=q.device)
         engine.attend_prefixes([w[0] for w in where], layer, [w[1] for w in where], q_rot, part,
                                part_lse, hq, scale, stream)  # every row's sinks in one call
-        both = torch.stack([lse[idx], part_lse])                    # [2, rows, hq]
-        total = torch.logsumexp(both, dim=0)
-        w = torch.exp(both - total)[..., None]
-        out[idx] = (w[0] * out[idx].float() + w[1] * part.float()).to(q.dtype)
+        merged, total = _lse.merge([out[idx], part], [lse[idx], part_lse])
+        out[idx] = merged.to(q.dtype)
         lse[idx] = total
     return (out, lse) if return_lse else out
