@@ -2,6 +2,7 @@
 #include "pagedkv/engine.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -25,6 +26,12 @@ Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
             "disk_blocks: the disk tier is staged through pinned host memory; give host_blocks > 0");
   const size_t block = size_t(cfg_.block_bytes());
   if (const char* how = std::getenv("PAGEDKV_STAGING")) stage_by_kernel_ = std::strcmp(how, "dma") != 0;
+  if (const char* g = std::getenv("PAGEDKV_GATHER")) {
+    int u = 0, t = 0, c = 0;
+    PKV_CHECK(std::sscanf(g, "%d,%d,%d", &u, &t, &c) == 3, ArgumentError,
+              "PAGEDKV_GATHER: expected unroll,threads,ctas_per_sm, got ", g);
+    gather_shape_[0] = u, gather_shape_[1] = t, gather_shape_[2] = c;
+  }
   policy_ = make_policy(cfg_.policy, cfg_.policy_params);
   host_order_ = make_policy("lru", {});
   clean_order_ = make_policy("lru", {});

@@ -80,7 +80,8 @@ void Engine::run_staged(int32_t layer, PagedAttentionParams& p, const std::vecto
     PKV_CUDA(cudaHostGetDevicePointer(&host_base, pool(Tier::host).data(), 0));
     PKV_CUDA(cuda::gather_from_mapped_host(staging, host_base, slots, int64_t(n),
                                            int64_t(slice), int64_t(block), int64_t(layer) * int64_t(slice),
-                                           cuda_->num_sms(), st));
+                                           cuda_->num_sms(), st,
+                                           {gather_shape_[0], gather_shape_[1], gather_shape_[2]}));
     landed = copies_->mark(stream);
   }
 #endif

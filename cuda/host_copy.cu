@@ -41,18 +41,17 @@ namespace pagedkv::cuda {
 namespace {
 
 // Vector v of the output is 16-byte piece v % per_slice of slice v / per_slice, which is read from
-// host_base + slots[slice] * block_bytes + offset. Each thread keeps kUnroll loads in flight: a
+// host_base + slots[slice] * block_bytes + offset. Each thread keeps UNROLL loads in flight: a
 // read over the link takes microseconds, so the link fills only with many outstanding.
-constexpr int kUnroll = 4;
-
+template <int UNROLL>
 __global__ void gather_mapped_kernel(uint4* __restrict__ dst, const char* __restrict__ host_base,
                                      const int32_t* __restrict__ slots, int64_t total, int64_t per_slice,
                                      int64_t block_bytes, int64_t offset) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t v0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v0 < total; v0 += stride * kUnroll) {
-    uint4 r[kUnroll];
+  for (int64_t v0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v0 < total; v0 += stride * UNROLL) {
+    uint4 r[UNROLL];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < UNROLL; ++u) {
       const int64_t v = v0 + u * stride;
       if (v < total) {
         const int64_t s = v / per_slice;
@@ -60,27 +59,44 @@ __global__ void gather_mapped_kernel(uint4* __restrict__ dst, const char* __rest
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
+    for (int u = 0; u < UNROLL; ++u)
       if (v0 + u * stride < total) dst[v0 + u * stride] = r[u];
   }
+}
+
+template <int UNROLL>
+void launch_gather(const GatherShape& g, uint4* dst, const char* host_base, const int32_t* slots, int64_t total,
+                   int64_t per_slice, int64_t block_bytes, int64_t offset, int num_sms, cudaStream_t stream) {
+  const int64_t per_cta = int64_t(g.threads) * UNROLL;
+  const int64_t want = (total + per_cta - 1) / per_cta;
+  const int64_t most = int64_t(num_sms) * g.ctas_per_sm;
+  const unsigned blocks = unsigned(want < 1 ? 1 : (want > most ? most : want));
+  gather_mapped_kernel<UNROLL><<<blocks, g.threads, 0, stream>>>(dst, host_base, slots, total, per_slice,
+                                                                  block_bytes, offset);
 }
 
 }  // namespace
 
 cudaError_t gather_from_mapped_host(void* dst, const void* host_base, const int32_t* slots, int64_t count,
                                     int64_t slice_bytes, int64_t block_bytes, int64_t offset, int num_sms,
-                                    cudaStream_t stream) {
+                                    cudaStream_t stream, const GatherShape& shape) {
   if (count == 0) return cudaSuccess;
   if (slice_bytes % 16 || block_bytes % 16 || offset % 16 ||
       (reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(host_base)) % 16)
     return cudaErrorInvalidValue;
+  if (shape.threads < 32 || shape.threads > 1024 || shape.threads % 32 || shape.ctas_per_sm < 1)
+    return cudaErrorInvalidValue;
   const int64_t total = count * (slice_bytes / 16);
-  constexpr int kThreads = 256;
-  const int64_t want = (total + int64_t(kThreads) * kUnroll - 1) / (int64_t(kThreads) * kUnroll);
-  const int64_t most = int64_t(num_sms) * 8;
-  const unsigned blocks = unsigned(want < 1 ? 1 : (want > most ? most : want));
-  gather_mapped_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<uint4*>(dst), static_cast<const char*>(host_base),
-                                                        slots, total, slice_bytes / 16, block_bytes, offset);
+  auto* d = static_cast<uint4*>(dst);
+  auto* h = static_cast<const char*>(host_base);
+  const int64_t per = slice_bytes / 16;
+  switch (shape.unroll) {
+    case 2: launch_gather<2>(shape, d, h, slots, total, per, block_bytes, offset, num_sms, stream); break;
+    case 4: launch_gather<4>(shape, d, h, slots, total, per, block_bytes, offset, num_sms, stream); break;
+    case 8: launch_gather<8>(shape, d, h, slots, total, per, block_bytes, offset, num_sms, stream); break;
+    case 16: launch_gather<16>(shape, d, h, slots, total, per, block_bytes, offset, num_sms, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
   return cudaGetLastError();
 }
 

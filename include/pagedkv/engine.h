@@ -199,6 +199,9 @@ class Engine {
   // CUDA: stage slices with SM loads over the link (a kernel on the compute stream) rather than
   // with 2-D copies on the copy engine. PAGEDKV_STAGING=dma|kernel when the engine is made.
   bool stage_by_kernel_ = true;
+  // The staging kernel's loads in flight per thread, threads per CTA and CTAs per SM
+  // (PAGEDKV_GATHER=unroll,threads,ctas when the engine is made; for tuning runs).
+  int gather_shape_[3] = {4, 256, 8};
   // Device blocks fetched from the host and not written since: their host slot still holds the
   // same bytes, so evicting them again moves nothing. The fence is the fetch that reads the slot.
   struct CleanCopy {
