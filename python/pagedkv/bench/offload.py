@@ -157,7 +157,7 @@ def pass_through(device_blocks: int, steps: int = 3) -> dict:
 def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
     """Decode steps of a resident batch; then the same while other sessions swap in and out."""
     swap_blocks = 256
-    need = batch * (ctx // BS + steps // BS + 2)
+    need = batch * (ctx // BS + 14 * steps // BS + 2)  # every decode step below appends a row
     kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
                  device="cuda", device_blocks=need + 2 * swap_blocks + 16, host_blocks=2 * swap_blocks + 16,
                  watermarks=(0, 0))
@@ -198,19 +198,42 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
 
     step()
     plain = min(compute_time(steps3) for _ in range(steps)) / 3
-    times = []
-    for i in range(steps):
-        down, up = other[i % 2], other[(i + 1) % 2]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    steps3()
+    issue = (time.perf_counter() - t0) / 3  # host time to queue a step: near step_s = host-bound
+    torch.cuda.synchronize()
+    where = 0  # which of `other` is on the device
 
-        def swaps():  # 512 MiB down and 512 MiB up on the copy streams ...
-            kv.offload([down])
-            kv.prefetch([up])
+    def with_swaps(down: bool, up: bool) -> float:
+        nonlocal where
+        times = []
+        for _ in range(steps):
+            dev, host = other[where], other[1 - where]
 
-        times.append(compute_time(steps3, before=swaps) / 3)  # ... while 3 decode steps run
+            def swaps():  # 512 MiB down and/or 512 MiB up on the copy streams ...
+                if down:
+                    kv.offload([dev])
+                if up:
+                    kv.prefetch([host])
+
+            times.append(compute_time(steps3, before=swaps) / 3)  # ... while 3 decode steps run
+            if down and up:
+                where = 1 - where
+            elif down:  # put it back, untimed
+                torch.cuda.synchronize()
+                kv.prefetch([dev])
+            else:
+                torch.cuda.synchronize()
+                kv.offload([host])
+        return min(times)
+
+    busy = with_swaps(True, True)
+    only_down, only_up = with_swaps(True, False), with_swaps(False, True)
     kv.check_invariants()
-    busy = min(times)
     return {"batch": batch, "context": ctx, "step_s": plain, "step_with_swaps_s": busy,
-            "ratio": busy / plain, "swap_bytes_per_step": 2 * swap_blocks * kv.block_bytes}
+            "ratio": busy / plain, "swap_bytes_per_step": 2 * swap_blocks * kv.block_bytes,
+            "host_issue_s": issue, "ratio_swap_out_only": only_down / plain, "ratio_swap_in_only": only_up / plain}
 
 
 def main(args) -> None:
@@ -245,7 +268,8 @@ def main(args) -> None:
     print(f"  decode step (mean of 3 back to back), batch {dec['batch']} x {dec['context']}: "
           f"{dec['step_s'] * 1e3:.2f} ms alone, "
           f"{dec['step_with_swaps_s'] * 1e3:.2f} ms with {dec['swap_bytes_per_step'] / 2**30:.2f} GiB of swaps "
-          f"in flight ({dec['ratio']:.3f}x)")
+          f"in flight ({dec['ratio']:.3f}x; swap-out only {dec['ratio_swap_out_only']:.3f}x, swap-in only "
+          f"{dec['ratio_swap_in_only']:.3f}x; host issues a step in {dec['host_issue_s'] * 1e3:.2f} ms)")
     for how, r in pt.items():
         print(f"  pass-through ({how}): decode over {r['context_blocks']} blocks, {r['device_blocks']}-block device "
               f"tier: {r['step_s'] * 1e3:.1f} ms/step (host issue {r['host_issue_s'] * 1e3:.1f}), "
