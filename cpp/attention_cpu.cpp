@@ -53,10 +53,48 @@ float dot(const float* q, const void* pool, int64_t base, int32_t D) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + tail;
 }
 
+// cos and sin of shift * inv_freq[i]: the angle in double (it reaches 1e5 rad in long streams),
+// then rounded to float, as the kernel does.
+void rotation_table(const RopeView& r, int32_t shift, std::vector<float>& cs) {
+  const int32_t half = r.dim / 2;
+  cs.resize(size_t(2 * half));
+  for (int32_t i = 0; i < half; ++i) {
+    const double angle = double(shift) * r.inv_freq[i];
+    cs[size_t(2 * i)] = float(std::cos(angle));
+    cs[size_t(2 * i + 1)] = float(std::sin(angle));
+  }
+}
+
+// qr = q rotated by the table (float arithmetic), rounded to the query's dtype like the query
+// itself: the kernel holds the rotated query in the dtype of its Q tile.
+void rotate_query(const RopeView& r, DType dtype, const std::vector<float>& q, const std::vector<float>& cs,
+                  std::vector<float>& qr) {
+  qr = q;
+  for (int32_t i = 0; i < r.dim / 2; ++i) {
+    int32_t d0, d1;
+    rope_pair(r, i, &d0, &d1);
+    const float c = cs[size_t(2 * i)], s = cs[size_t(2 * i + 1)];
+    const float x0 = q[size_t(d0)], x1 = q[size_t(d1)];
+    qr[size_t(d0)] = x0 * c - x1 * s;
+    qr[size_t(d1)] = x1 * c + x0 * s;
+  }
+  if (dtype == DType::f32) return;
+  for (float& x : qr) {
+    uint16_t bits;
+    store_from_float(&bits, 0, x, dtype);
+    x = load_as_float(&bits, 0, dtype);
+  }
+}
+
+// Scratch of one thread.
+struct Scratch {
+  std::vector<float> scores, acc, qf, qr, cs;
+};
+
 // One (sequence, kv head) pair: every query row of the sequence, every query head of the group.
 template <DType DT>
-void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head,
-                std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& qf) {
+void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head, Scratch& w) {
+  std::vector<float>&scores = w.scores, &acc = w.acc, &qf = w.qf;
   const int32_t group = p.num_q_heads / p.num_kv_heads;
   const int32_t D = p.head_dim, bs = p.block_size;
   const int32_t* table = p.block_table + int64_t(seq) * p.max_blocks;
@@ -65,17 +103,23 @@ void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head,
     const KeyRanges kr = key_ranges(p, pos);
     const int32_t num_keys = kr.sink_end + (pos + 1 - kr.window_begin);
     scores.resize(size_t(num_keys));
+    // The sinks [0, kr.sink_end) score against the query turned by sink_shift (exactly 0 when they
+    // sit right before the window: then nothing turns).
+    const bool rotate = rotates_sinks(p) && kr.sink_end > 0 && kr.sink_end != kr.window_begin;
+    if (rotate) rotation_table(rope_view(p.sink_rope), kr.sink_end - kr.window_begin, w.cs);
     for (int32_t g = 0; g < group; ++g) {
       const int32_t qh = kv_head * group + g;
       const int64_t qbase = (int64_t(row) * p.num_q_heads + qh) * D;
       qf.resize(size_t(D));
       for (int32_t d = 0; d < D; ++d) qf[size_t(d)] = load_as_float(p.q, qbase + d, p.dtype);
+      if (rotate) rotate_query(rope_view(p.sink_rope), p.dtype, qf, w.cs, w.qr);
       // Pass 1: scores. Key index i counts sinks first, then the window.
       float max_score = -std::numeric_limits<float>::infinity();
       for (int32_t i = 0; i < num_keys; ++i) {
         const int32_t j = i < kr.sink_end ? i : kr.window_begin + (i - kr.sink_end);
         const int64_t base = tile_offset(p, table[j / bs], 0, kv_head) + int64_t(j % bs) * D;
-        scores[size_t(i)] = dot<DT>(qf.data(), p.pool, base, D) * p.scale;
+        const float* qi = rotate && i < kr.sink_end ? w.qr.data() : qf.data();
+        scores[size_t(i)] = dot<DT>(qi, p.pool, base, D) * p.scale;
         max_score = std::max(max_score, scores[size_t(i)]);
       }
       // Pass 2: softmax-weighted sum of V.
@@ -105,12 +149,12 @@ void attention_cpu(const PagedAttentionParams& p, int num_threads) {
     work += int64_t(p.q_indptr[s + 1] - p.q_indptr[s]) * p.kv_lens[s] * p.num_q_heads * p.head_dim;
   if (work < (1 << 16)) num_threads = 1;
   parallel_for(items, num_threads, [&](int64_t item) {
-    thread_local std::vector<float> scores, acc, qf;
+    thread_local Scratch scratch;
     const int32_t seq = int32_t(item / p.num_kv_heads), head = int32_t(item % p.num_kv_heads);
     switch (p.dtype) {
-      case DType::f32: attend_one<DType::f32>(p, seq, head, scores, acc, qf); break;
-      case DType::f16: attend_one<DType::f16>(p, seq, head, scores, acc, qf); break;
-      default: attend_one<DType::bf16>(p, seq, head, scores, acc, qf); break;
+      case DType::f32: attend_one<DType::f32>(p, seq, head, scratch); break;
+      case DType::f16: attend_one<DType::f16>(p, seq, head, scratch); break;
+      default: attend_one<DType::bf16>(p, seq, head, scratch); break;
     }
   });
 }

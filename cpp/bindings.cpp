@@ -48,6 +48,18 @@ void* checked(const Engine& e, const Array& a, const char* name, int64_t elems, 
   return a.data();
 }
 
+// The sink rotation table of attention_params.h, built once by the Python side (cache.py):
+// [2 + rotary_dim / 2] float64 on the CPU whatever the cache's device (the engine sends it).
+using RopeTable = nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+const double* checked_rope(const RopeTable& t) {
+  const double* d = t.data();
+  PKV_CHECK(t.shape(0) >= 2 && d[1] >= 2 && d[1] <= 1 << 20 && t.shape(0) == size_t(2 + int64_t(d[1]) / 2),
+            ArgumentError, "sink_rope must hold [style, rotary_dim, rotary_dim / 2 frequencies], got ",
+            t.shape(0), " values");
+  return d;
+}
+
 void register_exceptions(nb::module_& m) {
   static nb::object out_of_blocks = nb::steal(PyErr_NewExceptionWithDoc(
       "pagedkv._C.OutOfBlocksError", "Every tier of the cache is full.", PyExc_MemoryError, nullptr));
@@ -178,7 +190,7 @@ NB_MODULE(_C, m) {
            [](Engine& e, const std::vector<SeqId>& seqs, int32_t layer,
               const std::vector<int32_t>& lengths, const Array& q, const Array& out,
               std::optional<Array> lse, int32_t num_q_heads, float scale, int32_t window,
-              int32_t sinks, uintptr_t stream) {
+              int32_t sinks, uintptr_t stream, std::optional<RopeTable> sink_rope) {
              const CacheConfig& c = e.config();
              int64_t rows = 0;
              for (int32_t n : lengths) rows += n;
@@ -191,12 +203,13 @@ NB_MODULE(_C, m) {
              a.window = window;
              a.sink_tokens = sinks;
              a.stream = as_stream(stream);
+             if (sink_rope) a.sink_rope = checked_rope(*sink_rope);
              nb::gil_scoped_release release;
              e.attend(seqs, layer, lengths, a);
            },
            "seqs"_a, "layer"_a, "lengths"_a, "q"_a.noconvert(), "out"_a.noconvert(),
            "lse"_a.noconvert().none(), "num_q_heads"_a, "scale"_a, "window"_a, "sinks"_a = -1,
-           "stream"_a = 0)
+           "stream"_a = 0, "sink_rope"_a.noconvert().none() = nb::none())
       .def("blocks_needed", &Engine::blocks_needed, "seqs"_a, "layer"_a, "lengths"_a, "window"_a)
       .def("attend_range",
            [](Engine& e, SeqId seq, int32_t layer, int32_t position, int32_t key_begin,
@@ -215,24 +228,6 @@ NB_MODULE(_C, m) {
            },
            "seq"_a, "layer"_a, "position"_a, "key_begin"_a, "key_end"_a, "q"_a.noconvert(),
            "out"_a.noconvert(), "lse"_a.noconvert(), "num_q_heads"_a, "scale"_a, "stream"_a)
-      .def("attend_prefixes",
-           [](Engine& e, const std::vector<SeqId>& seqs_of_rows, int32_t layer,
-              const std::vector<int32_t>& key_ends, const Array& q, const Array& out, const Array& lse,
-              int32_t num_q_heads, float scale, uintptr_t stream) {
-             const CacheConfig& c = e.config();
-             const int64_t rows = int64_t(seqs_of_rows.size());
-             AttendArgs a;
-             a.num_q_heads = num_q_heads;
-             a.q = checked(e, q, "q", rows * num_q_heads * c.head_dim, c.dtype);
-             a.out = checked(e, out, "out", rows * num_q_heads * c.head_dim, c.dtype);
-             a.lse = static_cast<float*>(checked(e, lse, "lse", rows * num_q_heads, DType::f32));
-             a.scale = scale;
-             a.stream = as_stream(stream);
-             nb::gil_scoped_release release;
-             e.attend_prefixes(seqs_of_rows, layer, key_ends, a);
-           },
-           "seqs_of_rows"_a, "layer"_a, "key_ends"_a, "q"_a.noconvert(), "out"_a.noconvert(),
-           "lse"_a.noconvert(), "num_q_heads"_a, "scale"_a, "stream"_a)
       .def("gather",
            [](Engine& e, SeqId seq, int32_t layer, const Array& k_out, const Array& v_out,
               uintptr_t stream) {

@@ -102,20 +102,24 @@ void CudaContext::upload(void* dst, const void* src, size_t bytes, cudaStream_t 
   }
 }
 
-const int32_t* DeviceInts::send(CudaContext& ctx, const std::vector<int32_t>& values, cudaStream_t stream) {
-  const size_t bytes = values.size() * sizeof(int32_t);
+template <typename T>
+const T* DeviceArray<T>::send(CudaContext& ctx, const T* values, size_t count, cudaStream_t stream) {
+  const size_t bytes = count * sizeof(T);
   const void* before = buffer_.data();
   void* dst = buffer_.reserve(bytes);
-  if (bytes > 0 && (dst != before || values != sent_)) {  // grown (fresh memory) or changed
-    ctx.upload(dst, values.data(), bytes, stream);
-    sent_ = values;
+  const bool same = count == sent_.size() && std::equal(values, values + count, sent_.begin());
+  if (bytes > 0 && (dst != before || !same)) {  // grown (fresh memory) or changed
+    ctx.upload(dst, values, bytes, stream);
+    sent_.assign(values, values + count);
   }
-  return static_cast<const int32_t*>(dst);
+  return static_cast<const T*>(dst);
 }
+template class DeviceArray<int32_t>;
+template class DeviceArray<double>;
 
 size_t CudaContext::scratch_bytes() const {
   return table.bytes() + attn_meta.bytes() + slot_map.bytes() + call_table.bytes() + call_lens.bytes() +
-         call_indptr.bytes() + staged_slots.bytes() + workspace.bytes() + staging.bytes();
+         call_indptr.bytes() + staged_slots.bytes() + sink_rope.bytes() + workspace.bytes() + staging.bytes();
 }
 
 }  // namespace pagedkv

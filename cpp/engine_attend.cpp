@@ -30,6 +30,22 @@ PagedAttentionParams Engine::base_params(const AttendArgs& args, int32_t layer) 
   return p;
 }
 
+// Points p.sink_rope at the sink rotation table (checked by attend() first), on CUDA at its device
+// copy, which is sent again only when the table changes. Without a window or sinks nothing turns,
+// and the kernels without rotation run.
+void Engine::set_sink_rope(PagedAttentionParams& p, const AttendArgs& args) {
+  p.sink_rope = nullptr;
+  if (args.sink_rope == nullptr || p.window <= 0 || p.sink_tokens <= 0) return;
+  if (!cfg_.on_cuda) {
+    p.sink_rope = args.sink_rope;
+    return;
+  }
+#ifdef PAGEDKV_WITH_CUDA
+  const size_t n = size_t(2 + rope_view(args.sink_rope).dim / 2);
+  p.sink_rope = cuda_->sink_rope.send(*cuda_, args.sink_rope, n, static_cast<cudaStream_t>(args.stream));
+#endif
+}
+
 #ifdef PAGEDKV_WITH_CUDA
 void Engine::launch(const PagedAttentionParams& p, void* stream) {
   const size_t ws_bytes = cuda::paged_attention_workspace_bytes(p, cuda_->num_sms());
@@ -117,6 +133,13 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   const int32_t window = args.window < 0 ? cfg_.window : args.window;
   PKV_CHECK(args.sink_tokens <= cfg_.sink_tokens, ArgumentError, "attend(): sink_tokens ",
             args.sink_tokens, " exceeds the cache's ", cfg_.sink_tokens, " (only those are kept)");
+  if (args.sink_rope) {
+    const RopeView r = rope_view(args.sink_rope);
+    PKV_CHECK((r.style == kRopeNeox || r.style == kRopeGptj) && r.dim > 0 && r.dim % 2 == 0 &&
+                  r.dim <= cfg_.head_dim, ArgumentError, "attend(): the sink rotation needs style ",
+              kRopeNeox, " (neox) or ", kRopeGptj, " (gptj) and an even rotary_dim <= head_dim=",
+              cfg_.head_dim, ", got style ", r.style, " and rotary_dim ", r.dim);
+  }
   std::vector<int32_t> kv_lens(seqs.size()), q_indptr(seqs.size() + 1, 0);
   int32_t max_q_len = 0;
   int64_t in_scope = 0;
@@ -199,6 +222,7 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   p.max_q_len = max_q_len;
   p.window = window;
   p.sink_tokens = window > 0 ? (args.sink_tokens < 0 ? cfg_.sink_tokens : args.sink_tokens) : 0;
+  set_sink_rope(p, args);
   if (staged) {  // a table of its own: the step plan holds device slots only
     run_staged(layer, p, kv_lens, q_indptr, args.stream);
     return;
@@ -276,47 +300,6 @@ void Engine::attend_range(SeqId seq, int32_t layer, int32_t position, int32_t ke
   p.window = key_end - key_begin;
   p.sink_tokens = 0;
   run_single_rows(p, table_row, {key_end}, args.stream);
-}
-
-// Each query row r over keys [0, key_ends[r]) of seqs_of_rows[r], all of them visible: one kernel
-// call for every row of a batch (the sink part of StreamingLLM positions, python/pagedkv/streaming.py).
-void Engine::attend_prefixes(const std::vector<SeqId>& seqs_of_rows, int32_t layer,
-                             const std::vector<int32_t>& key_ends, const AttendArgs& args) {
-  check_layer(layer, "attend_prefixes()");
-  PKV_CHECK(seqs_of_rows.size() == key_ends.size(), ArgumentError, "attend_prefixes(): ",
-            key_ends.size(), " key ends for ", seqs_of_rows.size(), " rows");
-  const int32_t bs = cfg_.block_size;
-  std::vector<BlockId> ids;
-  int32_t max_blocks = 1;
-  for (size_t r = 0; r < seqs_of_rows.size(); ++r) {
-    const SequenceTable& t = table(seqs_of_rows[r], "attend_prefixes()");
-    PKV_CHECK(key_ends[r] >= 1 && key_ends[r] <= t.lens[size_t(layer)], ArgumentError,
-              "attend_prefixes(): key_ends[", r, "] = ", key_ends[r], " is not within the ",
-              t.lens[size_t(layer)], " keys of sequence ", seqs_of_rows[r]);
-    for (int32_t b = 0; b < blocks_for(key_ends[r], bs); ++b) {
-      PKV_CHECK(t.blocks[size_t(b)] != kNoBlock, ArgumentError, "attend_prefixes(): keys of sequence ",
-                seqs_of_rows[r], " were dropped by the window (retain=False)");
-      ids.push_back(t.blocks[size_t(b)]);
-    }
-    max_blocks = std::max(max_blocks, blocks_for(key_ends[r], bs));
-  }
-  if (seqs_of_rows.empty()) return;
-  if (tiered()) {
-    const KeepSet keep(ids.begin(), ids.end());
-    check_room(0, keep, "attend_prefixes()");
-    make_resident(ids, keep, args.stream);
-    await_blocks(ids, args.stream);
-  }
-  std::vector<int32_t> tables(seqs_of_rows.size() * size_t(max_blocks), -1);
-  for (size_t r = 0; r < seqs_of_rows.size(); ++r) {
-    const SequenceTable& t = tables_.at(seqs_of_rows[r]);
-    for (int32_t b = 0; b < blocks_for(key_ends[r], bs); ++b)
-      tables[r * size_t(max_blocks) + size_t(b)] = directory_.loc(t.blocks[size_t(b)]).slot;
-  }
-  PagedAttentionParams p = base_params(args, layer);
-  p.window = 0;
-  p.sink_tokens = 0;
-  run_single_rows(p, tables, key_ends, args.stream);
 }
 
 // Runs `p` over one query row per block-table row: tables [rows, max_blocks], kv_lens [rows]

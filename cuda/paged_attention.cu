@@ -27,21 +27,26 @@ struct Tag {
   using type = T;
 };
 
-// Calls f(Tag<T>, integral_constant<HD>) for the runtime dtype and head_dim.
+// Calls f(Tag<T>, integral_constant<HD>, bool_constant<rotates_sinks(p)>) for the runtime
+// dtype, head_dim and sink rotation.
 template <typename F>
-cudaError_t dispatch(DType dtype, int head_dim, F&& f) {
+cudaError_t dispatch(const PagedAttentionParams& p, F&& f) {
+  auto by_rope = [&](auto tag, auto hd) -> cudaError_t {
+    if (rotates_sinks(p)) return f(tag, hd, std::true_type{});
+    return f(tag, hd, std::false_type{});
+  };
   auto by_hd = [&](auto tag) -> cudaError_t {
-    switch (head_dim) {
-      case 64: return f(tag, std::integral_constant<int, 64>{});
-      case 80: return f(tag, std::integral_constant<int, 80>{});
-      case 96: return f(tag, std::integral_constant<int, 96>{});
-      case 128: return f(tag, std::integral_constant<int, 128>{});
-      case 256: return f(tag, std::integral_constant<int, 256>{});
+    switch (p.head_dim) {
+      case 64: return by_rope(tag, std::integral_constant<int, 64>{});
+      case 80: return by_rope(tag, std::integral_constant<int, 80>{});
+      case 96: return by_rope(tag, std::integral_constant<int, 96>{});
+      case 128: return by_rope(tag, std::integral_constant<int, 128>{});
+      case 256: return by_rope(tag, std::integral_constant<int, 256>{});
       default: return cudaErrorNotSupported;
     }
   };
-  if (dtype == DType::f16) return by_hd(Tag<__half>{});
-  if (dtype == DType::bf16) return by_hd(Tag<__nv_bfloat16>{});
+  if (p.dtype == DType::f16) return by_hd(Tag<__half>{});
+  if (p.dtype == DType::bf16) return by_hd(Tag<__nv_bfloat16>{});
   return cudaErrorNotSupported;  // f32 runs on the CPU reference only
 }
 
@@ -64,12 +69,13 @@ struct Plan {
 };
 
 // Per-instance launch facts, computed once (occupancy does not change between calls, and doing
-// it once keeps the per-call path free of anything but the launches).
-template <typename T, int HD, int NWARPS, int STAGES = kStages, int LOAD = kLoadCpAsync>
+// it once keeps the per-call path free of anything but the launches). ROPE: the instance that
+// rotates sinks (attention_params.h); calls without rotation never run it.
+template <typename T, int HD, bool ROPE, int NWARPS, int STAGES = kStages, int LOAD = kLoadCpAsync>
 struct Instance {
   using Shape = AttnShape<HD, NWARPS, STAGES>;
-  static constexpr auto kernel = paged_attention_kernel<T, HD, NWARPS, STAGES, LOAD>;
-  static constexpr size_t smem = Shape::template smem_bytes<T>();
+  static constexpr auto kernel = paged_attention_kernel<T, HD, NWARPS, STAGES, LOAD, ROPE>;
+  static constexpr size_t smem = Shape::template smem_bytes<T, ROPE>();
   static cudaError_t prepare(int* ctas_per_sm) {
     int dev = 0;
     cudaError_t err = cudaGetDevice(&dev);
@@ -131,21 +137,21 @@ inline size_t split_bytes(const PagedAttentionParams& p, int splits) {
 
 // Calls f(Instance<...>{}) for the configuration (a configuration that does not exist for this
 // head_dim falls back to kBase; make_plan never picks one).
-template <typename T, int HD, typename F>
+template <typename T, int HD, bool ROPE, typename F>
 cudaError_t with_config(Config c, F&& f) {
   if constexpr (HD == 256) {
-    if (c == Config::kHalf) return f(Instance<T, HD, 2>{});
+    if (c == Config::kHalf) return f(Instance<T, HD, ROPE, 2>{});
   }
   if constexpr (HD <= 128) {
-    if (c == Config::kDeep) return f(Instance<T, HD, 4, 3>{});
+    if (c == Config::kDeep) return f(Instance<T, HD, ROPE, 4, 3>{});
   }
   if constexpr (HD == 128) {
-    if (c == Config::kBulk) return f(Instance<T, HD, 4, 2, kLoadBulk>{});
+    if (c == Config::kBulk) return f(Instance<T, HD, ROPE, 4, 2, kLoadBulk>{});
   }
-  return f(Instance<T, HD, 4>{});
+  return f(Instance<T, HD, ROPE, 4>{});
 }
 
-template <typename T, int HD>
+template <typename T, int HD, bool ROPE>
 cudaError_t make_plan(const PagedAttentionParams& p, int num_sms, Plan* plan) {
   int dev = 0, optin = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -157,7 +163,7 @@ cudaError_t make_plan(const PagedAttentionParams& p, int num_sms, Plan* plan) {
   plan->n_mtiles = (p.max_q_len * group + 15) / 16;
   plan->config = Config::kBase;
   if constexpr (HD == 256) {  // sm_86/89 give a block 99 KB: half the warps, half the rings
-    if (Instance<T, HD, 4>::smem > size_t(optin)) plan->config = Config::kHalf;
+    if (Instance<T, HD, ROPE, 4>::smem > size_t(optin)) plan->config = Config::kHalf;
   }
   if constexpr (HD <= 128) {
     // A full wave of (seq, kv head, m-tile) units or more at 3 CTAs/SM (the base kernel on
@@ -166,10 +172,10 @@ cudaError_t make_plan(const PagedAttentionParams& p, int num_sms, Plan* plan) {
     // Only where the 3-stage kernel still keeps 2 CTAs on an SM, and chosen by itself only at
     // head_dim 128 (the one measured; the other head dims get it through the test hook).
     int base_ctas = 1, deep_ctas = 0;
-    err = Instance<T, HD, 4>::prepare(&base_ctas);
+    err = Instance<T, HD, ROPE, 4>::prepare(&base_ctas);
     if (err != cudaSuccess) return err;
-    if (Instance<T, HD, 4, 3>::smem <= size_t(optin)) {
-      err = Instance<T, HD, 4, 3>::prepare(&deep_ctas);
+    if (Instance<T, HD, ROPE, 4, 3>::smem <= size_t(optin)) {
+      err = Instance<T, HD, ROPE, 4, 3>::prepare(&deep_ctas);
       if (err != cudaSuccess) return err;
     }
     const int64_t units = int64_t(p.num_seqs) * p.num_kv_heads * plan->n_mtiles;
@@ -177,7 +183,7 @@ cudaError_t make_plan(const PagedAttentionParams& p, int num_sms, Plan* plan) {
     if (deep_ctas >= 2 && (g_force_variant == 1 || (g_force_variant == 0 && wave))) plan->config = Config::kDeep;
     if (HD == 128 && major >= 9 && g_force_variant == 2) plan->config = Config::kBulk;
   }
-  err = with_config<T, HD>(plan->config, [&](auto inst) {
+  err = with_config<T, HD, ROPE>(plan->config, [&](auto inst) {
     using I = decltype(inst);
     plan->nwarps = I::Shape::kThreads / 32, plan->smem = I::smem;
     return I::prepare(&plan->ctas_per_sm);
@@ -197,10 +203,10 @@ inline bool params_ok(const PagedAttentionParams& p) {
 size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sms) {
   if (!detail::params_ok(p) || p.num_rows == 0) return 0;
   size_t bytes = 0;
-  detail::dispatch(p.dtype, p.head_dim, [&](auto tag, auto hd) {
+  detail::dispatch(p, [&](auto tag, auto hd, auto rope) {
     using T = typename decltype(tag)::type;
     detail::Plan plan;
-    const cudaError_t err = detail::make_plan<T, decltype(hd)::value>(p, num_sms, &plan);
+    const cudaError_t err = detail::make_plan<T, decltype(hd)::value, decltype(rope)::value>(p, num_sms, &plan);
     if (err == cudaSuccess) bytes = detail::split_bytes(p, plan.splits);
     return err;
   });
@@ -211,11 +217,12 @@ cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size
                             int num_sms, cudaStream_t stream) {
   if (!detail::params_ok(p)) return cudaErrorInvalidValue;
   if (p.num_rows == 0 || p.num_seqs == 0) return cudaSuccess;
-  return detail::dispatch(p.dtype, p.head_dim, [&](auto tag, auto hd) -> cudaError_t {
+  return detail::dispatch(p, [&](auto tag, auto hd, auto rope) -> cudaError_t {
     using T = typename decltype(tag)::type;
     constexpr int HD = decltype(hd)::value;
+    constexpr bool ROPE = decltype(rope)::value;
     detail::Plan plan;
-    cudaError_t err = detail::make_plan<T, HD>(p, num_sms, &plan);
+    cudaError_t err = detail::make_plan<T, HD, ROPE>(p, num_sms, &plan);
     if (err != cudaSuccess) return err;
     int splits = plan.splits;
     if (detail::split_bytes(p, splits) > workspace_bytes || workspace == nullptr) {
@@ -228,7 +235,7 @@ cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size
     float* part_o = static_cast<float*>(workspace);
     float* part_lse = splits > 1 ? part_o + size_t(splits) * p.num_rows * p.num_q_heads * HD : nullptr;
     const dim3 grid(unsigned(p.num_seqs) * unsigned(p.num_kv_heads), plan.n_mtiles, splits);
-    detail::with_config<T, HD>(plan.config, [&](auto inst) {
+    detail::with_config<T, HD, ROPE>(plan.config, [&](auto inst) {
       decltype(inst)::launch(grid, stream, p, splits, part_o, part_lse);
       return cudaSuccess;
     });

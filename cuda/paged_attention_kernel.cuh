@@ -13,6 +13,12 @@
 // cp.async ring in shared memory (only __syncwarp in the loop), keeping its own online-softmax
 // state. The warps' states are merged in shared memory at the end; splits are merged by
 // merge_splits_kernel (paged_attention_merge.cuh) from float partials in the workspace.
+//
+// Sink rotation (ROPE instances only; attention_params.h): virtual keys [0, n_rot) are sinks of
+// some row of the m-tile. Chunks there score against a second, rotated Q tile in shared memory
+// (each packed row turned by its own row's sink_shift) and, where a chunk also holds keys that
+// some row sees unturned, against the plain tile too, picking per (row, key). Every other chunk
+// runs exactly the code of the instances without rotation.
 #pragma once
 #include <cfloat>
 #include <cstdint>
@@ -37,9 +43,14 @@ struct AttnShape {
   static constexpr int kVecs = HD / 8;     // 16-byte vectors per row
   static constexpr int kOStride = HD + 4;  // float row stride when a warp's O is parked in smem
   static_assert(16 * kOStride * 4 <= kWarpElems * 2, "warp O must fit in its KV ring");
-  template <typename T>
+  static constexpr bool kQInRegs = HD <= 128;  // HD 256 would not leave room for O: Q stays in smem
+  // The rotated Q tile of sink rotation: in place of the plain one once that sits in registers,
+  // else a tile of its own after the rings (so rotation never costs the others occupancy at
+  // HD <= 128).
+  static constexpr bool kRotTileOwn(bool rope) { return rope && !kQInRegs; }
+  template <typename T, bool ROPE = false>
   static constexpr size_t smem_bytes() {
-    return size_t(kQElems + NWARPS * kWarpElems) * sizeof(T);
+    return size_t(kQElems * (kRotTileOwn(ROPE) ? 2 : 1) + NWARPS * kWarpElems) * sizeof(T);
   }
 };
 
@@ -129,7 +140,78 @@ __device__ __forceinline__ void issue_chunk_bulk(const T* pool, int64_t off, int
   }
 }
 
-template <typename T, int HD, int NWARPS, int STAGES, int LOAD>
+// sQr = the m-tile's Q tile sQ ([16][kStride]) with packed row r turned by the sink_shift of its
+// query row (first_pos + (m0 + r) / group; padding rows past m_count borrow the last real one).
+// The angle in double (it reaches 1e5 rad in long streams), cos/sin rounded to float, the turn in
+// float without contraction (the CPU reference rounds the same way), stored in T like the Q tile.
+// sQr may be sQ: every element pair is read and written by one thread.
+template <typename T, int HD, int NTHREADS, int STRIDE>
+__device__ __forceinline__ void rotate_q_tile(const PagedAttentionParams& p, const T* sQ, T* sQr,
+                                              int first_pos, int m0, int m_count, int group) {
+  const RopeView rope = rope_view(p.sink_rope);
+  const int half = rope.dim / 2;
+  for (int it = threadIdx.x; it < 16 * (HD / 2); it += NTHREADS) {
+    const int r = it / (HD / 2), i = it % (HD / 2);
+    int d0, d1;
+    if (i < half) {
+      rope_pair(rope, i, &d0, &d1);
+    } else {  // past rope_dim: copied as they are (only needed when sQr is a tile of its own)
+      if (sQr == sQ) continue;
+      d0 = rope.dim + 2 * (i - half), d1 = d0 + 1;
+    }
+    const float x0 = float(sQ[r * STRIDE + d0]), x1 = float(sQ[r * STRIDE + d1]);
+    float y0 = x0, y1 = x1;
+    if (i < half) {
+      const int pos = first_pos + (m0 + min(r, m_count - 1)) / group;
+      double sn, cs;
+      sincos(double(sink_shift(pos, p.window, p.sink_tokens)) * rope.inv_freq[i], &sn, &cs);
+      const float c = float(cs), s = float(sn);
+      y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+      y1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+    }
+    sQr[r * STRIDE + d0] = T(y0);
+    sQr[r * STRIDE + d1] = T(y1);
+  }
+}
+
+// S of a chunk holding rotated keys (virtual keys [vbase, vbase + 16), some below n_rot): from the
+// rotated Q tile (a_rot: this lane's ldmatrix address in it), and where the chunk reaches past the
+// lowest row's sinks also from the plain one (qf, or a_plain in smem), element (row, key) taking
+// the rotated score only below that row's kept sinks (pos: this lane's two accumulator rows).
+template <typename T, int HD, int STRIDE, bool Q_IN_REGS>
+__device__ __forceinline__ void score_rotated_chunk(float (&s)[2][4],
+                                                    const uint32_t (&qf)[Q_IN_REGS ? HD / 16 : 1][4],
+                                                    const T* a_plain, const T* a_rot, const T* k_lane,
+                                                    const KeyScope& sc, int vbase, int quad_col,
+                                                    const int (&pos)[2], const PagedAttentionParams& p) {
+  auto qk = [&](float (&acc)[2][4], bool rotated) {
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t a[4], b[4];
+      if (Q_IN_REGS && !rotated) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) a[j] = qf[Q_IN_REGS ? kk : 0][j];
+      } else {
+        ldmatrix_x4(a, (rotated ? a_rot : a_plain) + kk * 16);
+      }
+      ldmatrix_x4(b, k_lane + kk * 16);
+      mma_16816<T>(acc[0], a, b[0], b[1]);
+      mma_16816<T>(acc[1], a, b[2], b[3]);
+    }
+  };
+  qk(s, true);
+  if (vbase + 16 <= sc.n_sink) return;  // sinks of every row
+  float su[2][4] = {};
+  qk(su, false);
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (sc.key(vbase + nt * 8 + quad_col + (j & 1)) >= sinks_kept(pos[j / 2], p.window, p.sink_tokens))
+        s[nt][j] = su[nt][j];
+}
+
+template <typename T, int HD, int NWARPS, int STAGES, int LOAD, bool ROPE>
 __global__ void __launch_bounds__(NWARPS * 32)
     paged_attention_kernel(const PagedAttentionParams p, const int num_splits,
                            float* __restrict__ part_o,    // [num_splits, num_rows, num_q_heads, HD]
@@ -161,6 +243,14 @@ __global__ void __launch_bounds__(NWARPS * 32)
   const int n_chunks = (sc.n_keys + S::kChunk - 1) / S::kChunk;
   const int c_begin = int(int64_t(blockIdx.z) * n_chunks / num_splits);
   const int c_end = int(int64_t(blockIdx.z + 1) * n_chunks / num_splits);
+  // Sink rotation: virtual keys [0, n_rot) are kept sinks of some row (the sinks of the lowest row,
+  // then, in the window part, those of higher rows). None while every row's window still starts
+  // at or before sink_tokens: then nothing turns.
+  int n_rot = 0;
+  if constexpr (ROPE) {
+    if (rotates_sinks(p) && window_start(max_pos, p.window) > p.sink_tokens)
+      n_rot = sc.n_sink + max(0, sinks_kept(max_pos, p.window, p.sink_tokens) - sc.ws);
+  }
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quad_row = lane / 4, quad_col = 2 * (lane % 4);  // mma accumulator coordinates
@@ -217,7 +307,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
   }
   __syncthreads();
 
-  constexpr bool kQInRegs = HD <= 128;  // HD 256 would not leave room for O: re-read from smem
+  constexpr bool kQInRegs = S::kQInRegs;
   uint32_t qf[kQInRegs ? HD / 16 : 1][4];
   // ldmatrix row addresses: A (Q) rows l%8 + 8*((l/8)%2), cols 8*(l/16); B (K) rows
   // 8*(l/16) + l%8, cols 8*((l/8)%2); B (V, transposed) rows l%8 + 8*((l/8)%2), cols 8*(l/16).
@@ -227,6 +317,15 @@ __global__ void __launch_bounds__(NWARPS * 32)
   if constexpr (kQInRegs) {
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) ldmatrix_x4(qf[kk], q_lane + kk * 16);
+  }
+  // The rotated tile, only in CTAs whose chunks reach a rotated one (uniform over the CTA).
+  T* const sQr = S::kRotTileOwn(ROPE) ? sQ + S::kQElems + NWARPS * S::kWarpElems : sQ;
+  if constexpr (ROPE) {
+    if (c_begin < c_end && c_begin * S::kChunk < n_rot) {
+      if constexpr (kQInRegs) __syncthreads();  // every warp holds its qf: sQ may be turned in place
+      rotate_q_tile<T, HD, S::kThreads, S::kStride>(p, sQ, sQr, first_pos, m0, m_count, group);
+      __syncthreads();
+    }
   }
 
   float o[HD / 8][4];
@@ -250,18 +349,26 @@ __global__ void __launch_bounds__(NWARPS * 32)
 
     // S = Q K^T for 16 keys: s[nt] holds keys 8 nt + quad_col + {0,1} of rows quad_row (+8).
     float s[2][4] = {};
+    bool plain = true;  // chunks with no rotated key: the code of the instances without rotation
+    if constexpr (ROPE) plain = (my_first + i * NWARPS) * S::kChunk >= n_rot;
+    if (plain) {
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t a[4], b[4];
-      if constexpr (kQInRegs) {
+      for (int kk = 0; kk < HD / 16; ++kk) {
+        uint32_t a[4], b[4];
+        if constexpr (kQInRegs) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) a[j] = qf[kk][j];
-      } else {
-        ldmatrix_x4(a, q_lane + kk * 16);
+          for (int j = 0; j < 4; ++j) a[j] = qf[kk][j];
+        } else {
+          ldmatrix_x4(a, q_lane + kk * 16);
+        }
+        ldmatrix_x4(b, sK + k_lane + kk * 16);
+        mma_16816<T>(s[0], a, b[0], b[1]);
+        mma_16816<T>(s[1], a, b[2], b[3]);
       }
-      ldmatrix_x4(b, sK + k_lane + kk * 16);
-      mma_16816<T>(s[0], a, b[0], b[1]);
-      mma_16816<T>(s[1], a, b[2], b[3]);
+    } else if constexpr (ROPE) {
+      score_rotated_chunk<T, HD, S::kStride, kQInRegs>(s, qf, q_lane, sQr + (q_lane - sQ), sK + k_lane,
+                                                       sc, (my_first + i * NWARPS) * S::kChunk, quad_col,
+                                                       pos, p);
     }
 
     // Mask only chunks that straddle an edge (scope end, causal diagonal, window start).

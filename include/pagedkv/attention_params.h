@@ -7,6 +7,11 @@
 //   kv_lens[i] - (q_indptr[i+1] - r)
 // i.e. the rows of a sequence are its newest tokens, and it sees key j when j <= position and,
 // with a window, j > position - window or j < sink_tokens.
+//
+// Sink rotation (StreamingLLM positions, python/pagedkv/streaming.py): with a sink_rope table and
+// a window, a row at position p whose window starts at first = window_start(p) scores its sink keys
+// j < kept = min(sink_tokens, first) with its query rotated by kept - first (sink_shift), so the
+// sinks count as if they sat right before the window; every other key uses the query as given.
 #pragma once
 #include <cstdint>
 
@@ -47,7 +52,27 @@ struct PagedAttentionParams {
   // [2 (K,V)][num_kv_heads][block_size][head_dim], copied back to back into a staging buffer that
   // starts `staged_offset` elements after `pool` (it may lie before it: the offset is signed).
   int64_t staged_offset = 0;
+  // Sink rotation (see top), or nullptr: none, the kernels exactly as without it.
+  // [2 + rope_dim / 2] doubles: rope style (kRopeNeox | kRopeGptj), rope_dim (even, <= head_dim:
+  // dims [0, rope_dim) turn, the rest pass through), then the rope_dim / 2 angular frequencies,
+  // scaling applied. Device memory for the kernels, host memory for the CPU reference.
+  // One pointer, not three fields: the kernels take these params by value, and at 136 bytes (three
+  // fields) nvcc changed the code of every instance, rotating or not; at 128 it emits the same.
+  // Doubles: the angle shift * inv_freq reaches 1e5 rad in long streams, where a float frequency
+  // alone would be off by ~1e-2 rad.
+  const double* sink_rope = nullptr;
 };
+
+constexpr int32_t kRopeNeox = 1, kRopeGptj = 2;  // sink_rope styles
+
+// The sink_rope table, unpacked.
+struct RopeView {
+  int32_t style, dim;
+  const double* inv_freq;  // [dim / 2]
+};
+PKV_HD RopeView rope_view(const double* table) {
+  return {int32_t(table[0]), int32_t(table[1]), table + 2};
+}
 
 // Block-table entry of staged slice i (entries <= -2; -1 means no block).
 PKV_HD int32_t staged_entry(int32_t i) { return -2 - i; }
@@ -78,6 +103,31 @@ PKV_HD int32_t window_start(int32_t pos, int32_t window) {
   if (window <= 0) return 0;
   int32_t s = pos - window + 1;
   return s > 0 ? s : 0;
+}
+
+// Whether this call rotates sinks at all.
+PKV_HD bool rotates_sinks(const PagedAttentionParams& p) {
+  return p.sink_rope != nullptr && p.window > 0 && p.sink_tokens > 0;
+}
+
+// Keys [0, sinks_kept(pos)) are the sinks a row at `pos` sees outside its window (with a window).
+PKV_HD int32_t sinks_kept(int32_t pos, int32_t window, int32_t sink_tokens) {
+  const int32_t first = window_start(pos, window);
+  return sink_tokens < first ? sink_tokens : first;
+}
+
+// How far the query of a row at `pos` turns for its kept sinks: kept - first (<= 0).
+PKV_HD int32_t sink_shift(int32_t pos, int32_t window, int32_t sink_tokens) {
+  return sinks_kept(pos, window, sink_tokens) - window_start(pos, window);
+}
+
+// The dims (d0, d1) that rotation pair i turns together.
+PKV_HD void rope_pair(const RopeView& r, int32_t i, int32_t* d0, int32_t* d1) {
+  if (r.style == kRopeGptj) {
+    *d0 = 2 * i, *d1 = 2 * i + 1;
+  } else {
+    *d0 = i, *d1 = i + r.dim / 2;
+  }
 }
 
 }  // namespace pagedkv

@@ -36,17 +36,23 @@ class DeviceBuffer {
 
 class CudaContext;
 
-// A device copy of an int32 array that is sent again only when the array changes: every layer of
-// a decode step finds the same lengths, slot mapping and block table, and sends nothing.
-class DeviceInts {
+// A device copy of an array that is sent again only when the array changes: every layer of a
+// decode step finds the same lengths, slot mapping, block table and sink rotation, and sends
+// nothing.
+template <typename T>
+class DeviceArray {
  public:
-  const int32_t* send(CudaContext& ctx, const std::vector<int32_t>& values, cudaStream_t stream);
+  const T* send(CudaContext& ctx, const T* values, size_t count, cudaStream_t stream);
+  const T* send(CudaContext& ctx, const std::vector<T>& values, cudaStream_t stream) {
+    return send(ctx, values.data(), values.size(), stream);
+  }
   size_t bytes() const { return buffer_.bytes(); }
 
  private:
   DeviceBuffer buffer_;
-  std::vector<int32_t> sent_;  // what buffer_ holds
+  std::vector<T> sent_;  // what buffer_ holds
 };
+using DeviceInts = DeviceArray<int32_t>;
 
 class CudaContext {
  public:
@@ -66,6 +72,7 @@ class CudaContext {
   DeviceInts slot_map;      // append(): row -> slot * block_size + offset
   DeviceInts call_table, call_lens, call_indptr;  // tables of their own: staged, single rows
   DeviceInts staged_slots;  // host slot of each staged slice (kernel staging)
+  DeviceArray<double> sink_rope;  // attend(): the sink rotation table (attention_params.h)
   DeviceBuffer workspace;   // split-K partial results
   DeviceBuffer staging;     // one layer's slices of host blocks passing through attend()
   // Device memory all of the above hold.

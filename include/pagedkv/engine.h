@@ -35,6 +35,9 @@ struct AttendArgs {
   float scale = 0.f;        // <= 0: 1/sqrt(head_dim)
   int32_t window = -1;      // < 0: the cache's window; 0: full causal; > 0: this window
   int32_t sink_tokens = -1; // < 0: the cache's sinks; else these (with a window)
+  // StreamingLLM positions: the sink rotation table of attention_params.h ([2 + rope_dim / 2]
+  // doubles: style, rope_dim, frequencies) in host memory, or nullptr for none. attend() only.
+  const double* sink_rope = nullptr;
   void* stream = nullptr;   // cudaStream_t on CUDA
 };
 
@@ -69,10 +72,6 @@ class Engine {
   // for contexts larger than the device tier; args.lse is required to merge the parts.
   void attend_range(SeqId seq, int32_t layer, int32_t position, int32_t key_begin, int32_t key_end,
                     const AttendArgs& args);
-  // Query row r (args.q/out/lse hold one row per entry) over keys [0, key_ends[r]) of
-  // seqs_of_rows[r], every one of them visible; one kernel call for all rows.
-  void attend_prefixes(const std::vector<SeqId>& seqs_of_rows, int32_t layer,
-                       const std::vector<int32_t>& key_ends, const AttendArgs& args);
   // Builds (or reuses) the block table of this batch, as attend() does once per step; returns
   // its row stride. Lets a caller pay the host-side preparation before the first layer.
   int32_t prepare(const std::vector<SeqId>& seqs, void* stream);
@@ -154,6 +153,8 @@ class Engine {
 
   const StepPlan& plan_for(const std::vector<SeqId>& seqs, void* stream);
   PagedAttentionParams base_params(const AttendArgs& args, int32_t layer) const;
+  // Points p.sink_rope at args.sink_rope (checked by attend()), on CUDA at its device copy.
+  void set_sink_rope(PagedAttentionParams& p, const AttendArgs& args);
   void launch(const PagedAttentionParams& p, void* stream);  // CUDA builds: kernel + workspace
   void run_single_rows(PagedAttentionParams& p, const std::vector<int32_t>& tables,
                        const std::vector<int32_t>& kv_lens, void* stream);

@@ -33,6 +33,12 @@ class PagedKV:
         self.window, self.sink_tokens, self.retain = window, sink_tokens, retain
         self.policy = policy
         self.rope, self.positions = rope, positions
+        # StreamingLLM positions: the kernels turn each row's query for its sinks (streaming.py).
+        self._sink_rope = None
+        if positions == "cache":
+            from .streaming import sink_rope_table
+
+            self._sink_rope = sink_rope_table(rope, head_dim)
         self._engine = _C.Engine(
             num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
             block_size=block_size, dtype=DTYPE_CODES[dtype], device_blocks=device_blocks,
@@ -101,22 +107,21 @@ class PagedKV:
         elif not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"{where}: scale must be a positive finite number, got {scale!r}")
         win = self._window_arg(window, where)
-        if self.positions == "cache" and win != 0:
-            from . import streaming  # StreamingLLM: sinks scored as if right before the window
-
-            w = self.window if win < 0 else win
-            return streaming.attend(self, seq_list, layer, q, lens, float(scale), w, return_lse)
+        # StreamingLLM positions: sinks scored as if right before the window, in the same call.
+        sink_rope = self._sink_rope if win != 0 else None
         # More blocks in scope than the device and host tiers hold together (some on disk): pass
         # them through range by range. Up to that, the engine stages the off-device ones itself.
-        if self.disk_blocks and (self._engine.blocks_needed(seq_list, layer, lens, win)
-                                 > self.device_blocks + self.host_blocks):
+        # (Not with sink rotation: the ranges' kernel calls would not know the rows' windows.)
+        if sink_rope is None and self.disk_blocks and (
+                self._engine.blocks_needed(seq_list, layer, lens, win) > self.device_blocks + self.host_blocks):
             from . import passthrough
 
             w = (self.window or 0) if win < 0 else win
             return passthrough.attend(self, seq_list, layer, q, lens, float(scale), w, return_lse)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
-        self._engine.attend(seq_list, layer, lens, q, out, lse, hq, float(scale), win, -1, self._stream())
+        self._engine.attend(seq_list, layer, lens, q, out, lse, hq, float(scale), win, -1, self._stream(),
+                            sink_rope=sink_rope)
         return (out, lse) if return_lse else out
 
     def prepare(self, seqs) -> None:

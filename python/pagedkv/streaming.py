@@ -3,46 +3,27 @@ in its window, and the sink tokens count as if they sat right before the window'
 
 Keys stay stored as the model rotated them, at their original positions. RoPE scores depend only
 on the distance, so the sinks' shift is a rotation of the query: for a row at position p whose
-window starts at w = p − window + 1, sink key j must score as if at distance min(S, w) + (p − w)
-− j instead of p − j, i.e. with the query rotated once more by min(S, w) − w. The window part and
-the sink part (every row at once) are two kernel calls that merge by log-sum-exp; folding the
-rotation into the kernel would make them one.
+window starts at w = max(0, p − window + 1), the sinks it keeps outside its window are
+j < kept = min(S, w), and each must score as if at distance kept + (p − w) − j instead of p − j,
+i.e. with the query rotated once more by kept − w (<= 0). Window keys use the query as given.
+
+The attention kernels (and the CPU reference) do this in the one attend call: they turn the query
+of each row by its own shift when they score its sink keys (include/pagedkv/attention_params.h).
+All they need from here is the table below.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _lse
+from .rope import RoPE
+
+_STYLE_CODES = {"neox": 1, "gptj": 2}  # kRopeNeox, kRopeGptj in attention_params.h
 
 
-def attend(kv, seqs: list[int], layer: int, q: torch.Tensor, lengths: list[int], scale: float,
-           window: int, return_lse: bool):
-    engine, stream, sinks = kv._engine, kv._stream(), kv.sink_tokens
-    hq = q.shape[1]
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    engine.attend(seqs, layer, lengths, q, out, lse, hq, scale, window, 0, stream)  # window only
-    rows, shifts, where = [], [], []
-    row = 0
-    for seq, n in zip(seqs, lengths):
-        seen = engine.seq_len(seq, layer)
-        for r in range(n):
-            pos = seen - n + r
-            first = max(0, pos - window + 1)
-            kept = min(sinks, first)
-            if kept > 0:  # this row's sinks lie outside its window
-                rows.append(row)
-                shifts.append(kept - first)
-                where.append((seq, kept))
-            row += 1
-    if rows:
-        idx = torch.tensor(rows, device=q.device)
-        q_rot = kv.rope.rotate(q[idx], torch.tensor(shifts, dtype=torch.float64, device=q.device))
-        part = torch.empty_like(q_rot)
-        part_lse = torch.empty((len(rows), hq), dtype=torch.float32, device=q.device)
-        engine.attend_prefixes([w[0] for w in where], layer, [w[1] for w in where], q_rot, part,
-                               part_lse, hq, scale, stream)  # every row's sinks in one call
-        merged, total = _lse.merge([out[idx], part], [lse[idx], part_lse])
-        out[idx] = merged.to(q.dtype)
-        lse[idx] = total
-    return (out, lse) if return_lse else out
+def sink_rope_table(rope: RoPE, head_dim: int) -> torch.Tensor:
+    """[2 + rotary_dim / 2] float64 on the CPU: style code, rotary_dim, then the angular
+    frequencies with scaling applied: the engine's sink rotation table (sent to the GPU by the
+    engine, only when it changes)."""
+    rd = rope.dim(head_dim)
+    head = torch.tensor([_STYLE_CODES[rope.style], rd], dtype=torch.float64)
+    return torch.cat([head, rope.inv_freq(head_dim)]).contiguous()

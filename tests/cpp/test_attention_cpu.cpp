@@ -90,6 +90,95 @@ TEST_P(AttentionCpu, MatchesNaiveLoop) {
   }
 }
 
+// Sink rotation: a dense double loop that turns each row's query by its sink shift, straight from
+// the definition (kept = min(S, first), shift = kept - first), against the engine's CPU reference.
+struct RopeCase {
+  int32_t block_size, group, head_dim, window, sinks, rope_dim, style;
+};
+
+void rotate(std::vector<double>& x, const RopeCase& c, const std::vector<double>& inv_freq, int32_t shift) {
+  for (int32_t i = 0; i < c.rope_dim / 2; ++i) {
+    const bool gptj = c.style == kRopeGptj;
+    const int32_t d0 = gptj ? 2 * i : i, d1 = gptj ? 2 * i + 1 : i + c.rope_dim / 2;
+    const double a = shift * inv_freq[size_t(i)], x0 = x[size_t(d0)], x1 = x[size_t(d1)];
+    x[size_t(d0)] = x0 * std::cos(a) - x1 * std::sin(a);
+    x[size_t(d1)] = x1 * std::cos(a) + x0 * std::sin(a);
+  }
+}
+
+class AttentionCpuRope : public ::testing::TestWithParam<RopeCase> {};
+
+TEST_P(AttentionCpuRope, SinksScoreWithTheTurnedQuery) {
+  const RopeCase c = GetParam();
+  std::mt19937 rng(5);
+  CacheConfig cfg = small_config(c.block_size, 256);
+  cfg.head_dim = c.head_dim;
+  cfg.window = c.window;
+  cfg.sink_tokens = c.sinks;
+  Engine e(cfg);
+  const int32_t H = cfg.num_kv_heads, Hq = H * c.group, D = c.head_dim;
+  std::vector<double> table = {double(c.style), double(c.rope_dim)}, inv_freq;
+  for (int32_t i = 0; i < c.rope_dim / 2; ++i)
+    inv_freq.push_back(std::pow(10000.0, -2.0 * i / c.rope_dim) / 3.0);  // theta 1e4, linear scaling 3
+  table.insert(table.end(), inv_freq.begin(), inv_freq.end());
+  SeqId s = e.add_sequence();
+  int32_t len = 0;
+  std::normal_distribution<float> dist;
+  for (int32_t n : {1, 3, 1, 7, 2, 1, 1, 5, 1, 9, 1, 2, 1, 1, 4}) {  // the window slides past the sinks
+    append_random(e, s, 1, n, rng);
+    len += n;
+    auto [k, v] = gather_all(e, s, 1);
+    std::vector<float> q(size_t(n) * Hq * D), out(q.size(), NAN), lse(size_t(n) * Hq, NAN);
+    for (float& x : q) x = dist(rng);
+    AttendArgs a;
+    a.q = q.data(), a.out = out.data(), a.lse = lse.data(), a.num_q_heads = Hq, a.sink_rope = table.data();
+    e.attend({s}, 1, {n}, a);
+    for (int32_t r = 0; r < n; ++r) {
+      const int32_t pos = len - n + r, first = std::max(0, pos - c.window + 1);
+      const int32_t kept = std::min(c.sinks, first);
+      for (int32_t h = 0; h < Hq; ++h) {
+        const size_t qh = size_t(r) * Hq + h, kh = size_t(h / c.group);
+        std::vector<double> plain(q.begin() + qh * D, q.begin() + (qh + 1) * D), turned = plain;
+        rotate(turned, c, inv_freq, kept - first);
+        std::vector<double> s_, w;
+        std::vector<int32_t> js;
+        for (int32_t j = 0; j <= pos; ++j) {
+          if (!(j >= first || j < kept)) continue;
+          const std::vector<double>& qq = j < kept ? turned : plain;
+          double dot = 0;
+          for (int32_t d = 0; d < D; ++d) dot += qq[size_t(d)] * k[(size_t(j) * H + kh) * D + d];
+          s_.push_back(dot / std::sqrt(double(D)));
+          js.push_back(j);
+        }
+        double m = -INFINITY, sum = 0;
+        for (double x : s_) m = std::max(m, x);
+        for (double x : s_) sum += std::exp(x - m);
+        for (int32_t d = 0; d < D; ++d) {
+          double ref = 0;
+          for (size_t i = 0; i < s_.size(); ++i)
+            ref += std::exp(s_[i] - m) / sum * v[(size_t(js[i]) * H + kh) * D + d];
+          ASSERT_NEAR(out[qh * D + d], ref, 2e-5 + 2e-5 * std::abs(ref))
+              << "len " << len << " row " << r << " d " << d;
+        }
+        ASSERT_NEAR(lse[qh], m + std::log(sum), 2e-5) << "len " << len << " row " << r;
+      }
+    }
+  }
+}
+
+std::ostream& operator<<(std::ostream& os, const RopeCase& c) {
+  return os << "bs" << c.block_size << "_g" << c.group << "_d" << c.head_dim << "_w" << c.window << "_s"
+            << c.sinks << "_rd" << c.rope_dim << (c.style == kRopeGptj ? "_gptj" : "_neox");
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, AttentionCpuRope,
+                         ::testing::Values(RopeCase{4, 2, 16, 8, 3, 16, kRopeNeox},
+                                           RopeCase{4, 1, 16, 8, 4, 16, kRopeGptj},
+                                           RopeCase{3, 3, 24, 11, 5, 16, kRopeNeox},   // partial rotary
+                                           RopeCase{1, 2, 8, 6, 2, 4, kRopeGptj},
+                                           RopeCase{16, 2, 32, 20, 4, 32, kRopeNeox}),
+                         ::testing::PrintToStringParamName());
+
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionCpu,
                          ::testing::Values(Case{4, 2, 1, 8, 0, 0}, Case{1, 1, 5, 16, 0, 0},
                                            Case{3, 2, 7, 8, 0, 0}, Case{16, 2, 2, 64, 0, 0},

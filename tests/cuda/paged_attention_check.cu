@@ -81,18 +81,44 @@ struct Case {
   int hd = 128, group = 4, kvh = 2, bs = 16;
   std::vector<int> q_lens{1}, kv_lens{1000};
   int window = 0, sinks = 0, force_splits = 0;
+  int rope_style = 0, rope_dim = 0;  // sink rotation: kRopeNeox | kRopeGptj (0: none), rotary dims
   bool lse = true;
   float q_scale = 1.f;
   std::string str() const {
     char b[256];
-    int n = std::snprintf(b, sizeof b, "%s hd=%d g=%d kvh=%d bs=%d win=%d sink=%d split=%d lse=%d q/kv:",
-                          dtype_name(dtype), hd, group, kvh, bs, window, sinks, force_splits, int(lse));
+    int n = std::snprintf(b, sizeof b, "%s hd=%d g=%d kvh=%d bs=%d win=%d sink=%d rope=%d/%d split=%d lse=%d q/kv:",
+                          dtype_name(dtype), hd, group, kvh, bs, window, sinks, rope_style, rope_dim,
+                          force_splits, int(lse));
     for (size_t i = 0; i < q_lens.size(); ++i) n += std::snprintf(b + n, sizeof b - n, " %d/%d", q_lens[i], kv_lens[i]);
     return b;
   }
 };
 
 static int g_num_sms = 0;
+
+// The sink rotation table of attention_params.h (theta 10000, then a linear scaling of 1/2 so the
+// table is not the textbook one), and the query of a row at `pos` as the sinks must see it: turned
+// by sink_shift in double, then rounded to the dtype like the kernel's rotated Q tile.
+static std::vector<double> rope_table(const Case& c) {
+  std::vector<double> t = {double(c.rope_style), double(c.rope_dim)};
+  for (int i = 0; i < c.rope_dim / 2; ++i) t.push_back(std::pow(10000.0, -2.0 * i / c.rope_dim) / 2.0);
+  return t;
+}
+static std::vector<double> turned_query(const Case& c, const std::vector<double>& table, const uint16_t* q, int pos) {
+  std::vector<double> x(c.hd);
+  for (int d = 0; d < c.hd; ++d) x[d] = from_bits(q[d], c.dtype);
+  const RopeView r = rope_view(table.data());
+  const int shift = sink_shift(pos, c.window, c.sinks);
+  for (int i = 0; i < r.dim / 2; ++i) {
+    int d0, d1;
+    rope_pair(r, i, &d0, &d1);
+    const double a = shift * r.inv_freq[i], x0 = x[d0], x1 = x[d1];
+    x[d0] = x0 * std::cos(a) - x1 * std::sin(a);
+    x[d1] = x1 * std::cos(a) + x0 * std::sin(a);
+  }
+  for (double& v : x) v = from_bits(to_bits(float(v), c.dtype), c.dtype);
+  return x;
+}
 
 // Runs one case on the GPU and against the oracle; returns the worst error / tolerance.
 static double run_case(Case c, std::mt19937_64& rng) {
@@ -152,9 +178,13 @@ static double run_case(Case c, std::mt19937_64& rng) {
   std::vector<int> row_seq(rows);
   for (int i = 0; i < S; ++i)
     for (int r = q_indptr[i]; r < q_indptr[i + 1]; ++r) row_seq[r] = i;
+  const std::vector<double> table = rope_table(c);
   parallel_for(rows * Hq, [&](int rh) {
     const int r = rh / Hq, h = rh % Hq, i = row_seq[r], kvh = h / c.group;
     const int pos = c.kv_lens[i] - (q_indptr[i + 1] - r);
+    // Sinks outside the window score against the turned query (all keys, without rotation).
+    const int kept = c.rope_style && c.window > 0 ? sinks_kept(pos, c.window, c.sinks) : 0;
+    std::vector<double> turned = kept > 0 ? turned_query(c, table, &q[size_t(rh) * hd], pos) : std::vector<double>{};
     std::vector<double> sc;
     std::vector<int> keys;
     double mx = -INFINITY;
@@ -162,7 +192,8 @@ static double run_case(Case c, std::mt19937_64& rng) {
       if (!key_visible(j, pos, c.window, c.sinks)) continue;
       const uint16_t* k = pool.data() + tile_offset(p, bt[size_t(i) * max_blocks + j / c.bs], 0, kvh) + size_t(j % c.bs) * hd;
       double s = 0;
-      for (int d = 0; d < hd; ++d) s += from_bits(q[size_t(rh) * hd + d], c.dtype) * from_bits(k[d], c.dtype);
+      for (int d = 0; d < hd; ++d)
+        s += (j < kept ? turned[d] : from_bits(q[size_t(rh) * hd + d], c.dtype)) * from_bits(k[d], c.dtype);
       s *= p.scale;
       sc.push_back(s), keys.push_back(j), mx = std::max(mx, s);
     }
@@ -180,7 +211,7 @@ static double run_case(Case c, std::mt19937_64& rng) {
   });
 
   // GPU.
-  void *d_q, *d_out, *d_pool, *d_ws = nullptr;
+  void *d_q, *d_out, *d_pool, *d_ws = nullptr, *d_rope = nullptr;
   int *d_bt, *d_kv, *d_qi;
   float* d_lse;
   CK(cudaMalloc(&d_q, q.size() * 2));
@@ -195,6 +226,11 @@ static double run_case(Case c, std::mt19937_64& rng) {
   CK(cudaMemcpy(d_bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d_kv, c.kv_lens.data(), S * 4, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d_qi, q_indptr.data(), (S + 1) * 4, cudaMemcpyHostToDevice));
+  if (c.rope_style) {
+    CK(cudaMalloc(&d_rope, table.size() * 8));
+    CK(cudaMemcpy(d_rope, table.data(), table.size() * 8, cudaMemcpyHostToDevice));
+    p.sink_rope = static_cast<const double*>(d_rope);
+  }
   CK(cudaMemset(d_out, 0xFF, q.size() * 2));  // NaN poison
   CK(cudaMemset(d_lse, 0xFF, ref_lse.size() * 4));
   p.q = d_q, p.out = d_out, p.pool = d_pool, p.block_table = d_bt, p.kv_lens = d_kv, p.q_indptr = d_qi;
@@ -212,7 +248,7 @@ static double run_case(Case c, std::mt19937_64& rng) {
   std::vector<float> lse(ref_lse.size());
   CK(cudaMemcpy(out.data(), d_out, out.size() * 2, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(lse.data(), d_lse, lse.size() * 4, cudaMemcpyDeviceToHost));
-  for (void* ptr : {d_q, d_out, d_pool, (void*)d_bt, (void*)d_kv, (void*)d_qi, (void*)d_lse, d_ws}) CK(cudaFree(ptr));
+  for (void* ptr : {d_q, d_out, d_pool, (void*)d_bt, (void*)d_kv, (void*)d_qi, (void*)d_lse, d_ws, d_rope}) CK(cudaFree(ptr));
 
   const double tol = c.dtype == DType::bf16 ? 1e-2 : 3e-3;
   double worst = 0;
@@ -280,6 +316,20 @@ static std::vector<Case> make_sweep(bool quick, std::mt19937_64& rng) {
     Case b;
     b.dtype = dt, b.q_lens = {1, 1}, b.kv_lens = {1000, 97};
     cs.push_back(b);
+    // Sink rotation: decode and multi-token rows, windows and sinks on and off block edges, both
+    // styles, partial rotary, the own-tile path of head_dim 256, splits, rows on both sides of the
+    // window passing the sinks.
+    Case r = b;
+    r.window = 100, r.sinks = 4, r.rope_style = kRopeNeox, r.rope_dim = 128;
+    Case r2 = r;
+    r2.q_lens = {3, 17}, r2.kv_lens = {1000, 130}, r2.window = 20, r2.sinks = 5, r2.bs = 3, r2.group = 5;
+    r2.rope_style = kRopeGptj, r2.rope_dim = 64, r2.force_splits = 3;
+    Case r3 = r;
+    r3.hd = 256, r3.rope_dim = 192, r3.q_lens = {17}, r3.kv_lens = {700}, r3.window = 64, r3.sinks = 16, r3.group = 1;
+    Case r4 = r;
+    r4.q_lens = {8, 16}, r4.kv_lens = {30, 40}, r4.window = 24, r4.sinks = 4, r4.bs = 16, r4.group = 2;
+    r4.rope_style = kRopeGptj;
+    for (const Case& x : {r, r2, r3, r4}) cs.push_back(x);
     if (quick) {
       Case m = b;
       m.q_lens = {3, 17}, m.window = 100, m.sinks = 4, m.bs = 3, m.group = 5, m.force_splits = 3;
@@ -304,6 +354,10 @@ static std::vector<Case> make_sweep(bool quick, std::mt19937_64& rng) {
     x.q_lens.clear(), x.kv_lens.clear();
     for (int i = 0; i < S; ++i) x.q_lens.push_back(qls[rng() % 3]), x.kv_lens.push_back(kvs[rng() % 5]);
     if (rng() % 2) x.window = wins[rng() % 5][0], x.sinks = wins[rng() % 5][1];
+    if (x.window > 0 && x.sinks > 0 && rng() % 2) {
+      x.rope_style = rng() % 2 ? kRopeNeox : kRopeGptj;
+      x.rope_dim = rng() % 2 ? x.hd : x.hd / 2 - (x.hd / 2) % 2;
+    }
     x.lse = rng() % 4 != 0;
     x.force_splits = rng() % 3 == 0 ? int(1 + rng() % 20) : 0;
     x.q_scale = rng() % 2 ? 1.f : 3.f;

@@ -1,6 +1,6 @@
-"""Streaming: RoPE against its formulas, StreamingLLM cache positions against a dense reference
-that rotates unrotated queries and keys by their cache positions, and constant memory with a
-window that frees what falls out of scope."""
+"""Streaming: RoPE against its formulas, StreamingLLM cache positions (the kernels turn each row's
+query for its sinks) against a dense reference that rotates unrotated queries and keys by their
+cache positions, and constant memory with a window that frees what falls out of scope."""
 import math
 
 import pytest
@@ -107,6 +107,44 @@ def test_cache_positions_match_streaming_reference(device, gen, style, window, s
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         assert torch.allclose(got.double().cpu(), want, atol=tol, rtol=tol), f"after {written} tokens"
     assert kv.stats()["drops"] > 0
+
+
+ROPES = [RoPE(theta=10000.0, rotary_dim=32, style="neox"),
+         RoPE(theta=500000.0, style="gptj", scaling={"type": "linear", "factor": 4.0}),
+         RoPE(theta=500000.0, rotary_dim=48, style="neox",
+              scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 64})]
+
+
+@pytest.mark.parametrize("rope", ROPES, ids=["partial", "gptj-linear", "partial-llama3"])
+@pytest.mark.parametrize("window,sinks,bs", [(8, 4, 4), (19, 2, 16)])
+def test_cache_positions_batched_with_scalings_and_partial_rotary(device, gen, rope, window, sinks, bs):
+    """Two sequences in one call, different lengths and step sizes (rows of one step up to 17, so
+    several m-tiles on CUDA), each row turned by its own shift."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    kv = pagedkv.PagedKV(num_layers=1, num_kv_heads=H, head_dim=D, block_size=bs, dtype=dtype, device=device,
+                         device_blocks=64, window=window, sink_tokens=sinks, retain=False, rope=rope,
+                         positions="cache")
+    seqs = [kv.add_sequence(), kv.add_sequence()]
+    total = 120
+    raw = [[torch.randn(total, h, D, generator=gen, dtype=torch.float64) for h in (H, H, HQ)] for _ in seqs]
+    written = [0, 0]
+    for steps in [(1, 17), (3, 1), (17, 2), (1, 1), (5, 9), (1, 1), (2, 13)] * 3:
+        if any(w + n > total for w, n in zip(written, steps)):
+            break
+        qs, wants = [], []
+        for i, n in enumerate(steps):
+            k_raw, v, q_raw = raw[i]
+            sl = slice(written[i], written[i] + n)
+            pos = torch.arange(written[i], written[i] + n, dtype=torch.float64)
+            kv.append([seqs[i]], 0, rope.rotate(k_raw[sl], pos).to(dtype).to(device), v[sl].to(dtype).to(device))
+            written[i] += n
+            qs.append(rope.rotate(q_raw[sl], pos).to(dtype))
+            wants.append(streaming_reference(q_raw[sl], k_raw, v.to(dtype).double(),
+                                             list(range(written[i] - n, written[i])), window, sinks, rope))
+        got = kv.attend(seqs, 0, torch.cat(qs).to(device), lengths=list(steps))
+        tol = 1e-4 if dtype == torch.float32 else 4e-2
+        assert torch.allclose(got.double().cpu(), torch.cat(wants), atol=tol, rtol=tol), f"after {written}"
 
 
 def test_window_without_retention_keeps_memory_bounded():
