@@ -57,13 +57,9 @@ CudaContext::CudaContext(int device) : device_(device) {
   segment_done_.resize(kSegments);
   segment_pending_.assign(kSegments, false);
   for (auto& e : segment_done_) PKV_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-  int least = 0, greatest = 0;
-  PKV_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  PKV_CUDA(cudaStreamCreateWithPriority(&upload_stream_, cudaStreamNonBlocking, greatest));
 }
 
 CudaContext::~CudaContext() {
-  if (upload_stream_) cudaStreamDestroy(upload_stream_);
   for (auto& e : segment_done_) cudaEventDestroy(e);
   if (ring_) cudaFreeHost(ring_);
 }
@@ -107,52 +103,15 @@ void CudaContext::upload(void* dst, const void* src, size_t bytes, cudaStream_t 
 }
 
 template <typename T>
-DeviceArray<T>::~DeviceArray() {
-  for (cudaEvent_t e : released_)
-    if (e) cudaEventDestroy(e);
-  if (landed_) cudaEventDestroy(landed_);
-}
-
-template <typename T>
-bool DeviceArray<T>::holds(int b, const T* values, size_t count) const {
-  return valid_[b] && count == sent_[b].size() && std::equal(values, values + count, sent_[b].begin());
-}
-
-template <typename T>
 const T* DeviceArray<T>::send(CudaContext& ctx, const T* values, size_t count, cudaStream_t stream) {
   const size_t bytes = count * sizeof(T);
-  if (bytes == 0) return static_cast<const T*>(buffer_[current_].reserve(0));
-  if (holds(current_, values, count)) return static_cast<const T*>(buffer_[current_].data());
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  PKV_CUDA(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) {  // one buffer, on the captured stream, in order
-    void* dst = buffer_[current_].reserve(bytes);
+  const void* before = buffer_.data();
+  void* dst = buffer_.reserve(bytes);
+  const bool same = count == sent_.size() && std::equal(values, values + count, sent_.begin());
+  if (bytes > 0 && (dst != before || !same)) {  // grown (fresh memory) or changed
     ctx.upload(dst, values, bytes, stream);
-    sent_[current_].assign(values, values + count);
-    valid_[current_] = true;
-    return static_cast<const T*>(dst);
+    sent_.assign(values, values + count);
   }
-  if (!landed_) {
-    PKV_CUDA(cudaEventCreateWithFlags(&landed_, cudaEventDisableTiming));
-    for (cudaEvent_t& e : released_) PKV_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-  }
-  // Everything queued on `stream` so far may read the current buffer: it is released after that.
-  PKV_CUDA(cudaEventRecord(released_[current_], stream));
-  released_set_[current_] = true;
-  const int next = 1 - current_;
-  current_ = next;
-  if (holds(next, values, count)) {  // the other buffer already holds it (two batches taking turns)
-    return static_cast<const T*>(buffer_[next].data());
-  }
-  const void* before = buffer_[next].data();
-  void* dst = buffer_[next].reserve(bytes);  // growing waits for the device (cudaFree)
-  cudaStream_t side = ctx.upload_stream();
-  if (released_set_[next] && dst == before) PKV_CUDA(cudaStreamWaitEvent(side, released_[next], 0));
-  ctx.upload(dst, values, bytes, side);
-  PKV_CUDA(cudaEventRecord(landed_, side));
-  PKV_CUDA(cudaStreamWaitEvent(stream, landed_, 0));
-  sent_[next].assign(values, values + count);
-  valid_[next] = true;
   return static_cast<const T*>(dst);
 }
 template class DeviceArray<int32_t>;

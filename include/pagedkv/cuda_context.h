@@ -39,34 +39,18 @@ class CudaContext;
 // A device copy of an array that is sent again only when the array changes: every layer of a
 // decode step finds the same lengths, slot mapping, block table and sink rotation, and sends
 // nothing.
-//
-// A changed array goes to the other of two buffers, by a kernel on the context's upload stream
-// (high priority) that starts as soon as that buffer's previous readers are done, not behind the
-// work already queued on the caller's stream; the caller's stream then waits for it. Under
-// host-to-device swap traffic a read over the link takes tens of microseconds, and this hides it
-// behind the kernels still running. While `stream` is being captured the copy runs on `stream`.
 template <typename T>
 class DeviceArray {
  public:
-  DeviceArray() = default;
-  ~DeviceArray();
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
   const T* send(CudaContext& ctx, const T* values, size_t count, cudaStream_t stream);
   const T* send(CudaContext& ctx, const std::vector<T>& values, cudaStream_t stream) {
     return send(ctx, values.data(), values.size(), stream);
   }
-  size_t bytes() const { return buffer_[0].bytes() + buffer_[1].bytes(); }
+  size_t bytes() const { return buffer_.bytes(); }
 
  private:
-  bool holds(int b, const T* values, size_t count) const;
-  DeviceBuffer buffer_[2];
-  std::vector<T> sent_[2];              // what each buffer holds
-  bool valid_[2] = {false, false};      // sent_[b] describes buffer_[b]
-  int current_ = 0;                     // the buffer the last send returned
-  cudaEvent_t released_[2] = {nullptr, nullptr};  // after the last reader of each (on its stream)
-  bool released_set_[2] = {false, false};
-  cudaEvent_t landed_ = nullptr;        // the latest upload on the upload stream
+  DeviceBuffer buffer_;
+  std::vector<T> sent_;  // what buffer_ holds
 };
 using DeviceInts = DeviceArray<int32_t>;
 
@@ -82,7 +66,6 @@ class CudaContext {
   // caller may reuse `src` at once and the host never waits for the copy. A kernel reads the ring
   // (cuda::copy_from_mapped_host), so the copy does not queue behind swaps on the copy engines.
   void upload(void* dst, const void* src, size_t bytes, cudaStream_t stream);
-  cudaStream_t upload_stream() const { return upload_stream_; }
 
   DeviceInts table;         // the step plan's block table
   DeviceInts attn_meta;     // attend(): kv_lens then q_indptr
@@ -107,7 +90,6 @@ class CudaContext {
   std::vector<bool> segment_pending_;          // [kSegments] an event was recorded and not waited
   int segment_ = 0;
   size_t offset_ = 0;                          // within the current segment
-  cudaStream_t upload_stream_ = nullptr;       // DeviceArray uploads (highest priority)
 };
 
 // Makes `device` current for the lifetime of the guard and restores the previous one after.

@@ -12,6 +12,7 @@ The engine's own `device_hits` count every attend's lookups and read far higher.
 """
 from __future__ import annotations
 
+import gc
 import random
 import time
 
@@ -51,6 +52,8 @@ def run_one(policy, device_blocks: int, host_blocks: int, a) -> dict:
     start = kv.stats()
     if dev == "cuda":
         torch.cuda.synchronize()
+    gc.collect()  # an earlier run's engine must not be freed (pinned memory unmapped) while timing
+    gc.disable()
     t0 = time.perf_counter()
     tokens = requested = 0
     batches = [[sessions[i] for i in _zipf_pick(rng, weights, a.batch)] for _ in range(a.rounds + 1)]
@@ -70,12 +73,15 @@ def run_one(policy, device_blocks: int, host_blocks: int, a) -> dict:
     if dev == "cuda":
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
+    gc.enable()
     end = kv.stats()
     d = {k: end[k] - start[k] for k in ("device_hits", "device_misses", "bytes_to_host", "bytes_from_host",
                                          "bytes_to_disk", "bytes_from_disk", "evictions")}
     looked = d["device_hits"] + d["device_misses"]
     fetched = end["blocks_from_host"] - start["blocks_from_host"]
     kv.check_invariants()
+    del kv
+    gc.collect()
     return {"tokens_per_s": tokens / secs, "seconds": secs, "hit_rate": max(0.0, 1 - fetched / max(requested, 1)),
             "lookup_hit_rate": d["device_hits"] / max(looked, 1), "blocks_requested": requested,
             "blocks_fetched": fetched, "bytes_moved": d["bytes_to_host"] + d["bytes_from_host"], **d}
