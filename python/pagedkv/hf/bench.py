@@ -49,8 +49,8 @@ def _cache(mode: str, model, prompt: int, new: int, block_size: int, chunk: int)
 
     from .cache import PagedKVCache
 
-    if mode == "default":
-        model.set_attn_implementation("sdpa")
+    if mode in ("default", "eager"):
+        model.set_attn_implementation("sdpa" if mode == "default" else "eager")
         return None, 0
     if mode == "offload":
         model.set_attn_implementation("sdpa")
@@ -101,14 +101,55 @@ def _generate(model, mode, ids, new, block_size, chunk):
     return first.at - t0, seconds, peak, out[0, ids.shape[1]:]
 
 
+def _forced_logits(model, mode: str, ids, tokens, block_size: int):
+    """Float logits of each of `tokens` (teacher-forced: the same tokens fed to every mode) after
+    the prompt `ids`, one decode step at a time on a fresh cache of `mode`."""
+    from transformers import DynamicCache
+
+    cache, _ = _cache(mode, model, ids.shape[1], len(tokens), block_size, 0)
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = [out.logits[0, -1].float()]
+        for t in tokens[:-1]:
+            out = model(input_ids=t.view(1, 1), past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0, -1].float())
+    model.set_attn_implementation("sdpa")
+    return torch.stack(logits)
+
+
+def _agreement(ref, other) -> dict:
+    """How `other`'s argmax agrees with `ref`'s step by step, beside ref's top-2 margins."""
+    top2 = ref.topk(2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
+    differ = (ref.argmax(-1) != other.argmax(-1)).nonzero().flatten()
+    return {"agree": int(ref.shape[0] - differ.numel()), "steps": int(ref.shape[0]),
+            "max_abs_logit_diff": float((ref - other).abs().max()),
+            "median_top2_margin": float(margin.median()),
+            "margins_where_differ": [round(float(margin[i]), 5) for i in differ.tolist()]}
+
+
 def check_greedy(model, prompt: int, new: int, block_size: int) -> dict:
-    """Greedy tokens of pagedkv against the default cache (sdpa) on the same bf16 model."""
+    """Greedy tokens of pagedkv against the default cache (sdpa) on the same bf16 model; then,
+    feeding both the default's tokens, where their argmaxes differ and by what top-2 margin,
+    beside the same comparison of transformers' own eager attention against its sdpa (how far
+    two correct bf16 attention kernels drift apart on this model)."""
     ids = torch.randint(1000, 100000, (1, prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     want = _generate(model, "default", ids, new, block_size, 0)[3]
     got = _generate(model, "pagedkv", ids, new, block_size, 0)[3]
-    differ = (want != got).nonzero()
-    return {"prompt": prompt, "new_tokens": new, "identical": bool(differ.numel() == 0),
-            "first_divergence": None if differ.numel() == 0 else int(differ[0, 0])}
+    eager = _generate(model, "eager", ids, new, block_size, 0)[3]
+    model.set_attn_implementation("sdpa")
+
+    def first(a, b):
+        d = (a != b).nonzero()
+        return None if d.numel() == 0 else int(d[0, 0])
+
+    ref = _forced_logits(model, "default", ids, want, block_size)
+    return {"prompt": prompt, "new_tokens": new, "identical": first(want, got) is None,
+            "first_divergence": first(want, got), "eager_vs_sdpa_first_divergence": first(want, eager),
+            "forced_pagedkv": _agreement(ref, _forced_logits(model, "pagedkv", ids, want, block_size)),
+            "forced_eager": _agreement(ref, _forced_logits(model, "eager", ids, want, block_size))}
 
 
 def measure(model, mode: str, prompt: int, new: int, block_size: int, chunk: int) -> dict:
@@ -134,9 +175,16 @@ def run(layers: int = 32, prompts=(8192, 32768, 131072), new: int = 64, block_si
     if greedy:
         print(f"  greedy, prompt {greedy['prompt']}, {greedy['new_tokens']} new tokens: "
               + ("identical to the default cache" if greedy["identical"]
-                 else f"first divergence at new token {greedy['first_divergence']}"), flush=True)
-    print_header(modes)
+                 else f"first divergence at new token {greedy['first_divergence']}")
+              + f" (transformers' eager vs its sdpa: {greedy['eager_vs_sdpa_first_divergence']})", flush=True)
+        for name in ("pagedkv", "eager"):
+            f = greedy[f"forced_{name}"]
+            print(f"  teacher-forced on the default's tokens, {name} vs sdpa: argmax agrees {f['agree']}/{f['steps']}, "
+                  f"max |logit diff| {f['max_abs_logit_diff']:.4f}, median top-2 margin {f['median_top2_margin']:.4f}, "
+                  f"margins where they differ {f['margins_where_differ'][:8]}", flush=True)
     rows = []
+    if prompts:
+        print_header(modes)
     for prompt in prompts:
         row = {"prompt": prompt}
         for mode in modes:
@@ -170,7 +218,7 @@ def print_row(row: dict, modes) -> None:
 
 
 def main(args) -> None:
-    prompts = tuple(int(p) for p in str(args.prompts).split(","))
+    prompts = tuple(int(p) for p in str(args.prompts).split(",") if p)  # "": the greedy check only
     modes = tuple(args.modes.split(",")) if getattr(args, "modes", None) else MODES
     print(f"generate() on a Llama-3-8B-shaped model, {args.layers} layers, bf16, batch 1, "
           f"{args.new} new tokens; peak = torch peak + pagedkv pool")
