@@ -16,6 +16,23 @@ CASES = list(itertools.product(
 ))[::3]
 
 
+def _same_attention(caches, gen, dtype, hk, d, group, lens, q_lens):
+    """Appends the same random K/V to the CPU cache and the CUDA cache (2 layers), then checks
+    that layer 1's attention (and its LSE) agree for the newest q_lens rows of each sequence."""
+    seqs = [[kv.add_sequence() for _ in lens] for kv in caches]
+    for layer in (0, 1):
+        rows = randn(gen, (sum(lens), hk, d), dtype, "cpu")
+        vals = randn(gen, (sum(lens), hk, d), dtype, "cpu")
+        for kv, s in zip(caches, seqs):
+            kv.append(s, layer, rows.to(kv.device), vals.to(kv.device), lengths=lens)
+    q = randn(gen, (sum(q_lens), hk * group, d), dtype, "cpu")
+    ref, ref_lse = caches[0].attend(seqs[0], 1, q, lengths=q_lens, return_lse=True)
+    got, got_lse = caches[1].attend(seqs[1], 1, q.cuda(), lengths=q_lens, return_lse=True)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    assert torch.allclose(got.float().cpu(), ref.float(), atol=tol, rtol=tol)
+    assert torch.allclose(got_lse.cpu(), ref_lse, atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,hd_group,bs,scope", CASES,
                          ids=[f"{str(c[0])[6:]}-d{c[1][0]}g{c[1][1]}-bs{c[2]}-w{c[3][0]}s{c[3][1]}" for c in CASES])
@@ -26,20 +43,7 @@ def test_cuda_matches_cpu_reference(cuda, gen, dtype, hd_group, bs, scope):
     caches = [pagedkv.PagedKV(num_layers=2, num_kv_heads=hk, head_dim=d, block_size=bs, dtype=dtype,
                               device=dev, device_blocks=512, window=window, sink_tokens=sinks)
               for dev in ("cpu", "cuda")]
-    lens = [1, 17, 97, 300]
-    seqs = [[kv.add_sequence() for _ in lens] for kv in caches]
-    for layer in (0, 1):
-        rows = randn(gen, (sum(lens), hk, d), dtype, "cpu")
-        vals = randn(gen, (sum(lens), hk, d), dtype, "cpu")
-        for kv, s in zip(caches, seqs):
-            kv.append(s, layer, rows.to(kv.device), vals.to(kv.device), lengths=lens)
-    q_lens = [1, 3, 1, 5]
-    q = randn(gen, (sum(q_lens), hk * group, d), dtype, "cpu")
-    ref, ref_lse = caches[0].attend(seqs[0], 1, q, lengths=q_lens, return_lse=True)
-    got, got_lse = caches[1].attend(seqs[1], 1, q.cuda(), lengths=q_lens, return_lse=True)
-    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
-    assert torch.allclose(got.float().cpu(), ref.float(), atol=tol, rtol=tol)
-    assert torch.allclose(got_lse.cpu(), ref_lse, atol=2e-3, rtol=2e-3)
+    _same_attention(caches, gen, dtype, hk, d, group, lens=[1, 17, 97, 300], q_lens=[1, 3, 1, 5])
 
 
 @pytest.mark.cuda
@@ -57,17 +61,4 @@ def test_cuda_matches_cpu_reference_with_cache_positions(cuda, gen, dtype, d, gr
                               device=dev, device_blocks=512, window=window, sink_tokens=sinks, rope=rope,
                               positions="cache")
               for dev in ("cpu", "cuda")]
-    lens = [1, 17, 44, 97, 300]
-    seqs = [[kv.add_sequence() for _ in lens] for kv in caches]
-    for layer in (0, 1):
-        rows = randn(gen, (sum(lens), hk, d), dtype, "cpu")
-        vals = randn(gen, (sum(lens), hk, d), dtype, "cpu")
-        for kv, s in zip(caches, seqs):
-            kv.append(s, layer, rows.to(kv.device), vals.to(kv.device), lengths=lens)
-    q_lens = [1, 3, 9, 1, 20]
-    q = randn(gen, (sum(q_lens), hk * group, d), dtype, "cpu")
-    ref, ref_lse = caches[0].attend(seqs[0], 1, q, lengths=q_lens, return_lse=True)
-    got, got_lse = caches[1].attend(seqs[1], 1, q.cuda(), lengths=q_lens, return_lse=True)
-    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
-    assert torch.allclose(got.float().cpu(), ref.float(), atol=tol, rtol=tol)
-    assert torch.allclose(got_lse.cpu(), ref_lse, atol=2e-3, rtol=2e-3)
+    _same_attention(caches, gen, dtype, hk, d, group, lens=[1, 17, 44, 97, 300], q_lens=[1, 3, 9, 1, 20])
