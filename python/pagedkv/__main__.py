@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     lc.add_argument("--device-gib", type=float, default=16.0, help="device tier of mode (b)")
     lc.add_argument("--host-gib", type=float, default=96.0, help="host tier of modes (b) and (d)")
     lc.add_argument("--full-gib", type=float, default=100.0, help="device tier of mode (a)")
+    lc.add_argument("--positions", default="original", choices=("original", "cache"),
+                    help="modes (c) and (d): 'cache' scores the sinks at StreamingLLM positions")
     lc.add_argument("--disk-gib", type=float, default=0.0, help="disk tier of mode (d), after the host tier")
     lc.add_argument("--disk-path", default=None, help="folder of mode (d)'s disk tier (default: the temp dir)")
     lc.add_argument("--token-budget", type=int, default=1 << 20,

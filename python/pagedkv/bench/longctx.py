@@ -18,6 +18,7 @@ import time
 import torch
 
 from ..cache import PagedKV
+from ..rope import RoPE
 from .common import save
 
 SHAPE = dict(num_layers=32, num_kv_heads=32, head_dim=128, block_size=16, dtype=torch.float16)
@@ -65,14 +66,16 @@ def _cache(mode: str, batch: int, max_ctx: int, a) -> PagedKV:
                        host_blocks=max(batch * per_seq - dev, 1))
     # the scope, plus a growth chunk of rows, plus the chunk layer 0 wrote before the last layer did
     scope_blocks = batch * ((a.window + a.sinks + 2 * a.chunk) // SHAPE["block_size"] + 6)
+    # --positions cache: StreamingLLM positions, the kernel turning the query for the sink chunks
+    stream = dict(rope=RoPE(theta=10000.0), positions="cache") if a.positions == "cache" else {}
     if mode == "c":
         return PagedKV(**SHAPE, device=a.device, device_blocks=scope_blocks, window=a.window,
-                       sink_tokens=a.sinks, retain=False)
+                       sink_tokens=a.sinks, retain=False, **stream)
     host = min(batch * per_seq, int(a.host_gib * 2**30) // BLOCK_BYTES)
     disk = min(max(batch * per_seq - host, 0), int(a.disk_gib * 2**30) // BLOCK_BYTES)
     return PagedKV(**SHAPE, device=a.device, device_blocks=scope_blocks, host_blocks=host,
                    disk_blocks=disk, disk_path=(a.disk_path or tempfile.gettempdir()) if disk else None,
-                   window=a.window, sink_tokens=a.sinks, retain=True)
+                   window=a.window, sink_tokens=a.sinks, retain=True, **stream)
 
 
 def run_mode(mode: str, batch: int, contexts: list[int], a) -> list[dict]:
