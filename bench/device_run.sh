@@ -39,7 +39,7 @@ has demo && timeout 100 python3 -m pagedkv demo --prompt 8192 --steps 128 2>&1 |
 has kernel && timeout 200 python3 -m pagedkv bench kernel 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
 has offload && timeout 120 python3 -m pagedkv bench offload 2>&1 | tee "$OUT/offload.txt" | tail -9
 has serve && timeout ${SERVE_TIMEOUT:-300} python3 -m pagedkv bench serve ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.txt" | tail -16
-has longctx && timeout ${LONGCTX_TIMEOUT:-400} python3 -m pagedkv bench longctx ${LONGCTX_ARGS:-} 2>has longctx && timeout ${LONGCTX_TIMEOUT:-400} python3 -m pagedkv bench longctx 2>&11 | tee "$OUT/longctx.txt" | tail -40
+has longctx && timeout ${LONGCTX_TIMEOUT:-400} python3 -m pagedkv bench longctx ${LONGCTX_ARGS:-} 2>&1 | tee "$OUT/longctx.txt" | tail -40
 has longctx1m && timeout 560 python3 -m pagedkv bench longctx --modes d --batches 1 --host-gib 400 \
   --disk-gib 130 --disk-path "${DISK_PATH:-/tmp}" 2>&1 | tee "$OUT/longctx1m.txt" | tail -12
 has hf && timeout ${HF_TIMEOUT:-400} python3 -m pagedkv bench hf ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.txt" | tail -16
