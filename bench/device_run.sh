@@ -37,7 +37,7 @@ if has tests; then
 fi
 has demo && timeout 100 python3 -m pagedkv demo --prompt 8192 --steps 128 2>&1 | tail -6
 has kernel && timeout 200 python3 -m pagedkv bench kernel 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
-has offload && timeout 120 python3 -m pagedkv bench offload 2>&1 | tee "$OUT/offload.txt" | tail -9
+has offload && timeout 120 python3 -m pagedkv bench offload 2>&1 | tee "$OUT/offload.txt" | tail -12
 has serve && timeout ${SERVE_TIMEOUT:-300} python3 -m pagedkv bench serve ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.txt" | tail -16
 has longctx && timeout ${LONGCTX_TIMEOUT:-400} python3 -m pagedkv bench longctx ${LONGCTX_ARGS:-} 2>&1 | tee "$OUT/longctx.txt" | tail -40
 has longctx1m && timeout 560 python3 -m pagedkv bench longctx --modes d --batches 1 --host-gib 400 \

@@ -205,7 +205,7 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
     torch.cuda.synchronize()
     where = 0  # which of `other` is on the device
 
-    def with_swaps(down: bool, up: bool) -> float:
+    def with_swaps(down: bool, up: bool, work=steps3) -> float:
         nonlocal where
         times = []
         for _ in range(steps):
@@ -217,7 +217,7 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
                 if up:
                     kv.prefetch([host])
 
-            times.append(compute_time(steps3, before=swaps) / 3)  # ... while 3 decode steps run
+            times.append(compute_time(work, before=swaps) / 3)  # ... while 3 decode steps run
             if down and up:
                 where = 1 - where
             elif down:  # put it back, untimed
@@ -230,10 +230,43 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
 
     busy = with_swaps(True, True)
     only_down, only_up = with_swaps(True, False), with_swaps(False, True)
+
+    # Every layer's attention alone, launched one call at a time or replayed from one CUDA graph:
+    # whether the slowdown under swap-ins is in the launches (commands the GPU fetches from host
+    # memory over the same link) or in the kernels.
+    def attends():
+        for layer in range(LAYERS):
+            kv.attend(seqs, layer, q)
+
+    def eager3():
+        for _ in range(3):
+            attends()
+
+    att = {"eager": eager3}
+    attends()  # the metadata the capture reads is current
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            attends()
+        torch.cuda.synchronize()
+
+        def graph3():
+            for _ in range(3):
+                graph.replay()
+
+        att["graph"] = graph3
+    except RuntimeError as e:  # a diagnostic: report, do not lose the rest of the bench
+        print(f"    (attention-only CUDA graph not measured: {str(e)[:120]})")
+    for name, fn in list(att.items()):
+        alone = min(compute_time(fn) for _ in range(steps)) / 3
+        att[name] = {"alone_s": alone, "ratio": with_swaps(True, True, fn) / alone}
     kv.check_invariants()
     return {"batch": batch, "context": ctx, "step_s": plain, "step_with_swaps_s": busy,
             "ratio": busy / plain, "swap_bytes_per_step": 2 * swap_blocks * kv.block_bytes,
-            "host_issue_s": issue, "ratio_swap_out_only": only_down / plain, "ratio_swap_in_only": only_up / plain}
+            "host_issue_s": issue, "ratio_swap_out_only": only_down / plain, "ratio_swap_in_only": only_up / plain,
+            "attention_only": att}
 
 
 def main(args) -> None:
@@ -270,6 +303,8 @@ def main(args) -> None:
           f"{dec['step_with_swaps_s'] * 1e3:.2f} ms with {dec['swap_bytes_per_step'] / 2**30:.2f} GiB of swaps "
           f"in flight ({dec['ratio']:.3f}x; swap-out only {dec['ratio_swap_out_only']:.3f}x, swap-in only "
           f"{dec['ratio_swap_in_only']:.3f}x; host issues a step in {dec['host_issue_s'] * 1e3:.2f} ms)")
+    for name, r in dec["attention_only"].items():
+        print(f"    attention only, {name}: {r['alone_s'] * 1e3:.2f} ms per step alone, {r['ratio']:.3f}x with the swaps")
     for how, r in pt.items():
         print(f"  pass-through ({how}): decode over {r['context_blocks']} blocks, {r['device_blocks']}-block device "
               f"tier: {r['step_s'] * 1e3:.1f} ms/step (host issue {r['host_issue_s'] * 1e3:.1f}), "
