@@ -3,7 +3,8 @@
 // Every pool element no query may see is NaN, so reading one (or an unmapped block) shows up.
 //
 //   nvcc -std=c++17 -O3 -Iinclude -gencode=arch=compute_90a,code=sm_90a \
-//     tests/cuda/paged_attention_check.cu cuda/paged_attention.cu cuda/kv_write.cu -o build/pa_check
+//     tests/cuda/paged_attention_check.cu tests/cuda/paged_attention_bench.cu cuda/paged_attention.cu \
+//     cuda/kv_write.cu cuda/host_copy.cu -o build/pa_check
 //   build/pa_check            full sweep       build/pa_check --quick   small sweep (sanitizers)
 //   build/pa_check --bench [file]   decode timings (CUDA-graph replay), also written to file
 // Environment: PKV_VARIANT=1 forces the 3-stage kernel (head_dim <= 128), 2 the sm_90 bulk-copy
@@ -22,23 +23,8 @@
 #include <thread>
 #include <vector>
 
+#include "check_util.h"
 #include "pagedkv/kernels.h"
-
-namespace pagedkv::cuda::detail {
-extern int g_force_splits;
-extern int g_force_variant;  // PKV_VARIANT: 1 3-stage kernel, 2 sm_90 bulk loader, -1 base only
-extern int g_aim_ctas;       // PKV_AIM: split-K target resident CTAs per SM
-}
-using namespace pagedkv;
-
-#define CK(x)                                                                              \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s:%d %s -> %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
 
 static uint16_t to_bits(float f, DType d) {
   if (d == DType::f16) {
@@ -94,7 +80,7 @@ struct Case {
   }
 };
 
-static int g_num_sms = 0;
+int g_num_sms = 0;
 
 // The sink rotation table of attention_params.h (theta 10000, then a linear scaling of 1/2 so the
 // table is not the textbook one), and the query of a row at `pos` as the sinks must see it: turned
@@ -369,90 +355,6 @@ static std::vector<Case> make_sweep(bool quick, std::mt19937_64& rng) {
   return cs;
 }
 
-// Decode timing: bf16, 32 query / 8 KV heads, head_dim 128, page 16, pages in random order.
-__global__ void fill_random(uint16_t* x, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
-    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
-    x[i] = __bfloat16_as_ushort(__float2bfloat16((h & 0xFFFF) / 32768.f - 1.f));
-  }
-}
-
-static void bench(const char* out_path) {
-  const int shapes[][2] = {{1, 32768}, {8, 8192},   {32, 8192},  {64, 4096},
-                           {16, 32768}, {4, 131072}, {1, 131072}, {128, 2048}};
-  const int n_shapes = int(sizeof shapes / sizeof shapes[0]);
-  FILE* f = out_path ? std::fopen(out_path, "w") : nullptr;
-  std::mt19937_64 rng(7);
-  const char* only = std::getenv("PKV_SHAPE");  // index into shapes: time just that one
-  for (int si = 0; si < n_shapes; ++si) {
-    if (only && std::atoi(only) != si) continue;
-    const auto& sh = shapes[si];
-    const int B = sh[0], ctx = sh[1], Hq = 32, H = 8, hd = 128, bs = 16, nb = ctx / bs;
-    const size_t pool_elems = size_t(B) * nb * 2 * H * bs * hd;
-    std::vector<int> bt(size_t(B) * nb), kv(B, ctx), qi(B + 1);
-    for (size_t s = 0; s < bt.size(); ++s) bt[s] = int(s);
-    if (!std::getenv("PKV_SEQ_PAGES")) std::shuffle(bt.begin(), bt.end(), rng);  // else best-case locality
-    for (int i = 0; i <= B; ++i) qi[i] = i;
-    uint16_t *d_pool, *d_q, *d_out;
-    int *d_bt, *d_kv, *d_qi;
-    void* d_ws = nullptr;
-    CK(cudaMalloc(&d_pool, pool_elems * 2));
-    CK(cudaMalloc(&d_q, size_t(B) * Hq * hd * 2));
-    CK(cudaMalloc(&d_out, size_t(B) * Hq * hd * 2));
-    CK(cudaMalloc(&d_bt, bt.size() * 4));
-    CK(cudaMalloc(&d_kv, B * 4));
-    CK(cudaMalloc(&d_qi, (B + 1) * 4));
-    fill_random<<<4096, 256>>>(d_pool, pool_elems, 1);
-    fill_random<<<64, 256>>>(d_q, size_t(B) * Hq * hd, 2);
-    CK(cudaGetLastError());
-    CK(cudaMemcpy(d_bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(d_kv, kv.data(), B * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(d_qi, qi.data(), (B + 1) * 4, cudaMemcpyHostToDevice));
-    PagedAttentionParams p;
-    p.q = d_q, p.out = d_out, p.pool = d_pool, p.block_table = d_bt, p.kv_lens = d_kv, p.q_indptr = d_qi;
-    p.num_seqs = B, p.num_rows = B, p.max_q_len = 1, p.max_blocks = nb, p.num_q_heads = Hq;
-    p.num_kv_heads = H, p.head_dim = hd, p.block_size = bs, p.num_layers = 1, p.layer = 0;
-    p.scale = 0.08838834764f, p.dtype = DType::bf16;
-    if (const char* sp = std::getenv("PKV_SPLITS")) cuda::detail::g_force_splits = std::atoi(sp);
-    const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms);
-    if (ws) CK(cudaMalloc(&d_ws, ws));
-    cudaStream_t st;
-    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    for (int i = 0; i < 3; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st));
-    const int kPerGraph = 20;
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    for (int i = 0; i < kPerGraph; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st));
-    CK(cudaStreamEndCapture(st, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
-    CK(cudaGraphLaunch(ge, st));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    std::vector<float> t;
-    for (int rep = 0; rep < 9; ++rep) {
-      CK(cudaEventRecord(e0, st));
-      CK(cudaGraphLaunch(ge, st));
-      CK(cudaEventRecord(e1, st));
-      CK(cudaEventSynchronize(e1));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      t.push_back(ms * 1000.f / kPerGraph);
-    }
-    std::sort(t.begin(), t.end());
-    const double us = t[t.size() / 2], bytes = double(pool_elems) * 2;
-    std::printf("BENCH %3d x %6d  %8.1f us  %5.2f TB/s  ws=%zu B\n", B, ctx, us, bytes / us * 1e-6, ws);
-    if (f) std::fprintf(f, "%d %d %.2f\n", B, ctx, us);
-    CK(cudaGraphExecDestroy(ge));
-    CK(cudaGraphDestroy(g));
-    CK(cudaStreamDestroy(st));
-    for (void* ptr : {(void*)d_pool, (void*)d_q, (void*)d_out, (void*)d_bt, (void*)d_kv, (void*)d_qi, d_ws}) CK(cudaFree(ptr));
-  }
-  if (f) std::fclose(f);
-}
-
 int main(int argc, char** argv) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -467,7 +369,7 @@ int main(int argc, char** argv) {
   if (const char* v = std::getenv("PKV_AIM")) cuda::detail::g_aim_ctas = std::atoi(v);
   const std::string mode = argc > 1 ? argv[1] : "";
   if (mode == "--bench") {  // --bench [out_file]
-    bench(argc > 2 ? argv[2] : nullptr);
+    bench(argc > 2 ? argv[2] : nullptr);  // paged_attention_bench.cu
     return 0;
   }
   std::mt19937_64 rng(12345);

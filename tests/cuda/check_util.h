@@ -1,0 +1,26 @@
+// What the CUDA check harness (paged_attention_check.cu) and its timing part
+// (paged_attention_bench.cu) share.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+namespace pagedkv::cuda::detail {
+extern int g_force_splits;
+extern int g_force_variant;  // PKV_VARIANT: 1 3-stage kernel, 2 sm_90 bulk loader, -1 base only
+extern int g_aim_ctas;       // PKV_AIM: split-K target resident CTAs per SM
+}
+using namespace pagedkv;
+
+#define CK(x)                                                                              \
+  do {                                                                                     \
+    cudaError_t e_ = (x);                                                                  \
+    if (e_ != cudaSuccess) {                                                               \
+      std::fprintf(stderr, "%s:%d %s -> %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+extern int g_num_sms;                   // of device 0, set by main
+void bench(const char* out_path);      // --bench [file]
