@@ -91,6 +91,9 @@ POLICIES = (("lru", LRU), ("window", lambda: Window(recent_blocks=4, sink_blocks
 
 
 def main(a) -> None:
+    if not 0 < a.batch <= a.sessions:
+        raise SystemExit(f"bench serve: --batch ({a.batch}) must be between 1 and --sessions ({a.sessions}): "
+                         "a round takes that many distinct sessions")
     total = a.sessions * ((a.context + a.rounds * (a.turn + a.new)) // 16 + 2) + 64
     card = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     run_one("lru", total, 64, a)  # warm-up: kernels, allocator and clocks settle before timing
