@@ -202,7 +202,9 @@ class Engine {
   bool stage_by_kernel_ = true;
   // The staging kernel's loads in flight per thread, threads per CTA and CTAs per SM
   // (PAGEDKV_GATHER=unroll,threads,ctas when the engine is made; for tuning runs).
-  int gather_shape_[3] = {4, 256, 8};
+  // 8 x 512 x 4: 0.88-0.89x of the link on one H200 machine (as 4 x 256 x 8) and 0.80x on
+  // another (4 x 256 x 8: 0.73x); BENCHMARKS.md, offload reruns of 2026-11-27.
+  int gather_shape_[3] = {8, 512, 4};
   // Device blocks fetched from the host and not written since: their host slot still holds the
   // same bytes, so evicting them again moves nothing. The fence is the fetch that reads the slot.
   struct CleanCopy {

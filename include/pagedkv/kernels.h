@@ -43,7 +43,7 @@ cudaError_t copy_from_mapped_host(void* dst, const void* src, size_t bytes, cuda
 // the link, on `stream`: no copy engine, no event, and no queueing behind other transfers.
 // `shape`: loads in flight per thread (2, 4, 8 or 16), threads per CTA, most CTAs per SM.
 struct GatherShape {
-  int unroll = 4, threads = 256, ctas_per_sm = 8;
+  int unroll = 8, threads = 512, ctas_per_sm = 4;
 };
 cudaError_t gather_from_mapped_host(void* dst, const void* host_base, const int32_t* slots, int64_t count,
                                     int64_t slice_bytes, int64_t block_bytes, int64_t offset, int num_sms,

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     off.add_argument("--batch", type=int, default=8)
     off.add_argument("--context", type=int, default=8192)
     off.add_argument("--disk-path", default=None)
-    off.add_argument("--gather", default="8,512,4",
+    off.add_argument("--gather", default="4,256,8",
                      help="staging-kernel shapes to compare, ';'-separated unroll,threads,ctas_per_sm")
 
     srv = bsub.add_parser("serve", help="Zipf chat sessions over a device tier smaller than their KV, per policy")
