@@ -19,9 +19,7 @@ struct KeyRanges {
 };
 
 KeyRanges key_ranges(const PagedAttentionParams& p, int32_t pos) {
-  int32_t wb = window_start(pos, p.window);
-  int32_t se = p.window > 0 ? std::min(p.sink_tokens, wb) : 0;
-  return {se, wb};
+  return {p.window > 0 ? sinks_kept(pos, p.window, p.sink_tokens) : 0, window_start(pos, p.window)};
 }
 
 // Element loads specialised per storage type, so the inner loops carry no dtype switch.
@@ -98,6 +96,8 @@ void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head, Scr
   const int32_t group = p.num_q_heads / p.num_kv_heads;
   const int32_t D = p.head_dim, bs = p.block_size;
   const int32_t* table = p.block_table + int64_t(seq) * p.max_blocks;
+  const bool rotating = rotates_sinks(p);
+  const RopeView rope = rotating ? rope_view(p.sink_rope) : RopeView{};
   for (int32_t row = p.q_indptr[seq]; row < p.q_indptr[seq + 1]; ++row) {
     const int32_t pos = query_position(p, seq, row);
     const KeyRanges kr = key_ranges(p, pos);
@@ -105,14 +105,15 @@ void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head, Scr
     scores.resize(size_t(num_keys));
     // The sinks [0, kr.sink_end) score against the query turned by sink_shift (exactly 0 when they
     // sit right before the window: then nothing turns).
-    const bool rotate = rotates_sinks(p) && kr.sink_end > 0 && kr.sink_end != kr.window_begin;
-    if (rotate) rotation_table(rope_view(p.sink_rope), kr.sink_end - kr.window_begin, w.cs);
+    const int32_t shift = rotating ? sink_shift(pos, p.window, p.sink_tokens) : 0;
+    const bool rotate = kr.sink_end > 0 && shift != 0;
+    if (rotate) rotation_table(rope, shift, w.cs);
     for (int32_t g = 0; g < group; ++g) {
       const int32_t qh = kv_head * group + g;
       const int64_t qbase = (int64_t(row) * p.num_q_heads + qh) * D;
       qf.resize(size_t(D));
       for (int32_t d = 0; d < D; ++d) qf[size_t(d)] = load_as_float(p.q, qbase + d, p.dtype);
-      if (rotate) rotate_query(rope_view(p.sink_rope), p.dtype, qf, w.cs, w.qr);
+      if (rotate) rotate_query(rope, p.dtype, qf, w.cs, w.qr);
       // Pass 1: scores. Key index i counts sinks first, then the window.
       float max_score = -std::numeric_limits<float>::infinity();
       for (int32_t i = 0; i < num_keys; ++i) {

@@ -30,7 +30,7 @@ Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
     int u = 0, t = 0, c = 0;
     PKV_CHECK(std::sscanf(g, "%d,%d,%d", &u, &t, &c) == 3, ArgumentError,
               "PAGEDKV_GATHER: expected unroll,threads,ctas_per_sm, got ", g);
-    gather_shape_[0] = u, gather_shape_[1] = t, gather_shape_[2] = c;
+    gather_shape_ = {u, t, c};
   }
   policy_ = make_policy(cfg_.policy, cfg_.policy_params);
   host_order_ = make_policy("lru", {});
@@ -55,6 +55,12 @@ Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
   pool(Tier::host) = BlockPool(cfg_.host_blocks,
                                TierMemory(host_kind, size_t(cfg_.host_blocks) * block, cfg_.cuda_device));
   pool(Tier::disk) = BlockPool(cfg_.disk_blocks, TierMemory());
+#ifdef PAGEDKV_WITH_CUDA
+  if (cfg_.on_cuda && tiered()) {  // staged slices are read from here (engine_staged.cpp)
+    DeviceGuard guard(cfg_.cuda_device);
+    PKV_CUDA(cudaHostGetDevicePointer(&host_mapped_, pool(Tier::host).data(), 0));
+  }
+#endif
   if (cfg_.disk_blocks > 0) {
     disk_ = DiskFile(cfg_.disk_path, cfg_.disk_blocks, block);
     io_ = std::make_unique<IoPool>(kDiskThreads);

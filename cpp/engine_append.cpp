@@ -46,12 +46,12 @@ void Engine::append_checked(const std::vector<SeqId>& seqs, int32_t layer,
       }
     }
   }
-  const KeepSet keep(written.begin(), written.end());
-  if (cfg_.host_blocks == 0) {
+  if (!tiered()) {
     PKV_CHECK(fresh <= pool(Tier::device).num_free(), OutOfBlocks, "append(): needs ", fresh,
               " free blocks but the device tier has ", pool(Tier::device).num_free(), " of ",
               pool(Tier::device).capacity());
-  } else if (int64_t(keep.size()) + fresh > pool(Tier::device).capacity()) {
+  } else if (const KeepSet keep(written.begin(), written.end());
+             int64_t(keep.size()) + fresh > pool(Tier::device).capacity()) {
     append_in_pieces(seqs, layer, lengths, k, v, fresh, stream);
     return;
   } else {

@@ -34,12 +34,12 @@ PagedAttentionParams Engine::base_params(const AttendArgs& args, int32_t layer) 
 // copy, which is sent again only when the table changes. Without a window or sinks nothing turns,
 // and the kernels without rotation run.
 void Engine::set_sink_rope(PagedAttentionParams& p, const AttendArgs& args) {
-  p.sink_rope = nullptr;
-  if (args.sink_rope == nullptr || p.window <= 0 || p.sink_tokens <= 0) return;
-  if (!cfg_.on_cuda) {
-    p.sink_rope = args.sink_rope;
+  p.sink_rope = args.sink_rope;
+  if (!rotates_sinks(p)) {
+    p.sink_rope = nullptr;
     return;
   }
+  if (!cfg_.on_cuda) return;
 #ifdef PAGEDKV_WITH_CUDA
   const size_t n = size_t(2 + rope_view(args.sink_rope).dim / 2);
   p.sink_rope = cuda_->sink_rope.send(*cuda_, args.sink_rope, n, static_cast<cudaStream_t>(args.stream));
@@ -151,15 +151,15 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
     max_q_len = std::max(max_q_len, lengths[i]);
   }
   if (q_indptr.back() == 0) return;
-  bool resident = plan_.matches(seqs, version_);
+  const bool plan_current = plan_.matches(seqs, version_);
+  bool resident = plan_current;
   for (size_t i = 0; resident && i < seqs.size(); ++i) {  // every block in scope is on the device
     if (lengths[i] == 0) continue;
     const ScopeBlocks sc = scope_blocks(kv_lens[i], lengths[i], window);
     resident = sc.first >= plan_.resident_tail[i] && sc.sinks <= plan_.resident_head[i];
   }
   // Prefetches still landing: once per prefetch, the stream waits for those of this batch.
-  const bool awaited = device_ready_.empty() || (plan_.matches(seqs, version_) &&
-                                                 plan_.awaited_epoch == landing_epoch_ &&
+  const bool awaited = device_ready_.empty() || (plan_current && plan_.awaited_epoch == landing_epoch_ &&
                                                  plan_.awaited_stream == args.stream);
   std::vector<BlockId> needed;  // filled when the batch's blocks may not all be on the device
   // The same scope as the last staged call, nothing moved since: its plan holds.
@@ -244,9 +244,9 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
 #ifdef PAGEDKV_WITH_CUDA
   auto st = static_cast<cudaStream_t>(args.stream);
   // kv_lens and q_indptr in one array (every layer of a decode step after the first sends nothing)
-  std::vector<int32_t> meta_host(kv_lens);
-  meta_host.insert(meta_host.end(), q_indptr.begin(), q_indptr.end());
-  const int32_t* meta = cuda_->attn_meta.send(*cuda_, meta_host, st);
+  meta_host_.assign(kv_lens.begin(), kv_lens.end());
+  meta_host_.insert(meta_host_.end(), q_indptr.begin(), q_indptr.end());
+  const int32_t* meta = cuda_->attn_meta.send(*cuda_, meta_host_, st);
   p.kv_lens = meta;
   p.q_indptr = meta + kv_lens.size();
   p.block_table = plan.device_block_table;

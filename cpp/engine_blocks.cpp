@@ -33,8 +33,9 @@ BlockId Engine::new_device_block(const BlockUse& use, std::vector<Fence>& waits)
 }
 
 BlockId Engine::clone_block(BlockId id, const BlockUse& use, std::vector<Fence>& waits, void* stream) {
+  const size_t before = waits.size();
   const BlockId fresh = new_device_block(use, waits);
-  for (const Fence& f : waits) copies_->order_after(f, stream);
+  for (size_t i = before; i < waits.size(); ++i) copies_->order_after(waits[i], stream);  // its slot
   copy_block(directory_.loc(id).slot, directory_.loc(fresh).slot, stream);
   directory_.release(id);  // the other holders keep it alive
   ++counters_.cow_copies;

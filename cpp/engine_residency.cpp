@@ -26,10 +26,9 @@ struct WaitClock {  // adds the wall time of a scope to a counter
 
 void Engine::check_room(int64_t fresh, const KeepSet& keep, const char* what) const {
   const BlockPool& dev = pool(Tier::device);
-  int64_t kept_device = 0, kept_host = 0, kept_disk = 0;
+  int64_t kept_host = 0, kept_disk = 0;
   for (BlockId id : keep) {
     const Tier t = directory_.loc(id).tier;
-    kept_device += t == Tier::device;
     kept_host += t == Tier::host;
     kept_disk += t == Tier::disk;
   }
@@ -194,7 +193,7 @@ void Engine::spill_host_to_disk(int64_t n, const KeepSet& keep) {
   if (first) std::rethrow_exception(first);
 }
 
-void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream) {
+void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream, bool prefetch) {
   std::vector<BlockId> misses;
   for (BlockId id : ids)
     if (directory_.loc(id).tier != Tier::device) misses.push_back(id);
@@ -211,7 +210,7 @@ void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep,
     const size_t take = size_t(std::min({left, pool(Tier::device).num_free(), std::max<int64_t>(pool(Tier::host).capacity(), 1)}));
     std::vector<BlockId> batch(misses.begin() + long(done), misses.begin() + long(done + take));
     disk_to_host(batch, keep);
-    host_to_device(batch, stream);
+    host_to_device(batch, stream, prefetch);
     done += take;
   }
 }
@@ -258,7 +257,7 @@ void Engine::disk_to_host(const std::vector<BlockId>& ids, const KeepSet& keep) 
   if (first) std::rethrow_exception(first);
 }
 
-void Engine::host_to_device(const std::vector<BlockId>& ids, void* stream) {
+void Engine::host_to_device(const std::vector<BlockId>& ids, void* stream, bool prefetch) {
   std::vector<BlockCopy> copies;
   std::vector<Fence> waits;
   std::vector<int32_t> device_slots;
@@ -274,12 +273,12 @@ void Engine::host_to_device(const std::vector<BlockId>& ids, void* stream) {
   Fence landed;
   {
     WaitClock clock(counters_.transfer_wait_s);
-    landed = copies_->to_device(copies, waits, stream, !prefetching_);
+    landed = copies_->to_device(copies, waits, stream, !prefetch);
   }
+  if (prefetch && landed && !ids.empty()) ++landing_epoch_;
   for (size_t i = 0; i < ids.size(); ++i) {
     const BlockId id = ids[i];
-    if (prefetching_ && landed) device_ready_[id] = landed;
-    if (prefetching_ && landed && i == 0) ++landing_epoch_;
+    if (prefetch && landed) device_ready_[id] = landed;
     clean_copy_[id] = CleanCopy{directory_.loc(id).slot, landed};  // the host bytes stay valid
     clean_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
     host_ready_.erase(id);
@@ -298,7 +297,7 @@ void Engine::host_to_device(const std::vector<BlockId>& ids, void* stream) {
 // victims go down until the high watermark is free. The copies are asynchronous, so by the time
 // an append needs the slots their evictions have long landed.
 void Engine::offload_to_watermark(void* stream) {
-  if (cfg_.host_blocks == 0 || cfg_.low_watermark <= 0) return;
+  if (!tiered() || cfg_.low_watermark <= 0) return;
   BlockPool& dev = pool(Tier::device);
   const int64_t cap = dev.capacity();
   if (dev.num_free() >= int64_t(cfg_.low_watermark * double(cap))) return;
@@ -353,13 +352,11 @@ void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
   check.insert(want.begin(), want.end());
   // A hint: without room it does nothing, and a move that runs out half way stops there (every
   // block stays whole wherever it is).
-  prefetching_ = true;
   try {
     check_room(0, check, "prefetch()");
-    make_resident(want, check, stream);
+    make_resident(want, check, stream, /*prefetch=*/true);
   } catch (const OutOfBlocks&) {
   }
-  prefetching_ = false;
 }
 
 // Blocks of one prefetch share its fence: each distinct fence is waited for once.

@@ -76,12 +76,9 @@ void Engine::run_staged(int32_t layer, PagedAttentionParams& p, const std::vecto
     auto st = static_cast<cudaStream_t>(stream);
     for (const Fence& w : sp.waits) copies_->order_after(w, stream);  // evictions still writing a slot
     const int32_t* slots = cuda_->staged_slots.send(*cuda_, sp.host_slots, st);
-    void* host_base = nullptr;
-    PKV_CUDA(cudaHostGetDevicePointer(&host_base, pool(Tier::host).data(), 0));
-    PKV_CUDA(cuda::gather_from_mapped_host(staging, host_base, slots, int64_t(n),
-                                           int64_t(slice), int64_t(block), int64_t(layer) * int64_t(slice),
-                                           cuda_->num_sms(), st,
-                                           {gather_shape_[0], gather_shape_[1], gather_shape_[2]}));
+    PKV_CUDA(cuda::gather_from_mapped_host(staging, host_mapped_, slots, int64_t(n), int64_t(slice),
+                                           int64_t(block), int64_t(layer) * int64_t(slice), cuda_->num_sms(),
+                                           st, gather_shape_));
     landed = copies_->mark(stream);
   }
 #endif

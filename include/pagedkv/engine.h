@@ -13,6 +13,7 @@
 #include "pagedkv/block_directory.h"
 #include "pagedkv/block_pool.h"
 #include "pagedkv/config.h"
+#include "pagedkv/gather_shape.h"
 #include "pagedkv/copy_engine.h"
 #include "pagedkv/disk_file.h"
 #include "pagedkv/page_table.h"
@@ -134,7 +135,8 @@ class Engine {
   // Frees device slots until `n` are free, moving policy victims outside `keep` down a tier.
   void make_device_room(int64_t n, const KeepSet& keep, void* stream);
   // Brings every block of `ids` that is not on the device up, evicting outside `keep`.
-  void make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream);
+  // prefetch: on behalf of prefetch(), nobody reads yet (the landing is awaited by later reads).
+  void make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream, bool prefetch = false);
   void evict_to_host(const std::vector<BlockId>& victims, const KeepSet& keep, void* stream);
   void drop_clean_copy(BlockId id);
   // Until `want_free` host slots are free: clean copies go first (no I/O), then host blocks
@@ -144,7 +146,7 @@ class Engine {
   int64_t eviction_room(const KeepSet& keep) const;
   // The blocks of `ids` on disk come up to host slots (reads on the I/O threads, together).
   void disk_to_host(const std::vector<BlockId>& ids, const KeepSet& keep);
-  void host_to_device(const std::vector<BlockId>& ids, void* stream);
+  void host_to_device(const std::vector<BlockId>& ids, void* stream, bool prefetch);
   // Orders `stream` after prefetch copies still landing in any of `ids` (no-op when none are).
   void await_blocks(const std::vector<BlockId>& ids, void* stream);
   void spill_host_to_disk(int64_t n, const KeepSet& keep);
@@ -196,15 +198,15 @@ class Engine {
   // Host blocks a staging copy may still read: the cell holds the latest such copy's fence.
   std::unordered_map<BlockId, std::shared_ptr<Fence>> host_read_by_;
   StagedPlan staged_plan_;
+  std::vector<int32_t> meta_host_;  // CUDA attend(): kv_lens then q_indptr, reused every call
   std::vector<char> staging_cpu_;                    // CPU builds' staging buffer
   // CUDA: stage slices with SM loads over the link (a kernel on the compute stream) rather than
   // with 2-D copies on the copy engine. PAGEDKV_STAGING=dma|kernel when the engine is made.
   bool stage_by_kernel_ = true;
-  // The staging kernel's loads in flight per thread, threads per CTA and CTAs per SM
-  // (PAGEDKV_GATHER=unroll,threads,ctas when the engine is made; for tuning runs).
-  // 8 x 512 x 4: 0.88-0.89x of the link on one H200 machine (as 4 x 256 x 8) and 0.80x on
-  // another (4 x 256 x 8: 0.73x); BENCHMARKS.md, offload reruns of 2026-11-27.
-  int gather_shape_[3] = {8, 512, 4};
+  // The staging kernel's shape (PAGEDKV_GATHER=unroll,threads,ctas when the engine is made; for
+  // tuning runs) and the host pool's address as the device sees it (CUDA, with a host tier).
+  GatherShape gather_shape_;
+  void* host_mapped_ = nullptr;
   // Device blocks fetched from the host and not written since: their host slot still holds the
   // same bytes, so evicting them again moves nothing. The fence is the fetch that reads the slot.
   struct CleanCopy {
@@ -213,7 +215,6 @@ class Engine {
   };
   std::unordered_map<BlockId, CleanCopy> clean_copy_;
   std::unique_ptr<EvictionPolicy> clean_order_;  // LRU over clean copies: the first to give up
-  bool prefetching_ = false;  // make_resident() on behalf of prefetch(): nobody reads yet
   std::unique_ptr<EvictionPolicy> host_order_;     // LRU over host-tier blocks: spill order to disk
   std::unordered_map<SeqId, SequenceTable> tables_;
   SeqId next_seq_ = 0;

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "pagedkv/attention_params.h"
+#include "pagedkv/gather_shape.h"
 
 namespace pagedkv::cuda {
 
@@ -41,10 +42,6 @@ cudaError_t copy_from_mapped_host(void* dst, const void* src, size_t bytes, cuda
 // Copies `count` slices of `slice_bytes` into `dst`, back to back: slice i from mapped pinned host
 // memory at host_base + slots[i] * block_bytes + offset (`slots` in device memory). SM loads over
 // the link, on `stream`: no copy engine, no event, and no queueing behind other transfers.
-// `shape`: loads in flight per thread (2, 4, 8 or 16), threads per CTA, most CTAs per SM.
-struct GatherShape {
-  int unroll = 8, threads = 512, ctas_per_sm = 4;
-};
 cudaError_t gather_from_mapped_host(void* dst, const void* host_base, const int32_t* slots, int64_t count,
                                     int64_t slice_bytes, int64_t block_bytes, int64_t offset, int num_sms,
                                     cudaStream_t stream, const GatherShape& shape = GatherShape{});
