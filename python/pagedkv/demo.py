@@ -15,20 +15,13 @@ import time
 import torch
 
 from . import default_device
+from .bench.common import device_used_bytes
 from .cache import PagedKV
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
     fill = int(width * done / max(total, 1))
     return "[" + "#" * fill + "." * (width - fill) + "]"
-
-
-def _device_mib(device: str) -> float:
-    """Device memory in use according to the driver (pools live outside torch's allocator)."""
-    if device.startswith("cuda"):
-        free, total = torch.cuda.mem_get_info()
-        return (total - free) / 2**20
-    return float("nan")
 
 
 def run(device: str | None = None, batch: int | None = None, prompt: int | None = None,
@@ -74,7 +67,7 @@ def run(device: str | None = None, batch: int | None = None, prompt: int | None 
     if cuda:
         torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
-    mem_start, blocks_start = _device_mib(device), kv.stats()["device_blocks_used"]
+    mem_start, blocks_start = device_used_bytes(device) / 2**20, kv.stats()["device_blocks_used"]
 
     t0 = last = time.perf_counter()
     marks = []  # (step, seconds) for the first and last tenth
@@ -96,7 +89,7 @@ def run(device: str | None = None, batch: int | None = None, prompt: int | None 
             s = kv.stats()
             line = (f"  {_bar(step, steps)} {step}/{steps} | {step * batch / (now - t0):8.1f} tok/s | context "
                     f"{kv.seq_len(seqs[0])} | blocks device {s['device_blocks_used']}/{kv.device_blocks} "
-                    f"dropped {s['drops']}" + (f" | GPU MiB {_device_mib(device):.0f}" if cuda else ""))
+                    f"dropped {s['drops']}" + (f" | GPU MiB {device_used_bytes(device) / 2**20:.0f}" if cuda else ""))
             print(("\r" + line) if tty else line, end="" if tty and step < steps else "\n", flush=True)
             last = now
     decode_s = time.perf_counter() - t0
@@ -108,7 +101,7 @@ def run(device: str | None = None, batch: int | None = None, prompt: int | None 
                sinks=sinks, prefill_s=prefill_s, decode_s=decode_s, tokens_per_s=steps * batch / decode_s,
                tokens_per_s_first_tenth=early, tokens_per_s_last_tenth=late,
                context=kv.seq_len(seqs[0]), blocks_start=blocks_start, blocks_end=s["device_blocks_used"],
-               device_mib_start=mem_start, device_mib_end=_device_mib(device), drops=s["drops"],
+               device_mib_start=mem_start, device_mib_end=device_used_bytes(device) / 2**20, drops=s["drops"],
                kv_gib=s["device_blocks_used"] * kv.block_bytes / 2**30)
     print("summary")
     print(f"  {'':<22}{'start':>14}{'end':>14}")

@@ -8,18 +8,23 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
+class _Policy:
+    name = ""
+
+    def params(self) -> dict:
+        """The policy's parameters for the engine (cpp/policy_registry.cpp), as floats."""
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
 @dataclass(frozen=True)
-class LRU:
+class LRU(_Policy):
     """Least recently used blocks go first."""
 
     name = "lru"
 
-    def params(self) -> dict:
-        return {}
-
 
 @dataclass(frozen=True)
-class Window:
+class Window(_Policy):
     """Per sequence, the newest `recent_blocks` blocks and the first `sink_blocks` stay on the
     device; older blocks go first (least recently used among them first)."""
 
@@ -27,21 +32,15 @@ class Window:
     sink_blocks: int = 1
     name = "window"
 
-    def params(self) -> dict:
-        return {k: float(v) for k, v in asdict(self).items()}
-
 
 @dataclass(frozen=True)
-class Hybrid:
+class Hybrid(_Policy):
     """Score = recency_weight * last_step + frequency_weight * log2(1 + uses); lowest goes first,
     so often-read blocks (shared prompts, sinks) survive bursts of one-off blocks."""
 
     recency_weight: float = 1.0
     frequency_weight: float = 8.0
     name = "hybrid"
-
-    def params(self) -> dict:
-        return {k: float(v) for k, v in asdict(self).items()}
 
 
 _BY_NAME = {"lru": LRU, "window": Window, "hybrid": Hybrid}
@@ -53,7 +52,7 @@ def resolve(policy) -> tuple[str, dict]:
         if policy not in _BY_NAME:
             raise ValueError(f"PagedKV(): policy must be one of {tuple(_BY_NAME)} or a policy object, got {policy!r}")
         policy = _BY_NAME[policy]()
-    if not isinstance(policy, (LRU, Window, Hybrid)):
+    if not isinstance(policy, _Policy):
         raise TypeError(f"PagedKV(): policy must be a name or pagedkv.policies.LRU/Window/Hybrid, "
                         f"got {type(policy).__name__}")
     return policy.name, policy.params()

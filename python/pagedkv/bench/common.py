@@ -21,20 +21,25 @@ def machine() -> dict:
     return info
 
 
-def time_host(fn, repeat: int, warmup: int = 2) -> list[float]:
-    """Wall-clock seconds of each of `repeat` calls (after `warmup`), synchronising CUDA if used."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return out
+def sync_seconds(fn) -> float:
+    """Wall-clock seconds of one call of fn, from an idle GPU to its work done (when CUDA is used)."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def device_used_bytes(device: str) -> float:
+    """Device memory in use according to the driver (pagedkv's pools live outside torch's
+    allocator); NaN off CUDA."""
+    if not str(device).startswith("cuda"):
+        return float("nan")
+    free, total = torch.cuda.mem_get_info()
+    return float(total - free)
 
 
 def summary(samples: list[float]) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from ..cache import PagedKV
 from ..rope import RoPE
-from .common import save
+from .common import device_used_bytes, save
 
 SHAPE = dict(num_layers=32, num_kv_heads=32, head_dim=128, block_size=16, dtype=torch.float16)
 
@@ -30,13 +30,6 @@ def _host_gib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
-
-
-def _device_gib(device: str) -> float:
-    if not device.startswith("cuda"):
-        return float("nan")
-    free, total = torch.cuda.mem_get_info()
-    return (total - free) / 2**30
 
 
 BLOCK_BYTES = (SHAPE["num_layers"] * 2 * SHAPE["num_kv_heads"] * SHAPE["block_size"] * SHAPE["head_dim"]
@@ -135,7 +128,7 @@ def run_mode(mode: str, batch: int, contexts: list[int], a) -> list[dict]:
             continue
         s = kv.stats()
         rows.append({"mode": mode, "batch": batch, "context": ctx, "tokens_per_s": (a.steps - 1) * batch / secs,
-                     "device_gib": _device_gib(dev), "host_gib": _host_gib(),
+                     "device_gib": device_used_bytes(dev) / 2**30, "host_gib": _host_gib(),
                      "device_blocks": s["device_blocks_used"], "host_blocks": s["host_blocks_used"],
                      "drops": s["drops"], "staged_gb_s": (s["bytes_staged"] - staged0) / secs / 1e9})
         print(f"  ({mode}) batch {batch} ctx {ctx:>8}: {rows[-1]['tokens_per_s']:9.1f} tok/s, device "

@@ -12,17 +12,9 @@ import time
 import torch
 
 from ..cache import PagedKV
-from .common import save
+from .common import save, sync_seconds
 
 LAYERS, HK, HQ, D, BS = 32, 8, 32, 128, 16
-
-
-def _sync_time(fn) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def link_ceilings(gib: float) -> dict:
@@ -35,8 +27,8 @@ def link_ceilings(gib: float) -> dict:
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
     best = {"d2h": 0.0, "h2d": 0.0, "both": 0.0}
     for _ in range(3):
-        best["d2h"] = max(best["d2h"], n / _sync_time(lambda: host_a.copy_(dev_a, non_blocking=True)) / 1e9)
-        best["h2d"] = max(best["h2d"], n / _sync_time(lambda: dev_b.copy_(host_b, non_blocking=True)) / 1e9)
+        best["d2h"] = max(best["d2h"], n / sync_seconds(lambda: host_a.copy_(dev_a, non_blocking=True)) / 1e9)
+        best["h2d"] = max(best["h2d"], n / sync_seconds(lambda: dev_b.copy_(host_b, non_blocking=True)) / 1e9)
 
         def both():
             with torch.cuda.stream(s1):
@@ -44,7 +36,7 @@ def link_ceilings(gib: float) -> dict:
             with torch.cuda.stream(s2):
                 dev_b.copy_(host_b, non_blocking=True)
 
-        best["both"] = max(best["both"], 2 * n / _sync_time(both) / 1e9)
+        best["both"] = max(best["both"], 2 * n / sync_seconds(both) / 1e9)
     return best
 
 
@@ -82,8 +74,8 @@ def swaps(blocks: int) -> dict:
             kv.append([s], layer, rows, rows)
     nbytes = blocks * kv.block_bytes
     out = {"block_bytes": kv.block_bytes, "blocks": blocks}
-    out["swap_out"] = nbytes / _sync_time(lambda: kv.offload([a])) / 1e9
-    out["swap_in"] = nbytes / _sync_time(lambda: kv.prefetch([a])) / 1e9
+    out["swap_out"] = nbytes / sync_seconds(lambda: kv.offload([a])) / 1e9
+    out["swap_in"] = nbytes / sync_seconds(lambda: kv.prefetch([a])) / 1e9
     kv.offload([a])
     torch.cuda.synchronize()
 
@@ -91,7 +83,7 @@ def swaps(blocks: int) -> dict:
         kv.offload([b])
         kv.prefetch([a])
 
-    out["both"] = 2 * nbytes / _sync_time(both) / 1e9
+    out["both"] = 2 * nbytes / sync_seconds(both) / 1e9
     kv.check_invariants()
     return out
 
