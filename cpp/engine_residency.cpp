@@ -86,6 +86,16 @@ void Engine::make_device_room(int64_t n, const KeepSet& keep, void* stream) {
   }
 }
 
+// Block `id` now lives in host slot `host_slot`: its device slot is free once `device_free` has
+// passed, and the host bytes are complete once `host_ready` has.
+void Engine::land_on_host(BlockId id, int32_t host_slot, Fence device_free, const Fence& host_ready) {
+  pool(Tier::device).release_after(directory_.loc(id).slot, std::move(device_free));
+  directory_.set_loc(id, {Tier::host, host_slot});
+  if (host_ready) host_ready_[id] = host_ready;
+  policy_->on_leave(id);
+  host_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
+}
+
 void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& keep, void* stream) {
   if (victims.empty()) return;
   BlockPool& host = pool(Tier::host);
@@ -96,13 +106,9 @@ void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& k
       dirty.push_back(id);
       continue;
     }
-    pool(Tier::device).release_after(directory_.loc(id).slot, take_fence(device_ready_, id));
-    directory_.set_loc(id, {Tier::host, clean->second.host_slot});
-    if (clean->second.read_by) host_ready_[id] = clean->second.read_by;
+    land_on_host(id, clean->second.host_slot, take_fence(device_ready_, id), clean->second.read_by);
     clean_copy_.erase(clean);
     clean_order_->on_leave(id);
-    policy_->on_leave(id);
-    host_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
     ++counters_.evictions;
     ++version_;
   }
@@ -126,12 +132,7 @@ void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& k
   }
   const int64_t bytes = cfg_.block_bytes();
   for (size_t i = 0; i < dirty.size(); ++i) {
-    const BlockId id = dirty[i];
-    pool(Tier::device).release_after(directory_.loc(id).slot, landed);
-    directory_.set_loc(id, {Tier::host, host_slots[i]});
-    if (landed) host_ready_[id] = landed;
-    policy_->on_leave(id);
-    host_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
+    land_on_host(dirty[i], host_slots[i], landed, landed);
   }
   counters_.evictions += int64_t(dirty.size());
   counters_.blocks_to_host += int64_t(dirty.size());

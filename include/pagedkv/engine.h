@@ -137,6 +137,7 @@ class Engine {
   // Brings every block of `ids` that is not on the device up, evicting outside `keep`.
   // prefetch: on behalf of prefetch(), nobody reads yet (the landing is awaited by later reads).
   void make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream, bool prefetch = false);
+  void land_on_host(BlockId id, int32_t host_slot, Fence device_free, const Fence& host_ready);
   void evict_to_host(const std::vector<BlockId>& victims, const KeepSet& keep, void* stream);
   void drop_clean_copy(BlockId id);
   // Until `want_free` host slots are free: clean copies go first (no I/O), then host blocks
