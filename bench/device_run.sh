@@ -2,7 +2,8 @@
 # One call on a lent GPU machine: build, test (ctest incl. the CUDA kernel sweep, pytest on CUDA),
 # then the demo and benchmarks, with peers and ceilings in the same run. Logs and JSON go to $OUT.
 # Usage there: bash bench/device_run.sh [PARTS]   (FlashInfer wheels travel in .whl/)
-#   PARTS: comma-separated of tests, demo, kernel, offload, serve, longctx, longctx1m, hf;
+#   PARTS: comma-separated of tests, demo, kernel, ncu, offload, serve, longctx, longctx1m, hf;
+#   ncu: Nsight Compute of our decode kernel beside FlashInfer's and SDPA's (NCU_SHAPE="16 32768");
 #   env: HF_ARGS, SERVE_ARGS, LONGCTX_ARGS, PYTEST_K and *_TIMEOUT (see below);
 #   longctx1m: mode (d) to 1M tokens on a machine with 512 GiB of RAM (an x4 kind);
 #   all = tests,demo,kernel,offload,serve; more = longctx,hf (the long runs)
@@ -37,6 +38,13 @@ if has tests; then
 fi
 has demo && timeout 100 python3 -m pagedkv demo --prompt 8192 --steps 128 2>&1 | tail -6
 has kernel && timeout 200 python3 -m pagedkv bench kernel 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
+if has ncu; then  # hardware counters: ours against the peers on one shape (bench/ncu_kernel.py)
+  timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --profile-from-start off --set full -f -o "$OUT/ncu" \
+    python3 bench/ncu_kernel.py ${NCU_SHAPE:-16 32768} > "$OUT/ncu-run.log" 2>&1; echo "ncu rc=$?"
+  ncu -i "$OUT/ncu.ncu-rep" --page raw --csv > "$OUT/ncu-raw.csv" 2>> "$OUT/ncu-run.log"
+  python3 bench/ncu_summary.py "$OUT/ncu-raw.csv" | tee "$OUT/ncu-summary.txt"
+  rm -f "$OUT/ncu.ncu-rep"  # too large to come back; the raw CSV holds every metric
+fi
 has offload && timeout 120 python3 -m pagedkv bench offload 2>&1 | tee "$OUT/offload.txt" | tail -12
 has serve && timeout ${SERVE_TIMEOUT:-300} python3 -m pagedkv bench serve ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.txt" | tail -16
 has longctx && timeout ${LONGCTX_TIMEOUT:-400} python3 -m pagedkv bench longctx ${LONGCTX_ARGS:-} 2>&1 | tee "$OUT/longctx.txt" | tail -40
