@@ -12,8 +12,7 @@ namespace pagedkv::cuda {
 namespace detail {
 
 // Test hooks (tests/cuda/paged_attention_check.cu): > 0 forces that many splits; g_force_variant
-// 1 forces the 3-stage configuration wherever it exists (head_dim <= 128), 2 the sm_90 bulk-copy
-// loader (head_dim 128, measurement only), -1 the base configuration; g_aim_ctas is the resident
+// 1 forces the 3-stage configuration wherever it exists (head_dim <= 128), -1 the base one; g_aim_ctas is the resident
 // CTAs per SM that split-K aims at below a full wave.
 int g_force_splits = 0;
 int g_force_variant = 0;
@@ -55,7 +54,6 @@ enum class Config {
   kBase,  // 4 warps, 2 stages, cp.async
   kHalf,  // 2 warps, 2 stages: head_dim 256 where a block gets < 139 KB of smem (sm_86/89)
   kDeep,  // 4 warps, 3 stages (head_dim <= 128): a full wave of units or more, see make_plan
-  kBulk,  // 4 warps, 2 stages, sm_90 bulk copies (head_dim 128; test hook only)
 };
 
 struct Plan {
@@ -71,10 +69,10 @@ struct Plan {
 // Per-instance launch facts, computed once (occupancy does not change between calls, and doing
 // it once keeps the per-call path free of anything but the launches). ROPE: the instance that
 // rotates sinks (attention_params.h); calls without rotation never run it.
-template <typename T, int HD, bool ROPE, int NWARPS, int STAGES = kStages, int LOAD = kLoadCpAsync>
+template <typename T, int HD, bool ROPE, int NWARPS, int STAGES = kStages>
 struct Instance {
   using Shape = AttnShape<HD, NWARPS, STAGES>;
-  static constexpr auto kernel = paged_attention_kernel<T, HD, NWARPS, STAGES, LOAD, ROPE>;
+  static constexpr auto kernel = paged_attention_kernel<T, HD, NWARPS, STAGES, ROPE>;
   static constexpr size_t smem = Shape::template smem_bytes<T, ROPE>();
   static cudaError_t prepare(int* ctas_per_sm) {
     int dev = 0;
@@ -145,9 +143,6 @@ cudaError_t with_config(Config c, F&& f) {
   if constexpr (HD <= 128) {
     if (c == Config::kDeep) return f(Instance<T, HD, ROPE, 4, 3>{});
   }
-  if constexpr (HD == 128) {
-    if (c == Config::kBulk) return f(Instance<T, HD, ROPE, 4, 2, kLoadBulk>{});
-  }
   return f(Instance<T, HD, ROPE, 4>{});
 }
 
@@ -181,7 +176,6 @@ cudaError_t make_plan(const PagedAttentionParams& p, int num_sms, Plan* plan) {
     const int64_t units = int64_t(p.num_seqs) * p.num_kv_heads * plan->n_mtiles;
     const bool wave = HD == 128 && units >= int64_t(std::max(num_sms, 1)) * base_ctas;
     if (deep_ctas >= 2 && (g_force_variant == 1 || (g_force_variant == 0 && wave))) plan->config = Config::kDeep;
-    if (HD == 128 && major >= 9 && g_force_variant == 2) plan->config = Config::kBulk;
   }
   err = with_config<T, HD, ROPE>(plan->config, [&](auto inst) {
     using I = decltype(inst);

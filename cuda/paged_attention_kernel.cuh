@@ -36,13 +36,19 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <int HD, int NWARPS, int STAGES>
 struct AttnShape {
   static constexpr int kChunk = 16;        // keys per warp step: the k of one P.V mma
-  static constexpr int kStride = HD + 8;   // smem row stride (elements); the extra 16 B put the
-                                           // 8 rows one ldmatrix reads on 8 distinct bank quads
+  static constexpr int kVecs = HD / 8;     // 16-byte vectors per row
+  // Shared-memory tiles ([16 rows][HD] of Q, K or V). Where a row is whole 128-byte lines (head
+  // dims 64, 128, 256) rows are packed and vector cv of row r sits at cv ^ (r % 8): each 128-byte
+  // line a cp.async reads lands in one aligned 128-byte smem line, and the 8 rows one ldmatrix
+  // reads sit on 8 distinct bank quads. (Rows padded by 16 bytes, as before, made every line two
+  // partial L2 requests: 1.5x the L2 sectors of the KV, ncu on H100, cuda/NOTES.md.) Other head
+  // dims keep the padded rows.
+  static constexpr bool kSwizzle = kVecs % 8 == 0;
+  static constexpr int kStride = kSwizzle ? HD : HD + 8;  // smem row stride (elements)
   static constexpr int kTile = kChunk * kStride;  // one K (or V) chunk
   static constexpr int kWarpElems = STAGES * 2 * kTile;
   static constexpr int kQElems = 16 * kStride;
   static constexpr int kThreads = NWARPS * 32;
-  static constexpr int kVecs = HD / 8;     // 16-byte vectors per row
   static constexpr int kOStride = HD + 4;  // float row stride when a warp's O is parked in smem
   static_assert(16 * kOStride * 4 <= kWarpElems * 2, "warp O must fit in its KV ring");
   static constexpr bool kQInRegs = HD <= 128;  // HD 256 would not leave room for O: Q stays in smem
@@ -54,12 +60,21 @@ struct AttnShape {
   static constexpr size_t smem_bytes() {
     return size_t(kQElems * (kRotTileOwn(ROPE) ? 2 : 1) + NWARPS * kWarpElems) * sizeof(T);
   }
+  // Element offset of 16-byte vector cv of row r in a tile, and of element d of row r.
+  __device__ static int vec(int r, int cv) { return kSwizzle ? r * HD + ((cv ^ (r & 7)) << 3) : r * kStride + cv * 8; }
+  __device__ static int elem(int r, int d) { return vec(r, d >> 3) + (d & 7); }
+  // One lane's ldmatrix address in a tile at k-step k: vector 2 k + c0 of row `row`.
+  struct Frag {
+    int base, y;
+    __device__ Frag(int row, int c0)
+        : base(kSwizzle ? row * HD : row * kStride + c0 * 8), y(kSwizzle ? (c0 ^ (row & 7)) << 3 : 0) {}
+    __device__ int at(int k) const { return kSwizzle ? base + ((16 * k) ^ y) : base + 16 * k; }
+  };
 };
 
 // Issue the cp.async copies of one chunk (16 keys x HD of K and of V) into sK/sV; `off` is this
 // lane's resolve_row. Index map: vector it = lane + 32 i of the chunk is row it / kVecs, 16-byte
-// column it % kVecs, so a warp instruction reads whole 256-byte rows. Rows past the scope are
-// zero-filled.
+// column it % kVecs, so a warp instruction reads whole rows. Rows past the scope are zero-filled.
 template <typename T, int HD, int NWARPS, int STAGES>
 __device__ __forceinline__ void issue_chunk(const T* pool, int64_t off, int64_t v_off, T* sK,
                                             T* sV, int lane) {
@@ -71,58 +86,21 @@ __device__ __forceinline__ void issue_chunk(const T* pool, int64_t off, int64_t 
     const int64_t o = __shfl_sync(0xffffffffu, off, r);
     const bool ok = o != kNoRow;
     const T* src = pool + (ok ? o + cv * 8 : 0);
-    cp_async_16(sK + r * S::kStride + cv * 8, src, ok);
-    cp_async_16(sV + r * S::kStride + cv * 8, ok ? src + v_off : src, ok);
+    cp_async_16(sK + S::vec(r, cv), src, ok);
+    cp_async_16(sV + S::vec(r, cv), ok ? src + v_off : src, ok);
   }
 }
 
-// How a warp moves its KV chunks into shared memory.
-enum : int {
-  kLoadCpAsync = 0,  // 16-byte cp.async per lane, cp.async groups (every arch)
-  kLoadBulk = 1,     // sm_90+: one bulk copy per row (lane l: K row l, lane 16 + l: V row l)
-                     // completing on a per-stage mbarrier; cp.async below sm_90
-};
-template <int LOAD>
-__device__ constexpr bool use_bulk() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return LOAD == kLoadBulk;
-#else
-  return false;
-#endif
-}
-
-// Bulk-copy version of issue_chunk. Each lane moves one HD-element row; rows past the scope are
-// zero-filled with plain stores (the copy engine has no zero-fill), made visible to the other
-// lanes by the arrive's release and to later bulk copies by the proxy fence.
-template <typename T, int HD, int NWARPS, int STAGES>
-__device__ __forceinline__ void issue_chunk_bulk(const T* pool, int64_t off, int64_t v_off, T* sK,
-                                                 T* sV, uint64_t* bar, int lane) {
-  using S = AttnShape<HD, NWARPS, STAGES>;
-  constexpr uint32_t kRowBytes = HD * sizeof(T);
-  T* dst = (lane < 16 ? sK : sV) + (lane & 15) * S::kStride;
-  if (off != kNoRow) {
-    mbar_arrive_expect_tx(bar, kRowBytes);
-    bulk_g2s(dst, pool + off + (lane < 16 ? 0 : v_off), kRowBytes, bar);
-  } else {
-#pragma unroll
-    for (int j = 0; j < S::kVecs; ++j) reinterpret_cast<uint4*>(dst)[j] = make_uint4(0, 0, 0, 0);
-    fence_proxy_async_smem();
-    mbar_arrive(bar);
-  }
-}
-
-template <typename T, int HD, int NWARPS, int STAGES, int LOAD, bool ROPE>
+template <typename T, int HD, int NWARPS, int STAGES, bool ROPE>
 __global__ void __launch_bounds__(NWARPS * 32)
     paged_attention_kernel(const PagedAttentionParams p, const int num_splits,
                            float* __restrict__ part_o,    // [num_splits, num_rows, num_q_heads, HD]
                            float* __restrict__ part_lse)  // [num_splits, num_rows, num_q_heads] log2
 {
   using S = AttnShape<HD, NWARPS, STAGES>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // [16][kStride]: the m-tile's packed query rows
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // the m-tile's 16 packed query rows (AttnShape::vec)
   __shared__ float s_m[NWARPS][16], s_l[NWARPS][16];
-  constexpr bool kBulk = use_bulk<LOAD>();
-  __shared__ uint64_t s_bar[kBulk ? NWARPS : 1][kBulk ? STAGES : 1];  // stage s of warp w landed
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Let the split merge (launched with programmatic serialisation) get resident early; it
@@ -168,29 +146,16 @@ __global__ void __launch_bounds__(NWARPS * 32)
   const int n_mine = my_first < c_end ? (c_end - my_first + NWARPS - 1) / NWARPS : 0;
   const int64_t v_off = int64_t(p.num_kv_heads) * p.block_size * HD;  // K tile -> V tile
   int64_t next_off = n_mine > 0 ? resolve_row(p, bt_row, sc, kvh, my_first, lane) : kNoRow;
-  if constexpr (kBulk) {
-    if (lane == 0) {
-#pragma unroll
-      for (int st = 0; st < STAGES; ++st) mbar_init(&s_bar[warp][st], 32);
-      mbar_init_fence();
-    }
-    __syncwarp();
-  }
   auto issue = [&](int i) {  // chunk i of this warp; resolves chunk i + 1 for the next call
     T* st = ring + (i % STAGES) * 2 * S::kTile;
-    if constexpr (kBulk) {
-      issue_chunk_bulk<T, HD, NWARPS, STAGES>(pool, next_off, v_off, st, st + S::kTile,
-                                              &s_bar[kBulk ? warp : 0][kBulk ? i % STAGES : 0], lane);
-    } else {
-      issue_chunk<T, HD, NWARPS, STAGES>(pool, next_off, v_off, st, st + S::kTile, lane);
-    }
+    issue_chunk<T, HD, NWARPS, STAGES>(pool, next_off, v_off, st, st + S::kTile, lane);
     if (i + 1 < n_mine) next_off = resolve_row(p, bt_row, sc, kvh, my_first + (i + 1) * NWARPS, lane);
   };
   // KV copies go out before the Q tile is loaded, so both latencies overlap.
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
     if (i < n_mine) issue(i);
-    if constexpr (!kBulk) cp_async_commit();
+    cp_async_commit();
   }
 
   // Q tile: thread t loads 16-byte vectors t, t + kThreads, ... of the [16][HD] packed rows.
@@ -203,27 +168,28 @@ __global__ void __launch_bounds__(NWARPS * 32)
       const int64_t qrow = row0 + m / group, head = int64_t(kvh) * group + m % group;
       val = *reinterpret_cast<const uint4*>(q + (qrow * p.num_q_heads + head) * HD + cv * 8);
     }
-    *reinterpret_cast<uint4*>(sQ + r * S::kStride + cv * 8) = val;
+    *reinterpret_cast<uint4*>(sQ + S::vec(r, cv)) = val;
   }
   __syncthreads();
 
   constexpr bool kQInRegs = S::kQInRegs;
   uint32_t qf[kQInRegs ? HD / 16 : 1][4];
-  // ldmatrix row addresses: A (Q) rows l%8 + 8*((l/8)%2), cols 8*(l/16); B (K) rows
-  // 8*(l/16) + l%8, cols 8*((l/8)%2); B (V, transposed) rows l%8 + 8*((l/8)%2), cols 8*(l/16).
-  const T* q_lane = sQ + (lane % 8 + 8 * ((lane / 8) % 2)) * S::kStride + 8 * (lane / 16);
-  const int k_lane = (8 * (lane / 16) + lane % 8) * S::kStride + 8 * ((lane / 8) % 2);
-  const int v_lane = (lane % 8 + 8 * ((lane / 8) % 2)) * S::kStride + 8 * (lane / 16);
+  // ldmatrix rows and 16-byte columns: A (Q) rows l%8 + 8*((l/8)%2), column l/16; B (K) rows
+  // 8*(l/16) + l%8, column (l/8)%2; B (V, transposed) as A; plus 2 per k-step.
+  using Frag = typename S::Frag;
+  const Frag qa(lane % 8 + 8 * ((lane / 8) % 2), lane / 16);
+  const Frag ka(8 * (lane / 16) + lane % 8, (lane / 8) % 2);
+  const Frag& va = qa;
   if constexpr (kQInRegs) {
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) ldmatrix_x4(qf[kk], q_lane + kk * 16);
+    for (int kk = 0; kk < HD / 16; ++kk) ldmatrix_x4(qf[kk], sQ + qa.at(kk));
   }
   // The rotated tile, only in CTAs whose chunks reach a rotated one (uniform over the CTA).
   T* const sQr = S::kRotTileOwn(ROPE) ? sQ + S::kQElems + NWARPS * S::kWarpElems : sQ;
   if constexpr (ROPE) {
     if (c_begin < c_end && c_begin * S::kChunk < n_rot) {
       if constexpr (kQInRegs) __syncthreads();  // every warp holds its qf: sQ may be turned in place
-      rotate_q_tile<T, HD, S::kThreads, S::kStride>(p, sQ, sQr, first_pos, m0, m_count, group);
+      rotate_q_tile<T, S>(p, sQ, sQr, first_pos, m0, m_count, group);
       __syncthreads();
     }
   }
@@ -236,14 +202,9 @@ __global__ void __launch_bounds__(NWARPS * 32)
 
   for (int i = 0; i < n_mine; ++i) {
     if (i + STAGES - 1 < n_mine) issue(i + STAGES - 1);  // refills the stage freed last step
-    if constexpr (kBulk) {
-      // Every lane waits for the stage's phase: all 32 rows' bytes (or zero rows) have landed.
-      mbar_wait(&s_bar[kBulk ? warp : 0][kBulk ? i % STAGES : 0], uint32_t(i / STAGES) & 1u);
-    } else {
-      cp_async_commit();
-      cp_async_wait<STAGES - 1>();
-      __syncwarp();  // every lane's copies of chunk i have landed
-    }
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    __syncwarp();  // every lane's copies of chunk i have landed
     const T* sK = ring + (i % STAGES) * 2 * S::kTile;
     const T* sV = sK + S::kTile;
 
@@ -259,16 +220,15 @@ __global__ void __launch_bounds__(NWARPS * 32)
 #pragma unroll
           for (int j = 0; j < 4; ++j) a[j] = qf[kk][j];
         } else {
-          ldmatrix_x4(a, q_lane + kk * 16);
+          ldmatrix_x4(a, sQ + qa.at(kk));
         }
-        ldmatrix_x4(b, sK + k_lane + kk * 16);
+        ldmatrix_x4(b, sK + ka.at(kk));
         mma_16816<T>(s[0], a, b[0], b[1]);
         mma_16816<T>(s[1], a, b[2], b[3]);
       }
     } else if constexpr (ROPE) {
-      score_rotated_chunk<T, HD, S::kStride, kQInRegs>(s, qf, q_lane, sQr + (q_lane - sQ), sK + k_lane,
-                                                       sc, (my_first + i * NWARPS) * S::kChunk, quad_col,
-                                                       pos, p);
+      score_rotated_chunk<T, S>(s, qf, sQ, sQr, qa, sK, ka, sc, (my_first + i * NWARPS) * S::kChunk, quad_col,
+                                pos, p);
     }
 
     // Mask only chunks that straddle an edge (scope end, causal diagonal, window start).
@@ -320,13 +280,13 @@ __global__ void __launch_bounds__(NWARPS * 32)
 #pragma unroll
     for (int dp = 0; dp < HD / 16; ++dp) {
       uint32_t b[4];
-      ldmatrix_x4_trans(b, sV + v_lane + dp * 16);
+      ldmatrix_x4_trans(b, sV + va.at(dp));
       mma_16816<T>(o[2 * dp], pa, b[0], b[1]);
       mma_16816<T>(o[2 * dp + 1], pa, b[2], b[3]);
     }
     __syncwarp();  // all lanes done reading this stage before it is refilled
   }
-  if constexpr (!kBulk) cp_async_wait<0>();  // bulk: every issued chunk was waited for above
+  cp_async_wait<0>();
   __syncwarp();
 
 #pragma unroll

@@ -9,17 +9,18 @@
 
 namespace pagedkv::cuda::detail {
 
-// sQr = the m-tile's Q tile sQ ([16][kStride]) with packed row r turned by the sink_shift of its
+// sQr = the m-tile's Q tile sQ (layout S::elem) with packed row r turned by the sink_shift of its
 // query row (first_pos + (m0 + r) / group; padding rows past m_count borrow the last real one).
 // The angle in double (it reaches 1e5 rad in long streams), cos/sin rounded to float, the turn in
 // float without contraction (the CPU reference rounds the same way), stored in T like the Q tile.
 // sQr may be sQ: every element pair is read and written by one thread.
-template <typename T, int HD, int NTHREADS, int STRIDE>
+template <typename T, typename S>
 __device__ __forceinline__ void rotate_q_tile(const PagedAttentionParams& p, const T* sQ, T* sQr,
                                               int first_pos, int m0, int m_count, int group) {
   const RopeView rope = rope_view(p.sink_rope);
+  constexpr int HD = S::kVecs * 8;
   const int half = rope.dim / 2;
-  for (int it = threadIdx.x; it < 16 * (HD / 2); it += NTHREADS) {
+  for (int it = threadIdx.x; it < 16 * (HD / 2); it += S::kThreads) {
     const int r = it / (HD / 2), i = it % (HD / 2);
     int d0, d1;
     if (i < half) {
@@ -28,7 +29,7 @@ __device__ __forceinline__ void rotate_q_tile(const PagedAttentionParams& p, con
       if (sQr == sQ) continue;
       d0 = rope.dim + 2 * (i - half), d1 = d0 + 1;
     }
-    const float x0 = float(sQ[r * STRIDE + d0]), x1 = float(sQ[r * STRIDE + d1]);
+    const float x0 = float(sQ[S::elem(r, d0)]), x1 = float(sQ[S::elem(r, d1)]);
     float y0 = x0, y1 = x1;
     if (i < half) {
       const int pos = first_pos + (m0 + min(r, m_count - 1)) / group;
@@ -38,21 +39,24 @@ __device__ __forceinline__ void rotate_q_tile(const PagedAttentionParams& p, con
       y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
       y1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
     }
-    sQr[r * STRIDE + d0] = T(y0);
-    sQr[r * STRIDE + d1] = T(y1);
+    sQr[S::elem(r, d0)] = T(y0);
+    sQr[S::elem(r, d1)] = T(y1);
   }
 }
 
 // S of a chunk holding rotated keys (virtual keys [vbase, vbase + 16), some below n_rot): from the
-// rotated Q tile (a_rot: this lane's ldmatrix address in it), and where the chunk reaches past the
-// lowest row's sinks also from the plain one (qf, or a_plain in smem), element (row, key) taking
-// the rotated score only below that row's kept sinks (pos: this lane's two accumulator rows).
-template <typename T, int HD, int STRIDE, bool Q_IN_REGS>
+// rotated Q tile sQr, and where the chunk reaches past the lowest row's sinks also from the plain
+// one (qf, or sQ), element (row, key) taking the rotated score only below that row's kept sinks
+// (pos: this lane's two accumulator rows). qa, ka: this lane's ldmatrix addresses in a Q and a K tile.
+template <typename T, typename S>
 __device__ __forceinline__ void score_rotated_chunk(float (&s)[2][4],
-                                                    const uint32_t (&qf)[Q_IN_REGS ? HD / 16 : 1][4],
-                                                    const T* a_plain, const T* a_rot, const T* k_lane,
+                                                    const uint32_t (&qf)[S::kQInRegs ? S::kVecs / 2 : 1][4],
+                                                    const T* sQ, const T* sQr, const typename S::Frag& qa,
+                                                    const T* sK, const typename S::Frag& ka,
                                                     const KeyScope& sc, int vbase, int quad_col,
                                                     const int (&pos)[2], const PagedAttentionParams& p) {
+  constexpr int HD = S::kVecs * 8;
+  constexpr bool Q_IN_REGS = S::kQInRegs;
   auto qk = [&](float (&acc)[2][4], bool rotated) {
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
@@ -61,9 +65,9 @@ __device__ __forceinline__ void score_rotated_chunk(float (&s)[2][4],
 #pragma unroll
         for (int j = 0; j < 4; ++j) a[j] = qf[Q_IN_REGS ? kk : 0][j];
       } else {
-        ldmatrix_x4(a, (rotated ? a_rot : a_plain) + kk * 16);
+        ldmatrix_x4(a, (rotated ? sQr : sQ) + qa.at(kk));
       }
-      ldmatrix_x4(b, k_lane + kk * 16);
+      ldmatrix_x4(b, sK + ka.at(kk));
       mma_16816<T>(acc[0], a, b[0], b[1]);
       mma_16816<T>(acc[1], a, b[2], b[3]);
     }

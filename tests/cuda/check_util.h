@@ -8,7 +8,7 @@
 
 namespace pagedkv::cuda::detail {
 extern int g_force_splits;
-extern int g_force_variant;  // PKV_VARIANT: 1 3-stage kernel, 2 sm_90 bulk loader, -1 base only
+extern int g_force_variant;  // PKV_VARIANT: 1 3-stage kernel, -1 base only
 extern int g_aim_ctas;       // PKV_AIM: split-K target resident CTAs per SM
 }
 using namespace pagedkv;

@@ -7,8 +7,8 @@
 //     cuda/kv_write.cu cuda/host_copy.cu -o build/pa_check
 //   build/pa_check            full sweep       build/pa_check --quick   small sweep (sanitizers)
 //   build/pa_check --bench [file]   decode timings (CUDA-graph replay), also written to file
-// Environment: PKV_VARIANT=1 forces the 3-stage kernel (head_dim <= 128), 2 the sm_90 bulk-copy
-// loader (head_dim 128), -1 the base kernel only; PKV_AIM=n split-K target CTAs/SM; bench only:
+// Environment: PKV_VARIANT=1 forces the 3-stage kernel (head_dim <= 128), -1 the base kernel
+// only; PKV_AIM=n split-K target CTAs/SM; bench only:
 // PKV_SPLITS=n, PKV_SHAPE=i (one shape), PKV_SEQ_PAGES=1 (pages in order).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
