@@ -25,6 +25,10 @@ struct Pack<__nv_bfloat16> {
     __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
     return *reinterpret_cast<uint32_t*>(&h);
   }
+  // What two() left out of (a, b), given hi = two(a, b): the low half of a two-term bf16 split.
+  static __device__ __forceinline__ uint32_t rest(float a, float b, uint32_t hi) {
+    return two(a - __uint_as_float(hi << 16), b - __uint_as_float(hi & 0xffff0000u));
+  }
 };
 
 // c[4] += A(16x16, row-major fragment a[4]) * B(16x8, col-major fragment b0,b1).
