@@ -27,12 +27,11 @@ DeviceBuffer::~DeviceBuffer() {
   if (data_) cudaFree(data_);
 }
 
-void* DeviceBuffer::reserve(size_t bytes, cudaStream_t zero_on, bool zero) {
+void* DeviceBuffer::reserve(size_t bytes) {
   if (bytes <= bytes_ && data_) return data_;
   size_t want = std::max<size_t>({bytes, bytes_ * 2, 4096});
   void* fresh = nullptr;
   PKV_CUDA(cudaMalloc(&fresh, want));
-  if (zero) PKV_CUDA(cudaMemsetAsync(fresh, 0, want, zero_on));
   if (data_) PKV_CUDA(cudaFree(data_));  // cudaFree waits for work that may still read it
   data_ = fresh;
   bytes_ = want;

@@ -49,9 +49,8 @@ void Engine::set_sink_rope(PagedAttentionParams& p, const AttendArgs& args) {
 #ifdef PAGEDKV_WITH_CUDA
 void Engine::launch(const PagedAttentionParams& p, void* stream) {
   const size_t ws_bytes = cuda::paged_attention_workspace_bytes(p, cuda_->num_sms());
-  const auto st = static_cast<cudaStream_t>(stream);
-  void* ws = ws_bytes ? cuda_->workspace.reserve(ws_bytes, st, true) : nullptr;
-  PKV_CUDA(cuda::paged_attention(p, ws, ws_bytes, cuda_->num_sms(), st));
+  void* ws = ws_bytes ? cuda_->workspace.reserve(ws_bytes) : nullptr;
+  PKV_CUDA(cuda::paged_attention(p, ws, ws_bytes, cuda_->num_sms(), static_cast<cudaStream_t>(stream)));
 }
 #endif
 

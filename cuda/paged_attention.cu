@@ -13,14 +13,13 @@ namespace detail {
 
 // Test hooks (tests/cuda/paged_attention_check.cu): > 0 forces that many splits; g_force_variant
 // 1 forces the 3-stage configuration wherever it exists (head_dim <= 128), -1 the base one; g_aim_ctas is the resident
-// CTAs per SM that split-K aims at below a full wave; g_merge_kernel 1 merges the splits in a
-// second kernel instead of in the last CTA of each unit.
+// CTAs per SM that split-K aims at below a full wave.
 int g_force_splits = 0;
 int g_force_variant = 0;
 int g_aim_ctas = 2;
-int g_merge_kernel = 0;
 
 constexpr int kStages = 2;
+constexpr int kMaxSplits = 256;
 
 template <typename T>
 struct Tag {
@@ -97,9 +96,8 @@ struct Instance {
     *ctas_per_sm = occ;
     return cudaSuccess;
   }
-  static void launch(dim3 grid, cudaStream_t st, const PagedAttentionParams& p, int splits, float* po, float* pl,
-                     int* done) {
-    kernel<<<grid, NWARPS * 32, smem, st>>>(p, splits, po, pl, done);
+  static void launch(dim3 grid, cudaStream_t st, const PagedAttentionParams& p, int splits, float* po, float* pl) {
+    kernel<<<grid, NWARPS * 32, smem, st>>>(p, splits, po, pl);
   }
 };
 
@@ -129,15 +127,10 @@ inline int choose_splits(const PagedAttentionParams& p, int num_sms, const Plan&
   return best;
 }
 
-// Split-K scratch: a counter per (seq, kv head, m-tile) (zero between calls), then the partial
-// outputs and log-sum-exps of every split.
-inline size_t counter_bytes(const PagedAttentionParams& p, int n_mtiles) {
-  return (size_t(p.num_seqs) * p.num_kv_heads * n_mtiles * sizeof(int) + 255) / 256 * 256;
-}
-inline size_t split_bytes(const PagedAttentionParams& p, int splits, int n_mtiles) {
+inline size_t split_bytes(const PagedAttentionParams& p, int splits) {
   if (splits <= 1) return 0;
   const size_t rows_heads = size_t(p.num_rows) * p.num_q_heads;
-  return counter_bytes(p, n_mtiles) + size_t(splits) * rows_heads * (size_t(p.head_dim) + 1) * sizeof(float);
+  return size_t(splits) * rows_heads * (size_t(p.head_dim) + 1) * sizeof(float);
 }
 
 // Calls f(Instance<...>{}) for the configuration (a configuration that does not exist for this
@@ -208,7 +201,7 @@ size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sm
     using T = typename decltype(tag)::type;
     detail::Plan plan;
     const cudaError_t err = detail::make_plan<T, decltype(hd)::value, decltype(rope)::value>(p, num_sms, &plan);
-    if (err == cudaSuccess) bytes = detail::split_bytes(p, plan.splits, plan.n_mtiles);
+    if (err == cudaSuccess) bytes = detail::split_bytes(p, plan.splits);
     return err;
   });
   return bytes;
@@ -226,26 +219,22 @@ cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size
     cudaError_t err = detail::make_plan<T, HD, ROPE>(p, num_sms, &plan);
     if (err != cudaSuccess) return err;
     int splits = plan.splits;
-    const size_t counters = detail::counter_bytes(p, plan.n_mtiles);
-    if (detail::split_bytes(p, splits, plan.n_mtiles) > workspace_bytes || workspace == nullptr) {
+    if (detail::split_bytes(p, splits) > workspace_bytes || workspace == nullptr) {
       // Less scratch than asked for: fewest-splits fallback still computes the right answer.
-      const size_t per_split = (detail::split_bytes(p, 2, plan.n_mtiles) - counters) / 2;
-      splits = workspace == nullptr || workspace_bytes < counters
-                   ? 1
-                   : int(std::min<size_t>(splits, (workspace_bytes - counters) / per_split));
+      const size_t per_split = detail::split_bytes(p, 2) / 2;
+      splits = workspace == nullptr ? 1 : int(std::min<size_t>(splits, workspace_bytes / per_split));
       if (splits < 2) splits = 1;
     }
     if (plan.n_mtiles > 65535 || splits > 65535) return cudaErrorInvalidConfiguration;
-    int* done = splits > 1 && !detail::g_merge_kernel ? static_cast<int*>(workspace) : nullptr;
-    float* part_o = splits > 1 ? reinterpret_cast<float*>(static_cast<char*>(workspace) + counters) : nullptr;
+    float* part_o = static_cast<float*>(workspace);
     float* part_lse = splits > 1 ? part_o + size_t(splits) * p.num_rows * p.num_q_heads * HD : nullptr;
     const dim3 grid(unsigned(p.num_seqs) * unsigned(p.num_kv_heads), plan.n_mtiles, splits);
     detail::with_config<T, HD, ROPE>(plan.config, [&](auto inst) {
-      decltype(inst)::launch(grid, stream, p, splits, part_o, part_lse, done);
+      decltype(inst)::launch(grid, stream, p, splits, part_o, part_lse);
       return cudaSuccess;
     });
     err = cudaGetLastError();
-    if (err != cudaSuccess || splits == 1 || done != nullptr) return err;
+    if (err != cudaSuccess || splits == 1) return err;
     const int64_t rows_heads = int64_t(p.num_rows) * p.num_q_heads;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(unsigned(rows_heads));

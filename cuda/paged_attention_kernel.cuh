@@ -25,7 +25,6 @@
 #include <type_traits>
 
 #include "mma_ptx.cuh"
-#include "paged_attention_merge.cuh"
 #include "paged_attention_rope.cuh"
 #include "paged_attention_scope.cuh"
 #include "pagedkv/attention_params.h"
@@ -53,7 +52,6 @@ struct AttnShape {
   static constexpr int kThreads = NWARPS * 32;
   static constexpr int kOStride = HD + 4;  // float row stride when a warp's O is parked in smem
   static_assert(16 * kOStride * 4 <= kWarpElems * 2, "warp O must fit in its KV ring");
-  static_assert(16 * kMaxSplits * 4 <= NWARPS * kWarpElems * 2, "merge_tile's weights must fit in the rings");
   static constexpr bool kQInRegs = HD <= 128;  // HD 256 would not leave room for O: Q stays in smem
   // The rotated Q tile of sink rotation: in place of the plain one once that sits in registers,
   // else a tile of its own after the rings (so rotation never costs the others occupancy at
@@ -98,9 +96,7 @@ template <typename T, int HD, int NWARPS, int STAGES, bool ROPE>
 __global__ void __launch_bounds__(NWARPS * 32)
     paged_attention_kernel(const PagedAttentionParams p, const int num_splits,
                            float* __restrict__ part_o,    // [num_splits, num_rows, num_q_heads, HD]
-                           float* __restrict__ part_lse,  // [num_splits, num_rows, num_q_heads] log2
-                           int* __restrict__ done)        // [grid x * y] splits finished; null:
-                                                          // merge_splits_kernel merges
+                           float* __restrict__ part_lse)  // [num_splits, num_rows, num_q_heads] log2
 {
   using S = AttnShape<HD, NWARPS, STAGES>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -362,24 +358,6 @@ __global__ void __launch_bounds__(NWARPS * 32)
       if (cv == 0) part_lse[prh] = lse2;
     }
   }
-  if (num_splits == 1 || done == nullptr) return;
-  // Split-K: the last split of this (sequence, KV head, m-tile) to finish merges them all, and
-  // sets its counter back to zero for the next launch (the workspace starts zeroed).
-  __shared__ int s_last;
-  __threadfence();  // this CTA's partials are visible device-wide before it counts itself done
-  __syncthreads();
-  int* counter = done + (int64_t(blockIdx.x) * gridDim.y + blockIdx.y);
-  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == num_splits - 1;
-  __syncthreads();  // also: every warp is done with its ring, reused below as scratch
-  if (!s_last) return;
-  __threadfence();
-  auto rh_of = [&](int r) {
-    const int m = m0 + r;
-    return int64_t(row0 + m / group) * p.num_q_heads + int64_t(kvh) * group + m % group;
-  };
-  merge_tile<T, HD, S::kThreads>(part_o, part_lse, num_splits, int64_t(p.num_rows) * p.num_q_heads, m_count,
-                                 rh_of, reinterpret_cast<float*>(sQ + S::kQElems), static_cast<T*>(p.out), p.lse);
-  if (threadIdx.x == 0) *counter = 0;
 }
 
 }  // namespace pagedkv::cuda::detail

@@ -1,64 +1,11 @@
 // Second pass of split-K: combine the per-split normalised outputs with their log-sum-exps.
 //   lse = log2 sum_s 2^lse_s,   out = sum_s 2^(lse_s - lse) * o_s
-// Done by the last CTA of each (sequence, KV head, m-tile) to finish (merge_tile, called from the
-// attention kernel), or by a second kernel (merge_splits_kernel; test hook PKV_MERGE=1).
 #pragma once
-#include <cstdint>
-
 #include "mma_ptx.cuh"
 
 namespace pagedkv::cuda::detail {
 
-// Rows rh_of(r), r < m_count, of one m-tile, merged over num_splits partials by the CTA's
-// NTHREADS threads; s_w: smem scratch of 16 * num_splits floats. The partials were written by
-// other CTAs of this launch: read through L2 (ld.global.cg), never a possibly stale L1 line.
-template <typename T, int HD, int NTHREADS, typename RowHead>
-__device__ __forceinline__ void merge_tile(const float* part_o, const float* part_lse, int num_splits,
-                                           int64_t rows_heads, int m_count, RowHead rh_of, float* s_w,
-                                           T* out, float* lse) {
-  constexpr int kWarps = NTHREADS / 32;
-  __shared__ float s_total[16];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int r = warp; r < m_count; r += kWarps) {  // a warp per row: the weights 2^(lse_s - lse)
-    const int64_t rh = rh_of(r);
-    float mx = -INFINITY;
-    for (int s = lane; s < num_splits; s += 32) mx = fmaxf(mx, __ldcg(part_lse + s * rows_heads + rh));
-    for (int d = 16; d > 0; d /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, d));
-    float sum = 0.f;
-    if (mx != -INFINITY)
-      for (int s = lane; s < num_splits; s += 32) {
-        const float w = ex2(__ldcg(part_lse + s * rows_heads + rh) - mx);  // empty split: ex2(-inf) = 0
-        s_w[r * num_splits + s] = w;
-        sum += w;
-      }
-    for (int d = 16; d > 0; d /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, d);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    for (int s = lane; s < num_splits && mx != -INFINITY; s += 32) s_w[r * num_splits + s] *= inv;
-    if (lane == 0) s_total[r] = sum > 0.f ? mx + __log2f(sum) : -INFINITY;
-  }
-  __syncthreads();
-  constexpr int kCols = HD / 4;  // float4 columns
-  for (int it = threadIdx.x; it < m_count * kCols; it += NTHREADS) {
-    const int r = it / kCols, c = it % kCols;
-    const int64_t rh = rh_of(r);
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (s_total[r] != -INFINITY) {
-      const float4* src = reinterpret_cast<const float4*>(part_o + rh * HD) + c;
-      const int64_t step = rows_heads * kCols;
-#pragma unroll 8
-      for (int s = 0; s < num_splits; ++s) {
-        const float w = s_w[r * num_splits + s];
-        const float4 v = __ldcg(src + s * step);
-        acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
-      }
-    }
-    reinterpret_cast<uint2*>(out + rh * HD)[c] = make_uint2(Pack<T>::two(acc.x, acc.y), Pack<T>::two(acc.z, acc.w));
-    if (c == 0 && lse != nullptr) lse[rh] = s_total[r] * 0.6931471805599453f;
-  }
-}
-
 constexpr int kMergeThreads = 256;
-constexpr int kMaxSplits = 256;  // merge_tile's scratch: 16 x kMaxSplits floats
 
 // One CTA per (row, query head). Thread t = split lane t / kGroups, float4 column t % kGroups:
 // it sums splits sl, sl + kLanes, ... of that column, so a long split list is read by several

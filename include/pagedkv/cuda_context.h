@@ -24,9 +24,8 @@ class DeviceBuffer {
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   // Grows (never shrinks) to at least `bytes`; growing frees the old buffer, which waits for the
-  // device, so callers size buffers before capturing graphs. A grown buffer is zero-filled on
-  // `zero_on` when given (the attention workspace: its split counters start at zero).
-  void* reserve(size_t bytes, cudaStream_t zero_on = nullptr, bool zero = false);
+  // device, so callers size buffers before capturing graphs.
+  void* reserve(size_t bytes);
   void* data() const { return data_; }
   size_t bytes() const { return bytes_; }
 
@@ -74,7 +73,7 @@ class CudaContext {
   DeviceInts call_table, call_lens, call_indptr;  // tables of their own: staged, single rows
   DeviceInts staged_slots;  // host slot of each staged slice (kernel staging)
   DeviceArray<double> sink_rope;  // attend(): the sink rotation table (attention_params.h)
-  DeviceBuffer workspace;   // split-K counters and partial results (kernels.h)
+  DeviceBuffer workspace;   // split-K partial results
   DeviceBuffer staging;     // one layer's slices of host blocks passing through attend()
   // Device memory all of the above hold.
   size_t scratch_bytes() const;

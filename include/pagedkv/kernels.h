@@ -27,13 +27,11 @@ struct KVWriteParams {
 };
 cudaError_t kv_write(const KVWriteParams& p, cudaStream_t stream);
 
-// Scratch bytes paged_attention needs for these params (split-K partials and counters); `num_sms`
-// of the device.
+// Scratch bytes paged_attention needs for these params (split-K partials); `num_sms` of the device.
 size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sms);
 
 // Attention over the block table: decode (one row per sequence) and multi-token causal queries.
-// `workspace` holds at least paged_attention_workspace_bytes(p, num_sms) bytes of device memory,
-// zero-filled once when allocated: each call leaves the split counters in it at zero again.
+// `workspace` holds at least paged_attention_workspace_bytes(p, num_sms) bytes of device memory.
 cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size_t workspace_bytes,
                             int num_sms, cudaStream_t stream);
 

@@ -10,7 +10,6 @@ namespace pagedkv::cuda::detail {
 extern int g_force_splits;
 extern int g_force_variant;  // PKV_VARIANT: 1 3-stage kernel, -1 base only
 extern int g_aim_ctas;       // PKV_AIM: split-K target resident CTAs per SM
-extern int g_merge_kernel;   // PKV_MERGE: 1 merges the splits in a second kernel
 }
 using namespace pagedkv;
 

@@ -59,10 +59,7 @@ void bench(const char* out_path) {
     p.scale = 0.08838834764f, p.dtype = DType::bf16;
     if (const char* sp = std::getenv("PKV_SPLITS")) cuda::detail::g_force_splits = std::atoi(sp);
     const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms);
-    if (ws) {
-      CK(cudaMalloc(&d_ws, ws));
-      CK(cudaMemset(d_ws, 0, ws));
-    }
+    if (ws) CK(cudaMalloc(&d_ws, ws));
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     for (int i = 0; i < 3; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st));

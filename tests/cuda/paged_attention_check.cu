@@ -8,7 +8,7 @@
 //   build/pa_check            full sweep       build/pa_check --quick   small sweep (sanitizers)
 //   build/pa_check --bench [file]   decode timings (CUDA-graph replay), also written to file
 // Environment: PKV_VARIANT=1 forces the 3-stage kernel (head_dim <= 128), -1 the base kernel
-// only; PKV_AIM=n split-K target CTAs/SM; PKV_MERGE=1 splits merged by a second kernel; bench only:
+// only; PKV_AIM=n split-K target CTAs/SM; bench only:
 // PKV_SPLITS=n, PKV_SHAPE=i (one shape), PKV_SEQ_PAGES=1 (pages in order).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -225,14 +225,8 @@ static double run_case(Case c, std::mt19937_64& rng) {
   const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms);
   if (ws) {
     CK(cudaMalloc(&d_ws, ws));
-    CK(cudaMemset(d_ws, 0, ws));  // zeroed once, as the contract asks (split counters)
+    CK(cudaMemset(d_ws, 0xFF, ws));
   }
-  // Twice, the output poisoned again in between: the second call must find the split counters
-  // back at zero and merge again.
-  CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, 0));
-  CK(cudaDeviceSynchronize());
-  CK(cudaMemset(d_out, 0xFF, q.size() * 2));
-  CK(cudaMemset(d_lse, 0xFF, ref_lse.size() * 4));
   CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, 0));
   CK(cudaDeviceSynchronize());
   cuda::detail::g_force_splits = 0;
@@ -373,7 +367,6 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs\n", prop.name, g_num_sms);
   if (const char* v = std::getenv("PKV_VARIANT")) cuda::detail::g_force_variant = std::atoi(v);
   if (const char* v = std::getenv("PKV_AIM")) cuda::detail::g_aim_ctas = std::atoi(v);
-  if (const char* v = std::getenv("PKV_MERGE")) cuda::detail::g_merge_kernel = std::atoi(v);
   const std::string mode = argc > 1 ? argv[1] : "";
   if (mode == "--bench") {  // --bench [out_file]
     bench(argc > 2 ? argv[2] : nullptr);  // paged_attention_bench.cu
