@@ -11,14 +11,12 @@
 namespace pagedkv::cuda {
 namespace detail {
 
-// Test hooks (tests/cuda/paged_attention_check.cu): g_force_splits > 0 forces that many splits;
-// g_force_variant 1 forces the 3-stage configuration wherever it exists (head_dim <= 128), -1 the
-// base one; g_aim_ctas is the resident CTAs per SM that split-K aims at below a full wave;
-// g_pdl_main 0 launches the attention kernel without programmatic serialisation.
+// Test hooks (tests/cuda/paged_attention_check.cu): > 0 forces that many splits; g_force_variant
+// 1 forces the 3-stage configuration wherever it exists (head_dim <= 128), -1 the base one; g_aim_ctas is the resident
+// CTAs per SM that split-K aims at below a full wave.
 int g_force_splits = 0;
 int g_force_variant = 0;
 int g_aim_ctas = 2;
-int g_pdl_main = 1;
 
 constexpr int kStages = 2;
 constexpr int kMaxSplits = 256;
@@ -98,20 +96,8 @@ struct Instance {
     *ctas_per_sm = occ;
     return cudaSuccess;
   }
-  // pdl: programmatic stream serialisation (the kernel waits for its predecessor itself).
-  static cudaError_t launch(dim3 grid, cudaStream_t st, const PagedAttentionParams& p, int splits, float* po,
-                            float* pl, bool pdl) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(NWARPS * 32);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = &attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kernel, p, splits, po, pl);
+  static void launch(dim3 grid, cudaStream_t st, const PagedAttentionParams& p, int splits, float* po, float* pl) {
+    kernel<<<grid, NWARPS * 32, smem, st>>>(p, splits, po, pl);
   }
 };
 
@@ -243,10 +229,11 @@ cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size
     float* part_o = static_cast<float*>(workspace);
     float* part_lse = splits > 1 ? part_o + size_t(splits) * p.num_rows * p.num_q_heads * HD : nullptr;
     const dim3 grid(unsigned(p.num_seqs) * unsigned(p.num_kv_heads), plan.n_mtiles, splits);
-    err = detail::with_config<T, HD, ROPE>(plan.config, [&](auto inst) {
-      return decltype(inst)::launch(grid, stream, p, splits, part_o, part_lse, plan.pdl && detail::g_pdl_main);
+    detail::with_config<T, HD, ROPE>(plan.config, [&](auto inst) {
+      decltype(inst)::launch(grid, stream, p, splits, part_o, part_lse);
+      return cudaSuccess;
     });
-    if (err == cudaSuccess) err = cudaGetLastError();
+    err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
     const int64_t rows_heads = int64_t(p.num_rows) * p.num_q_heads;
     cudaLaunchConfig_t cfg = {};

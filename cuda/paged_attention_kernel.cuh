@@ -104,12 +104,8 @@ __global__ void __launch_bounds__(NWARPS * 32)
   __shared__ float s_m[NWARPS][16], s_l[NWARPS][16];
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Launched with programmatic serialisation (sm_90+), this grid may start while the previous
-  // kernel on the stream drains: wait for it to finish (its writes visible: metadata, the KV it
-  // appended, q) before reading anything. A no-op when launched plainly.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  // Let the split merge (launched the same way) get resident early; it still waits for this
-  // whole grid before reading the partials.
+  // Let the split merge (launched with programmatic serialisation) get resident early; it
+  // still waits for this whole grid before reading the partials.
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
 #endif
   const int kvh = blockIdx.x % p.num_kv_heads, seq = blockIdx.x / p.num_kv_heads;

@@ -10,7 +10,6 @@ namespace pagedkv::cuda::detail {
 extern int g_force_splits;
 extern int g_force_variant;  // PKV_VARIANT: 1 3-stage kernel, -1 base only
 extern int g_aim_ctas;       // PKV_AIM: split-K target resident CTAs per SM
-extern int g_pdl_main;       // PKV_PDL_MAIN: 0 launches the attention kernel without PDL
 }
 using namespace pagedkv;
 

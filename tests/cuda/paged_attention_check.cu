@@ -8,7 +8,7 @@
 //   build/pa_check            full sweep       build/pa_check --quick   small sweep (sanitizers)
 //   build/pa_check --bench [file]   decode timings (CUDA-graph replay), also written to file
 // Environment: PKV_VARIANT=1 forces the 3-stage kernel (head_dim <= 128), -1 the base kernel
-// only; PKV_AIM=n split-K target CTAs/SM; PKV_PDL_MAIN=0 attention kernel without PDL; bench only:
+// only; PKV_AIM=n split-K target CTAs/SM; bench only:
 // PKV_SPLITS=n, PKV_SHAPE=i (one shape), PKV_SEQ_PAGES=1 (pages in order).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -367,7 +367,6 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs\n", prop.name, g_num_sms);
   if (const char* v = std::getenv("PKV_VARIANT")) cuda::detail::g_force_variant = std::atoi(v);
   if (const char* v = std::getenv("PKV_AIM")) cuda::detail::g_aim_ctas = std::atoi(v);
-  if (const char* v = std::getenv("PKV_PDL_MAIN")) cuda::detail::g_pdl_main = std::atoi(v);
   const std::string mode = argc > 1 ? argv[1] : "";
   if (mode == "--bench") {  // --bench [out_file]
     bench(argc > 2 ? argv[2] : nullptr);  // paged_attention_bench.cu
