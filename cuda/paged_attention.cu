@@ -11,9 +11,9 @@
 namespace pagedkv::cuda {
 namespace detail {
 
-// Test hooks (tests/cuda/paged_attention_check.cu): > 0 forces that many splits; g_force_variant
-// 1 forces the 3-stage configuration wherever it exists (head_dim <= 128), -1 the base one; g_aim_ctas is the resident
-// CTAs per SM that split-K aims at below a full wave.
+// Test hooks (tests/cuda/paged_attention_check.cu): g_force_splits > 0 forces that many splits;
+// g_force_variant 1 forces the 3-stage configuration wherever it exists (head_dim <= 128), -1 the
+// base one; g_aim_ctas is the resident CTAs per SM that split-K aims at below a full wave.
 int g_force_splits = 0;
 int g_force_variant = 0;
 int g_aim_ctas = 2;

@@ -62,7 +62,9 @@ struct AttnShape {
     return size_t(kQElems * (kRotTileOwn(ROPE) ? 2 : 1) + NWARPS * kWarpElems) * sizeof(T);
   }
   // Element offset of 16-byte vector cv of row r in a tile, and of element d of row r.
-  __device__ static int vec(int r, int cv) { return kSwizzle ? r * HD + ((cv ^ (r & 7)) << 3) : r * kStride + cv * 8; }
+  __device__ static int vec(int r, int cv) {
+    return kSwizzle ? r * HD + ((cv ^ (r & 7)) << 3) : r * kStride + cv * 8;
+  }
   __device__ static int elem(int r, int d) { return vec(r, d >> 3) + (d & 7); }
   // One lane's ldmatrix address in a tile at k-step k: vector 2 k + c0 of row `row`.
   struct Frag {
