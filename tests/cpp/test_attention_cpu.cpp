@@ -15,6 +15,28 @@ struct Case {
   int32_t block_size, num_kv_heads, group, head_dim, window, sinks;
 };
 
+// A 256-block cache with the attention shape under test.
+CacheConfig attention_config(int32_t block_size, int32_t head_dim, int32_t window, int32_t sinks) {
+  CacheConfig cfg = small_config(block_size, 256);
+  cfg.head_dim = head_dim;
+  cfg.window = window;
+  cfg.sink_tokens = sinks;
+  return cfg;
+}
+
+// Softmax of the scores s (of keys js) applied to V rows of KV head kh (v: [len, H, D]): the D
+// outputs into out, and the natural log-sum-exp.
+double softmax_v(const std::vector<double>& s, const std::vector<int32_t>& js, const std::vector<float>& v,
+                 int32_t H, int32_t kh, int32_t D, double* out) {
+  double m = -INFINITY, sum = 0;
+  for (double x : s) m = std::max(m, x);
+  for (double x : s) sum += std::exp(x - m);
+  for (int32_t d = 0; d < D; ++d) out[d] = 0;
+  for (size_t i = 0; i < s.size(); ++i)
+    for (int32_t d = 0; d < D; ++d) out[d] += std::exp(s[i] - m) / sum * v[(size_t(js[i]) * H + kh) * D + d];
+  return m + std::log(sum);
+}
+
 // Naive attention of row positions [len - n, len) over keys k/v ([len, H, D]).
 void naive(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
            int32_t len, int32_t n, int32_t H, int32_t group, int32_t D, int32_t window, int32_t sinks,
@@ -37,13 +59,7 @@ void naive(const std::vector<float>& q, const std::vector<float>& k, const std::
         s.push_back(dot * scale);
         js.push_back(j);
       }
-      double m = -INFINITY, sum = 0;
-      for (double x : s) m = std::max(m, x);
-      for (double x : s) sum += std::exp(x - m);
-      for (size_t i = 0; i < s.size(); ++i)
-        for (int32_t d = 0; d < D; ++d)
-          out[(size_t(r) * Hq + h) * D + d] += std::exp(s[i] - m) / sum * v[(size_t(js[i]) * H + kh) * D + d];
-      lse[size_t(r) * Hq + h] = m + std::log(sum);
+      lse[size_t(r) * Hq + h] = softmax_v(s, js, v, H, kh, D, &out[(size_t(r) * Hq + h) * D]);
     }
   }
 }
@@ -58,11 +74,8 @@ class AttentionCpu : public ::testing::TestWithParam<Case> {};
 TEST_P(AttentionCpu, MatchesNaiveLoop) {
   const Case c = GetParam();
   std::mt19937 rng(11);
-  CacheConfig cfg = small_config(c.block_size, 256);
+  CacheConfig cfg = attention_config(c.block_size, c.head_dim, c.window, c.sinks);
   cfg.num_kv_heads = c.num_kv_heads;
-  cfg.head_dim = c.head_dim;
-  cfg.window = c.window;
-  cfg.sink_tokens = c.sinks;
   Engine e(cfg);
   const int32_t H = c.num_kv_heads, Hq = H * c.group, D = c.head_dim;
   for (int32_t len : {1, 17, 40}) {
@@ -111,10 +124,7 @@ class AttentionCpuRope : public ::testing::TestWithParam<RopeCase> {};
 TEST_P(AttentionCpuRope, SinksScoreWithTheTurnedQuery) {
   const RopeCase c = GetParam();
   std::mt19937 rng(5);
-  CacheConfig cfg = small_config(c.block_size, 256);
-  cfg.head_dim = c.head_dim;
-  cfg.window = c.window;
-  cfg.sink_tokens = c.sinks;
+  const CacheConfig cfg = attention_config(c.block_size, c.head_dim, c.window, c.sinks);
   Engine e(cfg);
   const int32_t H = cfg.num_kv_heads, Hq = H * c.group, D = c.head_dim;
   std::vector<double> table = {double(c.style), double(c.rope_dim)}, inv_freq;
@@ -150,17 +160,12 @@ TEST_P(AttentionCpuRope, SinksScoreWithTheTurnedQuery) {
           s_.push_back(dot / std::sqrt(double(D)));
           js.push_back(j);
         }
-        double m = -INFINITY, sum = 0;
-        for (double x : s_) m = std::max(m, x);
-        for (double x : s_) sum += std::exp(x - m);
-        for (int32_t d = 0; d < D; ++d) {
-          double ref = 0;
-          for (size_t i = 0; i < s_.size(); ++i)
-            ref += std::exp(s_[i] - m) / sum * v[(size_t(js[i]) * H + kh) * D + d];
-          ASSERT_NEAR(out[qh * D + d], ref, 2e-5 + 2e-5 * std::abs(ref))
+        std::vector<double> ref(size_t(D), 0.0);
+        const double ref_lse = softmax_v(s_, js, v, H, int32_t(kh), D, ref.data());
+        for (int32_t d = 0; d < D; ++d)
+          ASSERT_NEAR(out[qh * D + d], ref[size_t(d)], 2e-5 + 2e-5 * std::abs(ref[size_t(d)]))
               << "len " << len << " row " << r << " d " << d;
-        }
-        ASSERT_NEAR(lse[qh], m + std::log(sum), 2e-5) << "len " << len << " row " << r;
+        ASSERT_NEAR(lse[qh], ref_lse, 2e-5) << "len " << len << " row " << r;
       }
     }
   }
