@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from . import _lse
+
+def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """outs[i] [..., hq, D] over key set i with lses[i] [..., hq] (natural log) -> the float32
+    output over all the keys, and its lse."""
+    stacked = torch.stack(lses)                          # [parts, ..., hq]
+    total = torch.logsumexp(stacked, dim=0)
+    weights = torch.exp(stacked - total)[..., None]      # [parts, ..., hq, 1]
+    return (weights * torch.stack([o.float() for o in outs])).sum(0), total
 
 
 def key_ranges(begin: int, end: int, chunk_tokens: int, block_size: int) -> list[tuple[int, int]]:
@@ -43,7 +50,7 @@ def attend(kv, seqs: list[int], layer: int, q: torch.Tensor, lengths: list[int],
                 engine.attend_range(seq, layer, pos, k0, k1, q_row, o, part_lse, hq, scale, stream)
                 parts.append(o)
                 lses.append(part_lse)
-            merged, total = _lse.merge(parts, lses)
+            merged, total = _merge(parts, lses)
             out[row] = merged[0].to(q.dtype)
             lse[row] = total[0]
             row += 1
