@@ -243,6 +243,12 @@ NB_MODULE(_C, m) {
              return e.prepare(seqs, as_stream(stream));
            },
            "seqs"_a, "stream"_a)
+      .def("begin_step",
+           [](Engine& e, const std::vector<SeqId>& seqs, int32_t tokens, int32_t num_q_heads, uintptr_t stream) {
+             return e.begin_step(seqs, tokens, num_q_heads, as_stream(stream));
+           },
+           "seqs"_a, "tokens"_a, "num_q_heads"_a, "stream"_a)
+      .def("end_step", &Engine::end_step)
       .def("prefetch",
            [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
              e.prefetch(seqs, as_stream(stream));

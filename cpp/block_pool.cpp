@@ -37,11 +37,13 @@ void BlockPool::release_after(int32_t slot, Fence fence) {
   fenced_.emplace_back(slot, std::move(fence));
 }
 
+// Pushed last first, so that allocations take the slots in the order they were released: blocks
+// that went down together come back to the same run of slots, and their copies merge.
 void BlockPool::reclaim() {
-  while (!fenced_.empty() && fence_done(fenced_.front().second)) {
-    free_slots_.push_back(fenced_.front().first);
-    fenced_.pop_front();
-  }
+  size_t n = 0;
+  while (n < fenced_.size() && fence_done(fenced_[n].second)) ++n;
+  for (size_t i = n; i-- > 0;) free_slots_.push_back(fenced_[i].first);
+  fenced_.erase(fenced_.begin(), fenced_.begin() + long(n));
 }
 
 std::vector<int32_t> BlockPool::free_slots() const {

@@ -119,7 +119,8 @@ template class DeviceArray<double>;
 
 size_t CudaContext::scratch_bytes() const {
   return table.bytes() + attn_meta.bytes() + slot_map.bytes() + call_table.bytes() + call_lens.bytes() +
-         call_indptr.bytes() + staged_slots.bytes() + sink_rope.bytes() + workspace.bytes() + staging.bytes();
+         call_indptr.bytes() + staged_slots.bytes() + sink_rope.bytes() + workspace.bytes() + staging.bytes() + step_meta.bytes() + step_table.bytes() +
+         step_workspace.bytes();
 }
 
 }  // namespace pagedkv

@@ -81,6 +81,7 @@ SeqId Engine::add_sequence() {
 
 SeqId Engine::fork(SeqId parent) {
   const SequenceTable& src = table(parent, "fork()");
+  check_not_in_step(parent, "fork()");
   SequenceTable copy = src;
   for (BlockId id : copy.blocks)
     if (id != kNoBlock) directory_.retain(id);
@@ -92,6 +93,7 @@ SeqId Engine::fork(SeqId parent) {
 
 void Engine::free(SeqId seq) {
   SequenceTable& t = table(seq, "free()");
+  check_not_in_step(seq, "free()");
   for (BlockId id : t.blocks)
     if (id != kNoBlock) release_block(id);
   tables_.erase(seq);
@@ -100,6 +102,7 @@ void Engine::free(SeqId seq) {
 
 void Engine::truncate(SeqId seq, int32_t tokens) {
   SequenceTable& t = table(seq, "truncate()");
+  check_not_in_step(seq, "truncate()");
   PKV_CHECK(tokens >= 0, ArgumentError, "truncate(): tokens must be >= 0, got ", tokens);
   for (int32_t& n : t.lens) n = std::min(n, tokens);
   for (int32_t& s : t.scope_start) s = std::min(s, tokens);

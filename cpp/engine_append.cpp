@@ -12,6 +12,7 @@ void Engine::append(const std::vector<SeqId>& seqs, int32_t layer,
                     void* stream) {
   check_layer(layer, "append()");
   check_batch(seqs, lengths, "append()");
+  if (is_step_batch(seqs, "append()")) return step_append(layer, lengths, k, v, stream);
   if (layer == 0) ++step_;
   append_checked(seqs, layer, lengths, k, v, stream, true);
 }
@@ -91,7 +92,7 @@ void Engine::append_checked(const std::vector<SeqId>& seqs, int32_t layer,
     t.scope_start[size_t(layer)] = old_len;
   }
   for (const Fence& f : waits) copies_->order_after(f, stream);
-  if (!slot_mapping.empty()) write_rows(slot_mapping, layer, k, v, stream);
+  if (!slot_mapping.empty()) write_rows(slot_mapping.data(), int32_t(slot_mapping.size()), layer, k, v, stream);
   if (drop && cfg_.windowed() && !cfg_.retain)
     for (SeqId s : seqs) drop_out_of_scope(tables_.at(s));
   offload_to_watermark(stream);

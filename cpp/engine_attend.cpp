@@ -140,6 +140,7 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
               kRopeNeox, " (neox) or ", kRopeGptj, " (gptj) and an even rotary_dim <= head_dim=",
               cfg_.head_dim, ", got style ", r.style, " and rotary_dim ", r.dim);
   }
+  if (is_step_batch(seqs, "attend()")) return step_attend(layer, lengths, args);
   std::vector<int32_t> kv_lens(seqs.size()), q_indptr(seqs.size() + 1, 0);
   int32_t max_q_len = 0;
   int64_t in_scope = 0;
@@ -272,6 +273,7 @@ int64_t Engine::blocks_needed(const std::vector<SeqId>& seqs, int32_t layer,
 void Engine::attend_range(SeqId seq, int32_t layer, int32_t position, int32_t key_begin,
                           int32_t key_end, const AttendArgs& args) {
   const SequenceTable& t = table(seq, "attend_range()");
+  check_not_in_step(seq, "attend_range()");
   check_layer(layer, "attend_range()");
   const int32_t bs = cfg_.block_size;
   PKV_CHECK(0 <= key_begin && key_begin < key_end && key_end <= position + 1 &&

@@ -105,14 +105,14 @@ void Engine::copy_block(int32_t src_slot, int32_t dst_slot, void* stream) {
 #endif
 }
 
-void Engine::write_rows(const std::vector<int32_t>& slot_mapping, int32_t layer, const void* k,
-                        const void* v, void* stream) {
+void Engine::write_rows(const int32_t* slot_mapping, int32_t rows, int32_t layer, const void* k,
+                        const void* v, void* stream, const int32_t* on_device) {
   const int32_t bs = cfg_.block_size, H = cfg_.num_kv_heads, D = cfg_.head_dim;
   const size_t es = dtype_size(cfg_.dtype);
   if (!cfg_.on_cuda) {
     char* base = static_cast<char*>(pool(Tier::device).data());
     const int64_t tile = cfg_.tile_elems();
-    for (size_t r = 0; r < slot_mapping.size(); ++r) {
+    for (int32_t r = 0; r < rows; ++r) {
       const int64_t slot = slot_mapping[r] / bs, off = slot_mapping[r] % bs;
       for (int32_t h = 0; h < H; ++h) {
         const int64_t src = (int64_t(r) * H + h) * D;
@@ -126,13 +126,13 @@ void Engine::write_rows(const std::vector<int32_t>& slot_mapping, int32_t layer,
   }
 #ifdef PAGEDKV_WITH_CUDA
   auto st = static_cast<cudaStream_t>(stream);
-  const int32_t* mapping = cuda_->slot_map.send(*cuda_, slot_mapping, st);
+  const int32_t* mapping = on_device ? on_device : cuda_->slot_map.send(*cuda_, slot_mapping, size_t(rows), st);
   cuda::KVWriteParams p;
   p.k = k;
   p.v = v;
   p.pool = pool(Tier::device).data();
   p.slot_mapping = mapping;
-  p.num_rows = int32_t(slot_mapping.size());
+  p.num_rows = rows;
   p.num_kv_heads = H;
   p.head_dim = D;
   p.block_size = bs;
@@ -142,6 +142,7 @@ void Engine::write_rows(const std::vector<int32_t>& slot_mapping, int32_t layer,
   PKV_CUDA(cuda::kv_write(p, st));
 #else
   (void)stream;
+  (void)on_device;
 #endif
 }
 

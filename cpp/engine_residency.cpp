@@ -32,7 +32,9 @@ void Engine::check_room(int64_t fresh, const KeepSet& keep, const char* what) co
     kept_host += t == Tier::host;
     kept_disk += t == Tier::disk;
   }
-  const int64_t at_once = int64_t(keep.size()) + fresh;
+  int64_t at_once = int64_t(keep.size()) + fresh;
+  if (decode_.open)  // an open decode step's blocks stay on the device too
+    for (BlockId id : decode_.pinned) at_once += keep.count(id) == 0;
   PKV_CHECK(at_once <= dev.capacity(), OutOfBlocks, what, ": needs ", at_once,
             " blocks on the device at once but the device tier holds ", dev.capacity());
   const int64_t deficit = std::max<int64_t>(0, fresh + kept_host + kept_disk - dev.num_free());
@@ -70,13 +72,14 @@ void Engine::make_device_room(int64_t n, const KeepSet& keep, void* stream) {
     const int64_t need = std::min(n - dev.num_free(), eviction_room(keep));
     PKV_CHECK(need > 0, InternalError, "no room below the device for ", n - dev.num_free(), " blocks");
     // Shared blocks serve several sequences: they go only when nothing else can.
+    // (Blocks an open decode step reads or writes stay, like `keep`.)
     std::vector<BlockId> victims = policy_->victims(need, [&](BlockId id) {
-      return keep.count(id) != 0 || directory_.refcount(id) > 1;
+      return keep.count(id) != 0 || pinned(id) || directory_.refcount(id) > 1;
     });
     if (int64_t(victims.size()) < need) {
       KeepSet chosen(victims.begin(), victims.end());
       for (BlockId id : policy_->victims(need - int64_t(victims.size()), [&](BlockId id) {
-             return keep.count(id) != 0 || chosen.count(id) != 0;
+             return keep.count(id) != 0 || pinned(id) || chosen.count(id) != 0;
            }))
         victims.push_back(id);
     }
@@ -317,6 +320,7 @@ void Engine::note_use(const SequenceTable& t, SeqId seq, int32_t logical) {
 void Engine::offload(const std::vector<SeqId>& seqs, void* stream) {
   check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "offload()");
   PKV_CHECK(tiered(), ArgumentError, "offload(): the cache has no host tier (host_blocks=0)");
+  for (SeqId s : seqs) check_not_in_step(s, "offload()");
   KeepSet seen;
   std::vector<BlockId> victims;
   for (SeqId s : seqs)

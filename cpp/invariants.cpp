@@ -67,6 +67,10 @@ void Engine::check_invariants() const {
     PKV_CHECK(p.num_used() == per_tier[t], InternalError, "the ", tier_name(Tier(t)), " pool has ",
               p.num_used(), " slots taken for ", per_tier[t], " blocks living there");
   }
+  if (decode_.open)
+    for (BlockId id : decode_.pinned)
+      PKV_CHECK(refs.count(id) && directory_.loc(id).tier == Tier::device, InternalError, "block ", id,
+                " of the open decode step is not on the device");
   if (tiered()) {
     PKV_CHECK(policy_->size() == per_tier[int(Tier::device)], InternalError, "the policy tracks ",
               policy_->size(), " blocks but ", per_tier[int(Tier::device)], " live on the device");

@@ -72,6 +72,9 @@ class CudaContext {
   DeviceInts slot_map;      // append(): row -> slot * block_size + offset
   DeviceInts call_table, call_lens, call_indptr;  // tables of their own: staged, single rows
   DeviceInts staged_slots;  // host slot of each staged slice (kernel staging)
+  DeviceInts step_meta;     // begin_step(): kv_lens, q_indptr, slot mapping (DecodeStep::meta)
+  DeviceInts step_table;    // begin_step(): the step's block table
+  DeviceBuffer step_workspace;  // split-K partial results of the step's attention calls
   DeviceArray<double> sink_rope;  // attend(): the sink rotation table (attention_params.h)
   DeviceBuffer workspace;   // split-K partial results
   DeviceBuffer staging;     // one layer's slices of host blocks passing through attend()

@@ -76,6 +76,20 @@ class Engine {
   // Builds (or reuses) the block table of this batch, as attend() does once per step; returns
   // its row stride. Lets a caller pay the host-side preparation before the first layer.
   int32_t prepare(const std::vector<SeqId>& seqs, void* stream);
+  // A decode step planned once for every layer (DESIGN.md §5). Reserves `tokens` rows of each
+  // sequence in every layer (seq_len counts them at once), brings every block the step reads or
+  // writes to the device and pins it there, and writes the lengths, slot mapping and block table
+  // into device buffers that keep their addresses from step to step. Until end_step() or the
+  // next begin_step(), append() and attend() of exactly this batch (`tokens` rows each, the
+  // cache's window) only launch kernels on that metadata: a caller may capture one step's calls
+  // in a CUDA graph and replay it after every begin_step(). Returns true when something such a
+  // capture holds changed (a buffer moved, the batch size, `tokens`, the table stride, the
+  // split-K scratch): capture again then. num_q_heads > 0 sizes the scratch now, which a capture
+  // needs; 0 sizes it at the step's first attend.
+  bool begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t num_q_heads, void* stream);
+  // Closes the open step (its blocks may move again). Call it after the step's kernels were
+  // enqueued: later moves are ordered after them on the stream they are given.
+  void end_step();
   // Starts bringing every block of these sequences to the device (as far as it fits), so a later
   // attend finds them there.
   void prefetch(const std::vector<SeqId>& seqs, void* stream);
@@ -125,8 +139,10 @@ class Engine {
   void release_block(BlockId id);
   void drop_out_of_scope(SequenceTable& t);
   void copy_block(int32_t src_slot, int32_t dst_slot, void* stream);
-  void write_rows(const std::vector<int32_t>& slot_mapping, int32_t layer, const void* k,
-                  const void* v, void* stream);
+  // slot_mapping: [rows] slot * block_size + offset. `on_device`: its device copy, already sent
+  // (CUDA builds; nullptr sends it).
+  void write_rows(const int32_t* slot_mapping, int32_t rows, int32_t layer, const void* k,
+                  const void* v, void* stream, const int32_t* on_device = nullptr);
 
   // -- residency (engine_residency.cpp) --
   // Throws OutOfBlocks unless `fresh` new device blocks plus every block in `keep` fit on the
@@ -153,6 +169,17 @@ class Engine {
   void spill_host_to_disk(int64_t n, const KeepSet& keep);
   void offload_to_watermark(void* stream);
   void note_use(const SequenceTable& t, SeqId seq, int32_t logical);
+
+  // -- decode steps (engine_step.cpp) --
+  // True when `seqs` is the open step's batch; throws when it shares a sequence with it otherwise.
+  bool is_step_batch(const std::vector<SeqId>& seqs, const char* what) const;
+  void check_not_in_step(SeqId seq, const char* what) const;
+  bool pinned(BlockId id) const { return decode_.open && decode_.pinned.count(id) != 0; }
+  void step_append(int32_t layer, const std::vector<int32_t>& lengths, const void* k, const void* v, void* stream);
+  void step_attend(int32_t layer, const std::vector<int32_t>& lengths, const AttendArgs& args);
+  // begin_step's checks: the blocks the step reads or writes now, and how many new ones it takes.
+  int64_t step_blocks(const std::vector<SeqId>& seqs, int32_t tokens, std::vector<BlockId>& scope) const;
+  void upload_step(int32_t num_q_heads, void* stream);
 
   const StepPlan& plan_for(const std::vector<SeqId>& seqs, void* stream);
   PagedAttentionParams base_params(const AttendArgs& args, int32_t layer) const;
@@ -222,6 +249,7 @@ class Engine {
   uint64_t version_ = 0;  // bumps whenever a block table or a block's location changes
   uint64_t step_ = 0;     // one per append/attend call: the policies' clock
   StepPlan plan_;
+  DecodeStep decode_;
   TransferCounters counters_;
   std::unique_ptr<CudaContext> cuda_;
 };

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <unordered_set>
 #include <vector>
 
 #include "pagedkv/fence.h"
@@ -43,6 +44,31 @@ struct StagedPlan {
                const std::vector<int32_t>& rows, int32_t w) const {
     return version == v && window == w && seqs == s && kv_lens == lens && lengths == rows;
   }
+};
+
+// A decode step planned once for every layer (Engine::begin_step): the rows it reserved, the blocks
+// it pins on the device, and the metadata its kernels read. On CUDA the metadata lives in device
+// buffers whose addresses a captured graph holds; the fields after `pinned` say where they were,
+// so the next begin_step can tell whether a capture still holds.
+struct DecodeStep {
+  bool open = false;
+  std::vector<SeqId> seqs;
+  std::unordered_set<SeqId> members;  // seqs, for lookups
+  int32_t tokens = 0;                 // rows per sequence
+  int32_t stride = 0;                 // row stride of block_table; grows, 64 blocks at a time
+  std::vector<int32_t> meta;          // kv_lens [S], q_indptr [S + 1], slot mapping [S * tokens]
+  std::vector<int32_t> block_table;   // [S, stride] device slots, -1 outside the scope
+  std::vector<uint8_t> appended;      // [num_layers] append() of that layer ran in this step
+  std::unordered_set<BlockId> pinned; // every block the step reads or writes: never evicted
+  const int32_t* device_meta = nullptr;
+  const int32_t* device_table = nullptr;
+  void* workspace = nullptr;          // split-K scratch of the step's attention calls
+  size_t workspace_bytes = 0;
+
+  const int32_t* kv_lens() const { return meta.data(); }
+  const int32_t* q_indptr() const { return meta.data() + seqs.size(); }
+  const int32_t* slot_mapping() const { return meta.data() + 2 * seqs.size() + 1; }
+  int32_t rows() const { return int32_t(seqs.size()) * tokens; }
 };
 
 }  // namespace pagedkv

@@ -48,6 +48,7 @@ class PagedKV:
             policy_params=policy_params, low_watermark=low if host_blocks else 0.0,
             high_watermark=high if host_blocks else 0.0)
         self._pool = None
+        self._step_open = False
 
     # -- sequences -------------------------------------------------------------------------
     def add_sequence(self) -> int:
@@ -112,7 +113,7 @@ class PagedKV:
         # More blocks in scope than the device and host tiers hold together (some on disk): pass
         # them through range by range. Up to that, the engine stages the off-device ones itself.
         # (Not with sink rotation: the ranges' kernel calls would not know the rows' windows.)
-        if sink_rope is None and self.disk_blocks and (
+        if sink_rope is None and self.disk_blocks and not self._step_open and (
                 self._engine.blocks_needed(seq_list, layer, lens, win) > self.device_blocks + self.host_blocks):
             from . import passthrough
 
@@ -128,6 +129,46 @@ class PagedKV:
         """Builds the block table of this batch now (attend() otherwise does it at its first
         call of a step); later calls with the same batch and no block change reuse it."""
         self._engine.prepare(int_list(seqs, "seqs", "prepare()"), self._stream())
+
+    def begin_step(self, seqs, tokens: int = 1, num_q_heads: int | None = None) -> bool:
+        """Plans one decode step of `seqs` for every layer at once: reserves `tokens` rows of each
+        sequence in every layer (seq_len counts them from here), brings every block the step
+        reads or writes to the device and keeps it there, and writes the step's metadata into
+        device buffers that keep their addresses from step to step.
+
+        Until end_step() or the next begin_step(), append() and attend() of exactly this batch
+        (`tokens` rows per sequence, the cache's window) only launch kernels, so one step's
+        calls can be captured in a CUDA graph and replayed after each begin_step()::
+
+            if kv.begin_step(seqs, num_q_heads=32):   # True: capture (again)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run_layers()                          # kv.append / kv.attend per layer
+            graph.replay()
+
+        Returns True when something a captured graph holds changed (the batch size, `tokens`, a
+        buffer's address, the block-table stride, which grows 64 blocks at a time). Give
+        `num_q_heads` before a capture: it sizes the split-K scratch. Each layer's rows must be
+        appended once per step; the reserved rows hold no data until then.
+        """
+        where = "begin_step()"
+        seq_list = int_list(seqs, "seqs", where)
+        if isinstance(tokens, bool) or not isinstance(tokens, int):
+            raise TypeError(f"{where}: tokens must be an int, got {type(tokens).__name__}")
+        if num_q_heads is not None and (isinstance(num_q_heads, bool) or not isinstance(num_q_heads, int)):
+            raise TypeError(f"{where}: num_q_heads must be an int or None, got {type(num_q_heads).__name__}")
+        if num_q_heads is not None and (num_q_heads <= 0 or num_q_heads % self.num_kv_heads):
+            raise ValueError(f"{where}: num_q_heads must be a positive multiple of num_kv_heads="
+                             f"{self.num_kv_heads}, got {num_q_heads}")
+        changed = self._engine.begin_step(seq_list, tokens, num_q_heads or 0, self._stream())
+        self._step_open = True
+        return changed
+
+    def end_step(self) -> None:
+        """Closes the open decode step: its blocks may move again. Call it after the step's kernels
+        were enqueued (moves are ordered after them on the current stream)."""
+        self._engine.end_step()
+        self._step_open = False
 
     def prefetch(self, seqs) -> None:
         """Starts moving the blocks of `seqs` up to the device (as many as fit without evicting

@@ -6,6 +6,7 @@
 #include "pagedkv/block_directory.h"
 #include "pagedkv/block_pool.h"
 #include "pagedkv/errors.h"
+#include "../../cpp/fence_state.h"
 
 using namespace pagedkv;
 
@@ -30,6 +31,21 @@ TEST(BlockPool, ReleaseReturnsSlotAndRejectsDoubleRelease) {
   EXPECT_THROW(pool.release(7), InternalError);
   EXPECT_EQ(pool.allocate(), a);  // last released is reused first
   EXPECT_EQ(pool.num_free(), 1);
+}
+
+// Slots given back behind fences (evictions still reading them) come back in the order they were
+// given: blocks that went down together return to one run of slots, and their copies merge.
+TEST(BlockPool, FencedSlotsComeBackInReleaseOrder) {
+  BlockPool pool(6, TierMemory(MemoryKind::host, 6 * 64, 0));
+  std::vector<int32_t> slots;
+  for (int i = 0; i < 6; ++i) slots.push_back(pool.allocate());
+  auto passed = std::make_shared<FenceState>();
+  passed->done = true;
+  for (int i = 1; i < 5; ++i) pool.release_after(slots[size_t(i)], passed);
+  std::vector<int32_t> again;
+  for (int i = 1; i < 5; ++i) again.push_back(pool.allocate());
+  EXPECT_EQ(again, std::vector<int32_t>(slots.begin() + 1, slots.begin() + 5));
+  EXPECT_EQ(pool.num_free(), 0);
 }
 
 TEST(BlockPool, MemoryIsAlignedAndSized) {

@@ -5,6 +5,7 @@ Cache: Llama-3-8B-shaped (32 layers, 8 KV heads, head_dim 128, bf16, block 16 ->
 """
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import time
@@ -63,17 +64,29 @@ def disk_ceilings(path: str, gib: float) -> dict:
     return {"write": w, "read": r}
 
 
-def swaps(blocks: int) -> dict:
-    """Engine swap-out, swap-in and both at once, GB/s of block bytes moved."""
+def swaps(blocks: int, scattered: bool, streams: int = 1) -> dict:
+    """Engine swap-out, swap-in and both at once, GB/s of block bytes moved. Two sequences of
+    `blocks` blocks each, whose device slots are one run each, or alternate (`scattered`: every
+    block is a copy of its own, as in a pool that served many sessions). `streams`: copy streams
+    per direction (PAGEDKV_COPY_STREAMS)."""
+    before = os.environ.get("PAGEDKV_COPY_STREAMS")
+    os.environ["PAGEDKV_COPY_STREAMS"] = str(streams)
     kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
                  device="cuda", device_blocks=2 * blocks + 8, host_blocks=2 * blocks + 8, watermarks=(0, 0))
+    os.environ.pop("PAGEDKV_COPY_STREAMS")
+    if before is not None:
+        os.environ["PAGEDKV_COPY_STREAMS"] = before
     a, b = kv.add_sequence(), kv.add_sequence()
     rows = torch.randn(blocks * BS, HK, D, device="cuda", dtype=torch.bfloat16)
+    if scattered:  # layer 0 block by block, taking turns: a gets the even slots, b the odd ones
+        for i in range(blocks):
+            for s in (a, b):
+                kv.append([s], 0, rows[i * BS:(i + 1) * BS], rows[i * BS:(i + 1) * BS])
     for s in (a, b):
-        for layer in range(LAYERS):
+        for layer in range(1 if scattered else 0, LAYERS):
             kv.append([s], layer, rows, rows)
     nbytes = blocks * kv.block_bytes
-    out = {"block_bytes": kv.block_bytes, "blocks": blocks}
+    out = {"block_bytes": kv.block_bytes, "blocks": blocks, "scattered": scattered, "streams": streams}
     out["swap_out"] = nbytes / sync_seconds(lambda: kv.offload([a])) / 1e9
     out["swap_in"] = nbytes / sync_seconds(lambda: kv.prefetch([a])) / 1e9
     kv.offload([a])
@@ -85,6 +98,8 @@ def swaps(blocks: int) -> dict:
 
     out["both"] = 2 * nbytes / sync_seconds(both) / 1e9
     kv.check_invariants()
+    del kv
+    gc.collect()  # unpins its host tier before the next engine pins one
     return out
 
 
@@ -127,11 +142,16 @@ def pass_through(device_blocks: int, steps: int = 3) -> dict:
         kv.append([s], layer, rows, rows)
     q = torch.randn(1, HQ, D, device="cuda", dtype=torch.bfloat16)
 
+    calls = []  # host seconds of each attend call: one that waits for the GPU stands out
+
     def step():
         for layer in range(LAYERS):
+            t0 = time.perf_counter()
             kv.attend([s], layer, q)
+            calls.append(time.perf_counter() - t0)
 
     step()
+    calls.clear()
     before = kv.stats()["bytes_staged"]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -143,13 +163,15 @@ def pass_through(device_blocks: int, steps: int = 3) -> dict:
     staged = kv.stats()["bytes_staged"] - before
     kv.check_invariants()
     return {"device_blocks": device_blocks, "context_blocks": 4 * device_blocks, "step_s": secs / steps,
-            "host_issue_s": issued / steps, "staged_bytes_per_step": staged / steps, "gb_s": staged / secs / 1e9}
+            "host_issue_s": issued / steps, "staged_bytes_per_step": staged / steps, "gb_s": staged / secs / 1e9,
+            "attend_call_s": {"median": sorted(calls)[len(calls) // 2], "max": max(calls),
+                              "over_1ms": sum(c > 1e-3 for c in calls), "calls": len(calls)}}
 
 
 def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
     """Decode steps of a resident batch; then the same while other sessions swap in and out."""
     swap_blocks = 256
-    need = batch * (ctx // BS + 14 * steps // BS + 2)  # every decode step below appends a row
+    need = batch * (ctx // BS + 30 * steps // BS + 2)  # every decode step below appends a row
     kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
                  device="cuda", device_blocks=need + 2 * swap_blocks + 16, host_blocks=2 * swap_blocks + 16,
                  watermarks=(0, 0))
@@ -223,6 +245,46 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
     busy = with_swaps(True, True)
     only_down, only_up = with_swaps(True, False), with_swaps(False, True)
 
+    # The same step planned once for every layer (begin_step), its calls launched one by one or
+    # replayed from a CUDA graph captured once, as a serving loop runs decode (DESIGN.md §5).
+    planned = {}
+
+    def planned_eager3():
+        for _ in range(3):
+            kv.begin_step(seqs, num_q_heads=HQ)
+            step_calls()
+        kv.end_step()
+
+    def step_calls():
+        for layer in range(LAYERS):
+            kv.append(seqs, layer, k, k)
+            kv.attend(seqs, layer, q)
+
+    graph = None
+
+    def planned_graph3():
+        nonlocal graph
+        for _ in range(3):
+            if kv.begin_step(seqs, num_q_heads=HQ) or graph is None:  # (re)capture, then run it
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+                    step_calls()
+                torch.cuda.current_stream().wait_stream(side)
+            graph.replay()
+        kv.end_step()
+
+    for name, fn in (("begin_step, eager", planned_eager3), ("begin_step, CUDA graph", planned_graph3)):
+        fn()  # warm-up (and the capture)
+        alone = min(compute_time(fn) for _ in range(steps)) / 3
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        issued = (time.perf_counter() - t0) / 3
+        torch.cuda.synchronize()
+        planned[name] = {"alone_s": alone, "ratio": with_swaps(True, True, fn) / alone, "host_issue_s": issued}
+
     # Every layer's attention alone, launched one call at a time or replayed from one CUDA graph:
     # whether the slowdown under swap-ins is in the launches (commands the GPU fetches from host
     # memory over the same link) or in the kernels.
@@ -258,7 +320,7 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
     return {"batch": batch, "context": ctx, "step_s": plain, "step_with_swaps_s": busy,
             "ratio": busy / plain, "swap_bytes_per_step": 2 * swap_blocks * kv.block_bytes,
             "host_issue_s": issue, "ratio_swap_out_only": only_down / plain, "ratio_swap_in_only": only_up / plain,
-            "attention_only": att}
+            "attention_only": att, "planned_step": planned}
 
 
 def main(args) -> None:
@@ -267,7 +329,8 @@ def main(args) -> None:
     card = torch.cuda.get_device_name()
     link = link_ceilings(2.0)
     disk = disk_ceilings(args.disk_path or tempfile.gettempdir(), 2.0)
-    sw = swaps(args.blocks)
+    sw_all = [swaps(args.blocks, scattered, streams) for scattered in (False, True) for streams in (1, 2)]
+    sw = next(r for r in sw_all if r["scattered"] and r["streams"] == int(os.environ.get("PAGEDKV_COPY_STREAMS", "1")))
     dec = decode_with_traffic(args.batch, args.context, 5)
     dk = disk_swaps(args.disk_path or tempfile.gettempdir(), 512)
     pt = {}
@@ -281,10 +344,12 @@ def main(args) -> None:
         os.environ.pop("PAGEDKV_GATHER", None)
     os.environ.pop("PAGEDKV_STAGING")
     print(f"offload on {card}: blocks of {sw['block_bytes'] / 2**20:.1f} MiB, {sw['blocks']} per transfer")
-    print(f"  {'direction':<12}{'pagedkv GB/s':>14}{'ceiling GB/s':>14}{'ratio':>8}")
-    for name, ours, ceil in (("swap-out", sw["swap_out"], link["d2h"]), ("swap-in", sw["swap_in"], link["h2d"]),
-                             ("both ways", sw["both"], link["both"])):
-        print(f"  {name:<12}{ours:>14.1f}{ceil:>14.1f}{ours / ceil:>7.2f}x")
+    print(f"  {'direction':<12}{'slots':<11}{'streams':>8}{'pagedkv GB/s':>14}{'ceiling GB/s':>14}{'ratio':>8}")
+    for r in sw_all:
+        for name, ours, ceil in (("swap-out", r["swap_out"], link["d2h"]), ("swap-in", r["swap_in"], link["h2d"]),
+                                 ("both ways", r["both"], link["both"])):
+            print(f"  {name:<12}{'scattered' if r['scattered'] else 'one run':<11}{r['streams']:>8}"
+                  f"{ours:>14.1f}{ceil:>14.1f}{ours / ceil:>7.2f}x")
     print(f"  disk ceilings: write {disk['write']:.2f} GB/s, read {disk['read']:.2f} GB/s (2 MiB sequential)")
     print(f"  engine through the disk tier ({dk['blocks']} blocks, 4 I/O threads): swap-out to disk "
           f"{dk['to_disk_gb_s']:.2f} GB/s ({dk['to_disk_gb_s'] / disk['write']:.2f}x), back up "
@@ -295,11 +360,16 @@ def main(args) -> None:
           f"{dec['step_with_swaps_s'] * 1e3:.2f} ms with {dec['swap_bytes_per_step'] / 2**30:.2f} GiB of swaps "
           f"in flight ({dec['ratio']:.3f}x; swap-out only {dec['ratio_swap_out_only']:.3f}x, swap-in only "
           f"{dec['ratio_swap_in_only']:.3f}x; host issues a step in {dec['host_issue_s'] * 1e3:.2f} ms)")
+    for name, r in dec["planned_step"].items():
+        print(f"    decode step planned once ({name}): {r['alone_s'] * 1e3:.2f} ms alone, {r['ratio']:.3f}x with "
+              f"the swaps (host issues a step in {r['host_issue_s'] * 1e3:.2f} ms)")
     for name, r in dec["attention_only"].items():
         print(f"    attention only, {name}: {r['alone_s'] * 1e3:.2f} ms per step alone, {r['ratio']:.3f}x with the swaps")
     for how, r in pt.items():
         print(f"  pass-through ({how}): decode over {r['context_blocks']} blocks, {r['device_blocks']}-block device "
               f"tier: {r['step_s'] * 1e3:.1f} ms/step (host issue {r['host_issue_s'] * 1e3:.1f}), "
               f"{r['staged_bytes_per_step'] / 2**30:.2f} GiB staged per step, "
-              f"{r['gb_s']:.1f} GB/s = {r['gb_s'] / link['h2d']:.2f}x the host-to-device ceiling")
-    print(f"  saved {save('offload', {'card': card, 'link': link, 'disk': disk, 'swaps': sw, 'decode': dec, 'pass_through': pt, 'disk_swaps': dk})}")
+              f"{r['gb_s']:.1f} GB/s = {r['gb_s'] / link['h2d']:.2f}x the host-to-device ceiling; attend calls "
+              f"on the host: median {r['attend_call_s']['median'] * 1e3:.2f} ms, max {r['attend_call_s']['max'] * 1e3:.1f}, "
+              f"{r['attend_call_s']['over_1ms']} of {r['attend_call_s']['calls']} over 1 ms")
+    print(f"  saved {save('offload', {'card': card, 'link': link, 'disk': disk, 'swaps': sw, 'swap_layouts': sw_all, 'decode': dec, 'pass_through': pt, 'disk_swaps': dk})}")

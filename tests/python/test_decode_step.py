@@ -1,0 +1,175 @@
+"""Decode steps planned once for every layer (begin_step): the same bytes as plain append/attend
+calls, the step's blocks kept on the device while other sequences move, clear errors for calls
+that would break the step, and a flag that says when a captured graph must be captured again.
+The CUDA graph capture of whole steps is in test_cuda_graph.py."""
+import pytest
+import torch
+
+import pagedkv
+from pagedkv.policies import Window
+from reference import assert_bits_equal, assert_close, attention_ref, best_dtype, randn
+
+H, HQ, D, BS, LAYERS = 2, 4, 64, 4, 3
+
+
+def make(device, dtype, device_blocks=96, **kw):
+    return pagedkv.PagedKV(num_layers=LAYERS, num_kv_heads=H, head_dim=D, block_size=BS, dtype=dtype,
+                           device=device, device_blocks=device_blocks, **kw)
+
+
+def prefill(kvs, gen, dtype, device, lens):
+    """The same ragged prompts in every cache of `kvs`; returns the sequences and the rows."""
+    seqs = [[kv.add_sequence() for _ in lens] for kv in kvs]
+    rows = []
+    for layer in range(LAYERS):
+        k = randn(gen, (sum(lens), H, D), dtype, device)
+        v = randn(gen, (sum(lens), H, D), dtype, device)
+        for kv, s in zip(kvs, seqs):
+            kv.append(s, layer, k, v, lengths=lens)
+        rows.append((k, v))
+    return seqs, rows
+
+
+@pytest.mark.parametrize("scope", [dict(), dict(window=9, sink_tokens=3, retain=False),
+                                   dict(window=13, sink_tokens=0)], ids=["full", "window-drop", "window"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_steps_equal_plain_calls(device, gen, scope, tokens):
+    dtype = best_dtype(device)
+    plain, stepped = make(device, dtype, **scope), make(device, dtype, **scope)
+    (a, b), _ = prefill([plain, stepped], gen, dtype, device, [5, 17, 8])
+    # A forked sequence: the first step's write into the shared last block copies it.
+    a.append(plain.fork(a[1]))
+    b.append(stepped.fork(b[1]))
+    n = len(a)
+    for step in range(7):
+        assert stepped.begin_step(b, tokens=tokens) == (step == 0)
+        for layer in range(LAYERS):
+            k = randn(gen, (n * tokens, H, D), dtype, device)
+            v = randn(gen, (n * tokens, H, D), dtype, device)
+            q = randn(gen, (n * tokens, HQ, D), dtype, device)
+            plain.append(a, layer, k, v)
+            stepped.append(b, layer, k, v)
+            want, want_lse = plain.attend(a, layer, q, return_lse=True)
+            got, got_lse = stepped.attend(b, layer, q, return_lse=True)
+            if device == "cpu":  # the same reference over the same table
+                assert_bits_equal(got, want, f"step {step} layer {layer} out")
+                assert_bits_equal(got_lse, want_lse, f"step {step} layer {layer} lse")
+            else:  # the step's wider table stride may split the keys differently
+                assert_close(got, want.double(), dtype, what=f"step {step} layer {layer} out")
+        stepped.check_invariants()
+    stepped.end_step()
+    for sa, sb in zip(a, b):
+        for layer in range(LAYERS):
+            assert plain.seq_len(sa, layer) == stepped.seq_len(sb, layer)
+            if scope.get("retain", True):
+                for x, y in zip(plain.gather(sa, layer), stepped.gather(sb, layer)):
+                    assert_bits_equal(y, x, "gather")
+        assert [t for t, _ in plain.block_table(sa)] == [t for t, _ in stepped.block_table(sb)]
+    for key in ("device_blocks_used", "drops"):
+        assert plain.stats()[key] == stepped.stats()[key], key
+
+
+@pytest.mark.parametrize("policy", ["lru", Window(recent_blocks=1, sink_blocks=0)], ids=["lru", "window"])
+def test_step_blocks_stay_while_other_sequences_move(device, gen, policy):
+    """A tiered cache under pressure: between begin_step and the layer calls other sequences are
+    offloaded and prefetched; the step's blocks never leave (the window policy would pick them
+    first), and the results match the oracle."""
+    dtype = best_dtype(device)
+    kv = make(device, dtype, device_blocks=24, host_blocks=64, policy=policy)
+    lens = [21, 14]
+    (batch,), rows = prefill([kv], gen, dtype, device, lens)
+    (others,), _ = prefill([kv], gen, dtype, device, [30, 30])
+    model = [[(list(rows[layer][0].split(lens))[i], list(rows[layer][1].split(lens))[i])
+              for layer in range(LAYERS)] for i in range(len(lens))]
+    for step in range(5):
+        kv.offload(batch if step == 2 else [])  # blocks come back up at begin_step
+        kv.begin_step(batch)
+        kv.prefetch([others[step % 2]])  # needs room: evicts, but never the step's blocks
+        kv.offload([others[(step + 1) % 2]])
+        kv.check_invariants()
+        for layer in range(LAYERS):
+            k = randn(gen, (2, H, D), dtype, device)
+            q = randn(gen, (2, HQ, D), dtype, device)
+            kv.append(batch, layer, k, k)
+            out = kv.attend(batch, layer, q)
+            for i in range(2):
+                mk, mv = model[i][layer]
+                model[i][layer] = (torch.cat([mk, k[i:i + 1]]), torch.cat([mv, k[i:i + 1]]))
+                ref, _ = attention_ref(q[i:i + 1], *model[i][layer])
+                assert_close(out[i:i + 1], ref, dtype, what=f"step {step} layer {layer} seq {i}")
+        kv.end_step()
+        kv.check_invariants()
+    for i, s in enumerate(batch):
+        for layer in range(LAYERS):
+            got_k, got_v = kv.gather(s, layer)
+            assert_bits_equal(got_k, model[i][layer][0], "gather k")
+            assert_bits_equal(got_v, model[i][layer][1], "gather v")
+
+
+def test_calls_that_would_break_a_step_are_clear_errors(gen):
+    kv = make("cpu", torch.float32, host_blocks=16)
+    (seqs,), _ = prefill([kv], gen, torch.float32, "cpu", [6, 6, 6])
+    step, other = seqs[:2], seqs[2]
+    kv.begin_step(step)
+    k = randn(gen, (2, H, D), torch.float32, "cpu")
+    for call in (lambda: kv.append([step[0]], 0, k[:1], k[:1]),
+                 lambda: kv.attend([step[0], other], 0, randn(gen, (2, HQ, D), torch.float32, "cpu")),
+                 lambda: kv.fork(step[0]), lambda: kv.free(step[1]), lambda: kv.truncate(step[0], 2),
+                 lambda: kv.offload([step[1]])):
+        with pytest.raises(ValueError, match="open decode step"):
+            call()
+    with pytest.raises(ValueError, match="rows per sequence"):
+        kv.append(step, 0, randn(gen, (4, H, D), torch.float32, "cpu"), randn(gen, (4, H, D), torch.float32, "cpu"),
+                  lengths=[1, 3])
+    with pytest.raises(ValueError, match="window"):
+        kv.attend(step, 0, randn(gen, (2, HQ, D), torch.float32, "cpu"), window=4)
+    kv.append(step, 0, k, k)
+    with pytest.raises(ValueError, match="already appended"):
+        kv.append(step, 0, k, k)
+    kv.append([other], 0, k[:1], k[:1])  # a sequence outside the step is free to go its own way
+    kv.check_invariants()
+    # Layers of `other` now differ in length: no step can append one set of rows to all of them.
+    before = (kv.stats(), [kv.seq_len(s, 1) for s in seqs])
+    with pytest.raises(ValueError, match="different numbers of tokens"):
+        kv.begin_step([other])
+    with pytest.raises(ValueError, match="tokens must be >= 1"):
+        kv.begin_step(step, tokens=0)
+    with pytest.raises(TypeError, match="tokens"):
+        kv.begin_step(step, tokens=1.0)
+    with pytest.raises(ValueError, match="num_q_heads"):
+        kv.begin_step(step, num_q_heads=3)
+    with pytest.raises(KeyError):
+        kv.begin_step([99])
+    assert (kv.stats(), [kv.seq_len(s, 1) for s in seqs]) == before
+    # The failed calls left the step open and unchanged.
+    kv.append(step, 1, k, k)
+    kv.end_step()
+    kv.fork(step[0])
+    kv.free(step[1])
+    kv.check_invariants()
+
+
+def test_a_step_that_does_not_fit_changes_nothing(gen):
+    kv = make("cpu", torch.float32, device_blocks=10, host_blocks=40)
+    (seqs,), _ = prefill([kv], gen, torch.float32, "cpu", [20, 20])  # 5 + 5 blocks, + 2 new
+    before = (kv.stats(), [kv.block_table(s) for s in seqs], [kv.seq_len(s) for s in seqs])
+    with pytest.raises(pagedkv.OutOfBlocksError, match="begin_step"):
+        kv.begin_step(seqs)
+    assert (kv.stats(), [kv.block_table(s) for s in seqs], [kv.seq_len(s) for s in seqs]) == before
+    kv.check_invariants()
+    kv.begin_step(seqs[:1])  # one of them fits
+
+
+def test_begin_step_says_when_a_capture_must_be_redone(gen):
+    kv = make("cpu", torch.float32, device_blocks=400)
+    (seqs,), _ = prefill([kv], gen, torch.float32, "cpu", [3, 40])
+    row = randn(gen, (2, H, D), torch.float32, "cpu")
+    flags = []
+    for _ in range(64 * BS):  # the longest sequence crosses the 64-block stride once
+        flags.append(kv.begin_step(seqs))
+        for layer in range(LAYERS):
+            kv.append(seqs, layer, row, row)
+    assert flags[0] and sum(flags) == 2, [i for i, f in enumerate(flags) if f]
+    assert kv.begin_step(seqs[:1])          # another batch size
+    assert kv.begin_step(seqs[::-1]) and not kv.begin_step(seqs[::-1])  # back; then the same again
+    assert kv.begin_step(seqs, tokens=2)    # another number of rows
