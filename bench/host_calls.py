@@ -27,7 +27,7 @@ def host_time(fn, stall_ms=0.0):
 def main():
     batch, ctx = 8, 8192
     kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
-                 device="cuda", device_blocks=batch * (ctx // BS + 8), host_blocks=64)
+                 device="cuda", device_blocks=batch * (ctx // BS + 8), host_blocks=64, watermarks=(0, 0))
     seqs = [kv.add_sequence() for _ in range(batch)]
     rows = torch.randn(batch * ctx, HK, D, device="cuda", dtype=torch.bfloat16)
     for layer in range(LAYERS):

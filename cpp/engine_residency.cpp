@@ -307,6 +307,7 @@ void Engine::offload_to_watermark(void* stream) {
   if (dev.num_free() >= int64_t(cfg_.low_watermark * double(cap))) return;
   int64_t n = int64_t(cfg_.high_watermark * double(cap)) - dev.num_free();
   n = std::min(n, eviction_room(KeepSet{}));
+  if (decode_.open) n = std::min(n, dev.num_used() - int64_t(decode_.pinned.size()));  // those stay
   if (n <= 0) return;
   make_device_room(dev.num_free() + n, KeepSet{}, stream);
 }

@@ -173,3 +173,24 @@ def test_begin_step_says_when_a_capture_must_be_redone(gen):
     assert kv.begin_step(seqs[:1])          # another batch size
     assert kv.begin_step(seqs[::-1]) and not kv.begin_step(seqs[::-1])  # back; then the same again
     assert kv.begin_step(seqs, tokens=2)    # another number of rows
+
+
+def test_a_step_may_hold_the_device_past_the_watermarks(device, gen):
+    """The proactive offload keeps free blocks between its watermarks with whatever is not pinned:
+    a step whose own blocks fill the device leaves them alone (and nothing to evict is fine)."""
+    dtype = best_dtype(device)
+    kv = make(device, dtype, device_blocks=40, host_blocks=40, watermarks=(0.2, 0.3))
+    plain = make(device, dtype, device_blocks=200)
+    (seqs, ref), _ = prefill([kv, plain], gen, dtype, device, [70, 70])  # 36 of 40 blocks
+    for step in range(2):
+        kv.begin_step(seqs)
+        assert all(t == "device" for sq in seqs for t, _ in kv.block_table(sq))
+        assert kv.stats()["device_blocks_free"] == 4  # under the low watermark (8): nothing may go
+        for layer in range(LAYERS):
+            k = randn(gen, (2, H, D), dtype, device)
+            q = randn(gen, (2, HQ, D), dtype, device)
+            kv.append(seqs, layer, k, k)
+            plain.append(ref, layer, k, k)
+            assert_bits_equal(kv.attend(seqs, layer, q), plain.attend(ref, layer, q), f"layer {layer}")
+        kv.end_step()
+        kv.check_invariants()
