@@ -1,6 +1,5 @@
 #include "pagedkv/copy_engine.h"
 
-#include <cstdlib>
 #include <cstring>
 #include <tuple>
 
@@ -61,13 +60,6 @@ CopyEngine::CopyEngine(bool cuda, int device, size_t block_bytes)
     PKV_CUDA(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking));
     d2h_ = a;
     h2d_ = b;
-    const char* n = std::getenv("PAGEDKV_COPY_STREAMS");
-    if (n && std::atoi(n) >= 2) {
-      PKV_CUDA(cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking));
-      PKV_CUDA(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking));
-      d2h_extra_ = a;
-      h2d_extra_ = b;
-    }
   }
 #endif
   if (!cuda_) worker_ = std::make_unique<CpuCopyWorker>();
@@ -75,8 +67,8 @@ CopyEngine::CopyEngine(bool cuda, int device, size_t block_bytes)
 
 CopyEngine::~CopyEngine() {
 #ifdef PAGEDKV_WITH_CUDA
-  for (void* s : {d2h_, h2d_, d2h_extra_, h2d_extra_})
-    if (s) cudaStreamDestroy(static_cast<cudaStream_t>(s));
+  if (d2h_) cudaStreamDestroy(static_cast<cudaStream_t>(d2h_));
+  if (h2d_) cudaStreamDestroy(static_cast<cudaStream_t>(h2d_));
 #endif
 }
 
@@ -115,7 +107,7 @@ Fence CopyEngine::to_host(const std::vector<BlockCopy>& copies, const std::vecto
   PKV_CUDA(cudaStreamWaitEvent(st, after_compute->event, 0));
   for (const Fence& f : waits)
     if (f && !fence_done(f)) PKV_CUDA(cudaStreamWaitEvent(st, f->event, 0));
-  spread(copies, st, d2h_extra_, cudaMemcpyDeviceToHost);
+  issue_runs(copies, st, cudaMemcpyDeviceToHost);
   return record(st);
 #else
   (void)waits;
@@ -125,23 +117,10 @@ Fence CopyEngine::to_host(const std::vector<BlockCopy>& copies, const std::vecto
 }
 
 #ifdef PAGEDKV_WITH_CUDA
-void CopyEngine::spread(const std::vector<BlockCopy>& copies, void* main, void* extra, int kind) const {
-  auto st = static_cast<cudaStream_t>(main);
-  std::vector<std::tuple<void*, const void*, size_t>> runs;
-  merged(copies, [&](void* d, const void* s, size_t n) { runs.emplace_back(d, s, n); });
-  cudaStream_t second = runs.size() > 1 ? static_cast<cudaStream_t>(extra) : nullptr;
-  if (second) {  // it starts after what `main` waits for
-    Fence start = record(st);
-    PKV_CUDA(cudaStreamWaitEvent(second, start->event, 0));
-  }
-  for (size_t i = 0; i < runs.size(); ++i) {
-    const auto& [d, s, n] = runs[i];
-    PKV_CUDA(cudaMemcpyAsync(d, s, n, cudaMemcpyKind(kind), second && i % 2 ? second : st));
-  }
-  if (second) {
-    Fence done = record(second);
-    PKV_CUDA(cudaStreamWaitEvent(st, done->event, 0));
-  }
+void CopyEngine::issue_runs(const std::vector<BlockCopy>& copies, void* stream, int kind) const {
+  merged(copies, [&](void* d, const void* s, size_t n) {
+    PKV_CUDA(cudaMemcpyAsync(d, s, n, cudaMemcpyKind(kind), static_cast<cudaStream_t>(stream)));
+  });
 }
 
 // Host -> device work on the H2D stream after `compute`'s work so far and after `waits`; with
@@ -171,7 +150,7 @@ Fence CopyEngine::to_device(const std::vector<BlockCopy>& copies, const std::vec
   }
 #ifdef PAGEDKV_WITH_CUDA
   return on_h2d_stream(waits, compute, compute_waits,
-                       [&](void* st) { spread(copies, st, h2d_extra_, cudaMemcpyHostToDevice); });
+                       [&](void* st) { issue_runs(copies, st, cudaMemcpyHostToDevice); });
 #else
   (void)waits;
   (void)compute;

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "pagedkv/engine.h"
 #include "pagedkv/errors.h"
@@ -23,14 +24,16 @@ void Engine::build_staged_plan(const std::vector<SeqId>& seqs, const std::vector
   sp.order.clear();
   sp.host_slots.clear();
   sp.waits.clear();
+  sp.waited = false;
   std::unordered_map<BlockId, int32_t> index;
+  std::unordered_set<const void*> fences;  // distinct ones: thousands of blocks share a few
   for (BlockId id : needed) {
     const BlockLoc loc = directory_.loc(id);
     if (loc.tier != Tier::host || !index.emplace(id, int32_t(sp.order.size())).second) continue;
     sp.order.push_back(id);
     sp.host_slots.push_back(loc.slot);
     auto ready = host_ready_.find(id);
-    if (ready != host_ready_.end()) sp.waits.push_back(ready->second);
+    if (ready != host_ready_.end() && fences.insert(ready->second.get()).second) sp.waits.push_back(ready->second);
   }
   int32_t max_blocks = 1;
   for (SeqId s : seqs) max_blocks = std::max(max_blocks, int32_t(tables_.at(s).blocks.size()));
@@ -74,7 +77,11 @@ void Engine::run_staged(int32_t layer, PagedAttentionParams& p, const std::vecto
 #ifdef PAGEDKV_WITH_CUDA
   if (cfg_.on_cuda && stage_by_kernel_ && n > 0) {  // SM loads over the link, on the compute stream
     auto st = static_cast<cudaStream_t>(stream);
-    for (const Fence& w : sp.waits) copies_->order_after(w, stream);  // evictions still writing a slot
+    if (!sp.waited || sp.waited_stream != stream) {  // evictions still writing a slot (once per stream)
+      for (const Fence& w : sp.waits) copies_->order_after(w, stream);
+      sp.waited = true;
+      sp.waited_stream = stream;
+    }
     const int32_t* slots = cuda_->staged_slots.send(*cuda_, sp.host_slots, st);
     PKV_CUDA(cuda::gather_from_mapped_host(staging, host_mapped_, slots, int64_t(n), int64_t(slice),
                                            int64_t(block), int64_t(layer) * int64_t(slice), cuda_->num_sms(),
@@ -93,6 +100,7 @@ void Engine::run_staged(int32_t layer, PagedAttentionParams& p, const std::vecto
         runs.push_back({staging + i * slice, src, slice, block, 1});
     }
     landed = copies_->slices_to_device(runs, sp.waits, stream);
+    sp.waits.clear();  // the copy engine's stream now runs after them, for every later call too
   }
   if (sp.last_read && landed && cfg_.on_cuda) *sp.last_read = landed;
   counters_.slices_staged += int64_t(n);

@@ -62,9 +62,8 @@ class CopyEngine {
  private:
   template <typename Issue>
   void merged(const std::vector<BlockCopy>& copies, Issue&& issue) const;
-  // Issues the merged runs of `copies` on `main`, every other one on `extra` when there is a
-  // second stream per direction, which then joins `main` again (CUDA builds only).
-  void spread(const std::vector<BlockCopy>& copies, void* main, void* extra, int kind) const;
+  // Issues the merged runs of `copies` on `stream` (CUDA builds only; kind: a cudaMemcpyKind).
+  void issue_runs(const std::vector<BlockCopy>& copies, void* stream, int kind) const;
   Fence cpu_copy(const std::vector<BlockCopy>& copies);
   Fence on_h2d_stream(const std::vector<Fence>& waits, void* compute, bool compute_waits,
                       const std::function<void(void*)>& issue);  // CUDA builds only
@@ -73,11 +72,6 @@ class CopyEngine {
   size_t block_bytes_;
   void* d2h_ = nullptr;  // cudaStream_t
   void* h2d_ = nullptr;  // cudaStream_t
-  // Second streams per direction (PAGEDKV_COPY_STREAMS=2 when the engine is made): scattered
-  // blocks alternate between two copy streams, so one engine's gap between copies is the
-  // other's transfer. nullptr: one stream per direction.
-  void* d2h_extra_ = nullptr;
-  void* h2d_extra_ = nullptr;
   std::unique_ptr<CpuCopyWorker> worker_;  // CPU tiers: copies run on this thread
 };
 

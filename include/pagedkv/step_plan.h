@@ -37,7 +37,11 @@ struct StagedPlan {
   std::vector<BlockId> order;             // staged blocks, slice i = order[i]
   std::vector<int32_t> host_slots;        // [order.size()] their host slots
   std::vector<int32_t> tables;            // [seqs, max_blocks] device slot, staged_entry(i), or -1
-  std::vector<Fence> waits;               // evictions still writing those host slots at build time
+  // Evictions still writing those host slots at build time, each fence once (a batch of
+  // evictions shares one). The first call orders its stream after them; the rest need not.
+  std::vector<Fence> waits;
+  bool waited = false;                    // kernel staging: ordered on waited_stream already
+  void* waited_stream = nullptr;
   std::shared_ptr<Fence> last_read;       // the latest staging of these slots (host_read_by_ shares it)
 
   bool matches(const std::vector<SeqId>& s, uint64_t v, const std::vector<int32_t>& lens,
