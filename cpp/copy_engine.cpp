@@ -1,5 +1,6 @@
 #include "pagedkv/copy_engine.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 
@@ -60,6 +61,7 @@ CopyEngine::CopyEngine(bool cuda, int device, size_t block_bytes)
     PKV_CUDA(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking));
     d2h_ = a;
     h2d_ = b;
+    if (const char* batch = std::getenv("PAGEDKV_COPY_BATCH")) batch_ = std::strcmp(batch, "0") != 0;
   }
 #endif
   if (!cuda_) worker_ = std::make_unique<CpuCopyWorker>();
@@ -118,9 +120,26 @@ Fence CopyEngine::to_host(const std::vector<BlockCopy>& copies, const std::vecto
 
 #ifdef PAGEDKV_WITH_CUDA
 void CopyEngine::issue_runs(const std::vector<BlockCopy>& copies, void* stream, int kind) const {
+  auto st = static_cast<cudaStream_t>(stream);
+  std::vector<void*> dsts;
+  std::vector<const void*> srcs;
+  std::vector<size_t> sizes;
   merged(copies, [&](void* d, const void* s, size_t n) {
-    PKV_CUDA(cudaMemcpyAsync(d, s, n, cudaMemcpyKind(kind), static_cast<cudaStream_t>(stream)));
+    dsts.push_back(d);
+    srcs.push_back(s);
+    sizes.push_back(n);
   });
+  if (!batch_ || dsts.size() == 1) {
+    for (size_t i = 0; i < dsts.size(); ++i)
+      PKV_CUDA(cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyKind(kind), st));
+    return;
+  }
+  // One batch: the driver sees every copy at once (sources read in stream order, like the rest).
+  cudaMemcpyAttributes attr = {};
+  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+  size_t first = 0;
+  PKV_CUDA(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &first, 1, st));
 }
 
 // Host -> device work on the H2D stream after `compute`'s work so far and after `waits`; with

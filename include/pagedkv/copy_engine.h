@@ -72,6 +72,9 @@ class CopyEngine {
   size_t block_bytes_;
   void* d2h_ = nullptr;  // cudaStream_t
   void* h2d_ = nullptr;  // cudaStream_t
+  // Several runs go to the driver as one cudaMemcpyBatchAsync (PAGEDKV_COPY_BATCH=0: one
+  // cudaMemcpyAsync each, for comparison runs).
+  bool batch_ = true;
   std::unique_ptr<CpuCopyWorker> worker_;  // CPU tiers: copies run on this thread
 };
 

@@ -191,6 +191,10 @@ def test_a_step_may_hold_the_device_past_the_watermarks(device, gen):
             q = randn(gen, (2, HQ, D), dtype, device)
             kv.append(seqs, layer, k, k)
             plain.append(ref, layer, k, k)
-            assert_bits_equal(kv.attend(seqs, layer, q), plain.attend(ref, layer, q), f"layer {layer}")
+            got, want = kv.attend(seqs, layer, q), plain.attend(ref, layer, q)
+            if device == "cpu":
+                assert_bits_equal(got, want, f"layer {layer}")
+            else:  # the step's wider table stride may split the keys differently
+                assert_close(got, want.double(), dtype, what=f"layer {layer}")
         kv.end_step()
         kv.check_invariants()
