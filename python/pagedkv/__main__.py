@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     srv.add_argument("--layers", type=int, default=32)
     srv.add_argument("--kv-heads", type=int, default=8)
     srv.add_argument("--head-dim", type=int, default=128)
+    srv.add_argument("--decode", default="graph", choices=("graph", "planned", "plain"),
+                     help="decode steps: begin_step + one CUDA graph replay (eager off CUDA), begin_step + "
+                          "eager calls, or calls that each plan for themselves")
 
     lc = bsub.add_parser("longctx", help="memory and tokens/s against context: full, offloaded, windowed")
     lc.add_argument("--device", default="cuda")

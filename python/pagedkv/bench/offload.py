@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..cache import PagedKV
-from .common import save, sync_seconds
+from .common import DecodeSteps, save, sync_seconds
 
 LAYERS, HK, HQ, D, BS = 32, 8, 32, 128, 16
 
@@ -257,20 +257,12 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
             kv.append(seqs, layer, k, k)
             kv.attend(seqs, layer, q)
 
-    graph = None
+    replayed = DecodeSteps(kv, lambda _: step_calls(), HQ)
 
     def planned_graph3():
-        nonlocal graph
         for _ in range(3):
-            if kv.begin_step(seqs, num_q_heads=HQ) or graph is None:  # (re)capture, then run it
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-                    step_calls()
-                torch.cuda.current_stream().wait_stream(side)
-            graph.replay()
-        kv.end_step()
+            replayed.step(seqs)
+        replayed.end()
 
     for name, fn in (("begin_step, eager", planned_eager3), ("begin_step, CUDA graph", planned_graph3)):
         fn()  # warm-up (and the capture)

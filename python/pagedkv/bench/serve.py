@@ -20,7 +20,7 @@ import torch
 
 from ..cache import PagedKV
 from ..policies import LRU, Hybrid, Window
-from .common import save
+from .common import DecodeSteps, save
 
 
 def _zipf_pick(rng: random.Random, weights: list[float], k: int) -> list[int]:
@@ -49,6 +49,13 @@ def run_one(policy, device_blocks: int, host_blocks: int, a) -> dict:
     turn_kv = torch.randn(a.batch * a.turn, a.kv_heads, a.head_dim, generator=gen, device=dev).to(dtype)
     step_q = torch.randn(a.batch, hq, a.head_dim, generator=gen, device=dev).to(dtype)
     step_kv = torch.randn(a.batch, a.kv_heads, a.head_dim, generator=gen, device=dev).to(dtype)
+
+    def decode_layers(batch):
+        for layer in range(a.layers):
+            kv.append(batch, layer, step_kv, step_kv)
+            kv.attend(batch, layer, step_q)
+
+    steps = DecodeSteps(kv, decode_layers, hq, graph=a.decode == "graph")
     start = kv.stats()
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -66,9 +73,12 @@ def run_one(policy, device_blocks: int, host_blocks: int, a) -> dict:
             kv.attend(batch, layer, turn_q)
         kv.prefetch(batches[r + 1])  # the next round's sessions come up while this one decodes
         for _ in range(a.new):
-            for layer in range(a.layers):
-                kv.append(batch, layer, step_kv, step_kv)
-                kv.attend(batch, layer, step_q)
+            if a.decode == "plain":  # every layer's call plans for itself
+                decode_layers(batch)
+            else:
+                steps.step(batch)
+        if a.decode != "plain":
+            steps.end()
         tokens += a.batch * (a.turn + a.new)
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -82,7 +92,7 @@ def run_one(policy, device_blocks: int, host_blocks: int, a) -> dict:
     kv.check_invariants()
     del kv
     gc.collect()
-    return {"tokens_per_s": tokens / secs, "seconds": secs, "hit_rate": max(0.0, 1 - fetched / max(requested, 1)),
+    return {"tokens_per_s": tokens / secs, "captures": steps.captures, "seconds": secs, "hit_rate": max(0.0, 1 - fetched / max(requested, 1)),
             "lookup_hit_rate": d["device_hits"] / max(looked, 1), "blocks_requested": requested,
             "blocks_fetched": fetched, "bytes_moved": d["bytes_to_host"] + d["bytes_from_host"], **d}
 
@@ -98,7 +108,7 @@ def main(a) -> None:
     card = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     run_one("lru", total, 64, a)  # warm-up: kernels, allocator and clocks settle before timing
     print(f"serve on {card}: {a.sessions} sessions x {a.context} tokens, Zipf {a.zipf}, batch {a.batch}, "
-          f"turn {a.turn} + {a.new} new, {a.rounds} rounds; best of {a.repeats} paired runs")
+          f"turn {a.turn} + {a.new} new, {a.rounds} rounds, decode steps {a.decode}; best of {a.repeats} paired runs")
     print(f"  {'device tier':<14}{'policy':<8}{'hit rate':>9}{'lookups':>9}{'GiB moved':>10}{'tok/s':>10}"
           f"{'unlimited':>10}{'ratio':>8}")
     # The loop is host-bound at small batches, and the machine's speed drifts between runs by more
