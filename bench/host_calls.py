@@ -78,25 +78,7 @@ def main():
         idle = min(host_time(fn) for _ in range(5))
         busy = min(host_time(fn, 50) for _ in range(3))
         print(f"  {name:<34}{idle * 1e3:>10.2f}{busy * 1e3:>16.2f}")
-    del kv
-    # pass-through: every layer stages the host-resident blocks' slices, then attends
-    dev = 256
-    kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
-                 device="cuda", device_blocks=dev, host_blocks=4 * dev + 16)
-    s = kv.add_sequence()
-    rows = torch.randn(4 * dev * BS, HK, D, device="cuda", dtype=torch.bfloat16)
-    for layer in range(LAYERS):
-        kv.append([s], layer, rows, rows)
-    q1 = q[:1].contiguous()
 
-    def staged():
-        for layer in range(LAYERS):
-            kv.attend([s], layer, q1)
-
-    staged()
-    idle = min(host_time(staged) for _ in range(3))
-    busy = min(host_time(staged, 50) for _ in range(3))
-    print(f"  {'pass-through attend x32':<34}{idle * 1e3:>10.2f}{busy * 1e3:>16.2f}")
 
 if __name__ == "__main__":
     main()

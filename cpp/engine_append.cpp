@@ -70,24 +70,7 @@ void Engine::append_checked(const std::vector<SeqId>& seqs, int32_t layer,
     SequenceTable& t = tables_.at(seqs[i]);
     const int32_t old_len = t.lens[size_t(layer)];
     const int32_t new_len = old_len + lengths[i];
-    const int32_t have = int32_t(t.blocks.size());
-    const int32_t need = blocks_for(new_len, bs);
-    for (int32_t b = old_len / bs; b < std::min(need, have); ++b) {
-      BlockId& id = t.blocks[size_t(b)];
-      if (directory_.refcount(id) > 1) {
-        id = clone_block(id, BlockUse{seqs[i], b, need, step_}, waits, stream);
-        ++version_;
-      }
-    }
-    while (int32_t(t.blocks.size()) < need) {
-      const int32_t b = int32_t(t.blocks.size());
-      t.blocks.push_back(new_device_block(BlockUse{seqs[i], b, need, step_}, waits));
-      ++version_;
-    }
-    for (int32_t pos = old_len; pos < new_len; ++pos) {
-      const int32_t slot = directory_.loc(t.blocks[size_t(pos / bs)]).slot;
-      slot_mapping.push_back(slot * bs + pos % bs);
-    }
+    reserve_rows(seqs[i], t, old_len, new_len, waits, slot_mapping, stream);
     t.lens[size_t(layer)] = new_len;
     t.scope_start[size_t(layer)] = old_len;
   }

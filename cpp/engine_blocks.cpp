@@ -42,6 +42,27 @@ BlockId Engine::clone_block(BlockId id, const BlockUse& use, std::vector<Fence>&
   return fresh;
 }
 
+void Engine::reserve_rows(SeqId seq, SequenceTable& t, int32_t old_len, int32_t new_len,
+                          std::vector<Fence>& waits, std::vector<int32_t>& slot_mapping, void* stream) {
+  const int32_t bs = cfg_.block_size;
+  const int32_t have = int32_t(t.blocks.size()), need = blocks_for(new_len, bs);
+  for (int32_t b = old_len / bs; b < std::min(need, have); ++b) {
+    BlockId& id = t.blocks[size_t(b)];
+    drop_clean_copy(id);  // about to differ from its host copy
+    if (directory_.refcount(id) > 1) {
+      id = clone_block(id, BlockUse{seq, b, need, step_}, waits, stream);
+      ++version_;
+    }
+  }
+  while (int32_t(t.blocks.size()) < need) {
+    const int32_t b = int32_t(t.blocks.size());
+    t.blocks.push_back(new_device_block(BlockUse{seq, b, need, step_}, waits));
+    ++version_;
+  }
+  for (int32_t pos = old_len; pos < new_len; ++pos)
+    slot_mapping.push_back(directory_.loc(t.blocks[size_t(pos / bs)]).slot * bs + pos % bs);
+}
+
 // A staging copy that read the slot waited for the eviction that wrote it, so it passes last.
 Fence Engine::host_slot_fence(BlockId id) {
   Fence written = take_fence(host_ready_, id);

@@ -117,29 +117,13 @@ bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t 
   ++step_;
 
   // The rows: copy-on-write of shared blocks, new blocks, every layer's length at once.
-  const int32_t bs = cfg_.block_size;
   const size_t S = seqs.size();
   std::vector<Fence> waits;
   decode_.meta.assign(2 * S + 1, 0);
   for (size_t i = 0; i < S; ++i) {
     SequenceTable& t = tables_.at(seqs[i]);
     const int32_t old_len = t.lens[0], new_len = old_len + tokens;
-    const int32_t have = int32_t(t.blocks.size()), need = blocks_for(new_len, bs);
-    for (int32_t b = old_len / bs; b < std::min(need, have); ++b) {
-      BlockId& id = t.blocks[size_t(b)];
-      drop_clean_copy(id);  // about to differ from the host copy
-      if (directory_.refcount(id) > 1) {
-        id = clone_block(id, BlockUse{seqs[i], b, need, step_}, waits, stream);
-        ++version_;
-      }
-    }
-    while (int32_t(t.blocks.size()) < need) {
-      const int32_t b = int32_t(t.blocks.size());
-      t.blocks.push_back(new_device_block(BlockUse{seqs[i], b, need, step_}, waits));
-      ++version_;
-    }
-    for (int32_t pos = old_len; pos < new_len; ++pos)
-      decode_.meta.push_back(directory_.loc(t.blocks[size_t(pos / bs)]).slot * bs + pos % bs);
+    reserve_rows(seqs[i], t, old_len, new_len, waits, decode_.meta, stream);
     std::fill(t.lens.begin(), t.lens.end(), new_len);
     std::fill(t.scope_start.begin(), t.scope_start.end(), old_len);
     decode_.meta[i] = new_len;

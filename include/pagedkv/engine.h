@@ -136,6 +136,11 @@ class Engine {
   // -- block lifecycle (engine_blocks.cpp) --
   BlockId new_device_block(const BlockUse& use, std::vector<Fence>& waits);
   BlockId clone_block(BlockId id, const BlockUse& use, std::vector<Fence>& waits, void* stream);
+  // Rows [old_len, new_len) of `seq`: a shared block they write is copied first, new blocks come
+  // from the device pool (room was made), and each row's slot * block_size + offset goes onto
+  // `slot_mapping`. Slots still read by eviction copies add their fences to `waits`.
+  void reserve_rows(SeqId seq, SequenceTable& t, int32_t old_len, int32_t new_len, std::vector<Fence>& waits,
+                    std::vector<int32_t>& slot_mapping, void* stream);
   void release_block(BlockId id);
   void drop_out_of_scope(SequenceTable& t);
   void copy_block(int32_t src_slot, int32_t dst_slot, void* stream);
