@@ -61,7 +61,10 @@ CopyEngine::CopyEngine(bool cuda, int device, size_t block_bytes)
     PKV_CUDA(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking));
     d2h_ = a;
     h2d_ = b;
-    if (const char* batch = std::getenv("PAGEDKV_COPY_BATCH")) batch_ = std::strcmp(batch, "0") != 0;
+    if (const char* batch = std::getenv("PAGEDKV_COPY_BATCH")) {
+      batch_ = std::strcmp(batch, "0") != 0;
+      if (std::strcmp(batch, "overlap") == 0) batch_flags_ = cudaMemcpyFlagPreferOverlapWithCompute;
+    }
   }
 #endif
   if (!cuda_) worker_ = std::make_unique<CpuCopyWorker>();
@@ -137,7 +140,7 @@ void CopyEngine::issue_runs(const std::vector<BlockCopy>& copies, void* stream, 
   // One batch: the driver sees every copy at once (sources read in stream order, like the rest).
   cudaMemcpyAttributes attr = {};
   attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-  attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+  attr.flags = batch_flags_;
   size_t first = 0;
   PKV_CUDA(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &first, 1, st));
 }

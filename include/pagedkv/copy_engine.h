@@ -72,9 +72,10 @@ class CopyEngine {
   size_t block_bytes_;
   void* d2h_ = nullptr;  // cudaStream_t
   void* h2d_ = nullptr;  // cudaStream_t
-  // Several runs go to the driver as one cudaMemcpyBatchAsync (PAGEDKV_COPY_BATCH=0: one
-  // cudaMemcpyAsync each, for comparison runs).
+  // Several runs go to the driver as one cudaMemcpyBatchAsync. PAGEDKV_COPY_BATCH (comparison
+  // runs): 0 = one cudaMemcpyAsync each; overlap = the batch hints cudaMemcpyFlagPreferOverlapWithCompute.
   bool batch_ = true;
+  unsigned batch_flags_ = 0;
   std::unique_ptr<CpuCopyWorker> worker_;  // CPU tiers: copies run on this thread
 };
 
