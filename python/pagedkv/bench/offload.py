@@ -68,41 +68,41 @@ ISSUE = {"batch": "1", "batch+overlap": "overlap", "a call per copy": "0"}  # PA
 
 
 def swaps(blocks: int, scattered: bool, issue: str = "batch", repeats: int = 3) -> dict:
-    """Engine swap-out, swap-in and both at once, GB/s of block bytes moved, best of `repeats`.
-    Two sequences of `blocks` blocks each, whose device slots are one run each, or alternate
-    (`scattered`: every block is a copy of its own, as in a pool that served many sessions).
-    `issue`: how a request's copies reach the driver (ISSUE)."""
-    os.environ["PAGEDKV_COPY_BATCH"] = ISSUE[issue]
-    kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
-                 device="cuda", device_blocks=2 * blocks + 8, host_blocks=2 * blocks + 8, watermarks=(0, 0))
-    os.environ.pop("PAGEDKV_COPY_BATCH")
-    a, b = kv.add_sequence(), kv.add_sequence()
+    """Engine swap-out, swap-in and both at once, GB/s of block bytes moved, best of `repeats`
+    (each on a fresh engine: a block fetched back and not written is a clean copy, which goes
+    down again without a copy). Two sequences of `blocks` blocks each, whose device slots are one
+    run each, or alternate (`scattered`: every block is a copy of its own, as in a pool that
+    served many sessions). `issue`: how a request's copies reach the driver (ISSUE)."""
+    out = {"blocks": blocks, "scattered": scattered, "issue": issue, "swap_out": 0.0, "swap_in": 0.0, "both": 0.0}
     rows = torch.randn(blocks * BS, HK, D, device="cuda", dtype=torch.bfloat16)
-    if scattered:  # layer 0 block by block, taking turns: a gets the even slots, b the odd ones
-        for i in range(blocks):
-            for s in (a, b):
-                kv.append([s], 0, rows[i * BS:(i + 1) * BS], rows[i * BS:(i + 1) * BS])
-    for s in (a, b):
-        for layer in range(1 if scattered else 0, LAYERS):
-            kv.append([s], layer, rows, rows)
-    nbytes = blocks * kv.block_bytes
-    out = {"block_bytes": kv.block_bytes, "blocks": blocks, "scattered": scattered, "issue": issue,
-           "swap_out": 0.0, "swap_in": 0.0, "both": 0.0}
     for _ in range(repeats):
+        os.environ["PAGEDKV_COPY_BATCH"] = ISSUE[issue]
+        kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
+                     device="cuda", device_blocks=2 * blocks + 8, host_blocks=2 * blocks + 8, watermarks=(0, 0))
+        os.environ.pop("PAGEDKV_COPY_BATCH")
+        a, b = kv.add_sequence(), kv.add_sequence()
+        if scattered:  # layer 0 block by block, taking turns: a gets the even slots, b the odd ones
+            for i in range(blocks):
+                for s in (a, b):
+                    kv.append([s], 0, rows[i * BS:(i + 1) * BS], rows[i * BS:(i + 1) * BS])
+        for s in (a, b):
+            for layer in range(1 if scattered else 0, LAYERS):
+                kv.append([s], layer, rows, rows)
+        nbytes = blocks * kv.block_bytes
+        out["block_bytes"] = kv.block_bytes
         out["swap_out"] = max(out["swap_out"], nbytes / sync_seconds(lambda: kv.offload([a])) / 1e9)
         out["swap_in"] = max(out["swap_in"], nbytes / sync_seconds(lambda: kv.prefetch([a])) / 1e9)
+        kv.offload([a])  # a clean copy: nothing moves
+        torch.cuda.synchronize()
 
-    def both():  # b goes down while a comes up into other slots
-        kv.offload([b])
-        kv.prefetch([a])
+        def both():  # b goes down while a comes up into other slots
+            kv.offload([b])
+            kv.prefetch([a])
 
-    for _ in range(repeats):
-        kv.offload([a])  # untimed: a down, b up
-        kv.prefetch([b])
         out["both"] = max(out["both"], 2 * nbytes / sync_seconds(both) / 1e9)
-    kv.check_invariants()
-    del kv
-    gc.collect()  # unpins its host tier before the next engine pins one
+        kv.check_invariants()
+        del kv
+        gc.collect()  # unpins its host tier before the next engine pins one
     return out
 
 
