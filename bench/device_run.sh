@@ -2,8 +2,7 @@
 # One call on a lent GPU machine: build, test (ctest incl. the CUDA kernel sweep, pytest on CUDA),
 # then the demo and benchmarks, with peers and ceilings in the same run. Logs and JSON go to $OUT.
 # Usage there: bash bench/device_run.sh [PARTS]   (FlashInfer wheels travel in .whl/)
-#   PARTS: comma-separated of tests, demo, kernel, ncu, offload, ptstack, serve, longctx, longctx1m, hf;
-#   ptstack: gdb stack samples of the host thread during the pass-through bench;
+#   PARTS: comma-separated of tests, demo, kernel, ncu, offload, serve, longctx, longctx1m, hf;
 #   ncu: Nsight Compute of our decode kernel beside FlashInfer's and SDPA's (NCU_SHAPE="16 32768");
 #   env: HF_ARGS, SERVE_ARGS, LONGCTX_ARGS, PYTEST_K and *_TIMEOUT (see below);
 #   longctx1m: mode (d) to 1M tokens on a machine with 512 GiB of RAM (an x4 kind);
@@ -47,15 +46,6 @@ if has ncu; then  # hardware counters: ours against the peers on one shape (benc
   rm -f "$OUT/ncu.ncu-rep"  # too large to come back; the raw CSV holds every metric
 fi
 has offload && timeout ${OFFLOAD_TIMEOUT:-300} python3 -m pagedkv bench offload 2>&1 | tee "$OUT/offload.txt" | tail -24
-if has ptstack; then  # where the host thread waits during pass-through: stacks sampled with gdb
-  python3 -c "from pagedkv.bench.offload import pass_through; pass_through(1024, steps=60)" \
-    > "$OUT/ptstack-run.log" 2>&1 &
-  pid=$!; sleep ${PTSTACK_DELAY:-14}
-  for i in 1 2 3 4 5 6 7 8; do gdb -p $pid -batch -ex "thread apply all bt 14" 2>&1 | grep -E "^#|^Thread"; echo ====; sleep 0.5; done \
-    > "$OUT/ptstack.txt" 2>&1
-  wait $pid; tail -2 "$OUT/ptstack-run.log"
-  grep -E "^#" "$OUT/ptstack.txt" | sed -E 's/^#[0-9]+ +(0x[0-9a-f]+ in )?//; s/ \(.*//' | sort | uniq -c | sort -rn | head -25
-fi
 has serve && timeout ${SERVE_TIMEOUT:-300} python3 -m pagedkv bench serve ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.txt" | tail -16
 has longctx && timeout ${LONGCTX_TIMEOUT:-400} python3 -m pagedkv bench longctx ${LONGCTX_ARGS:-} 2>&1 | tee "$OUT/longctx.txt" | tail -40
 has longctx1m && timeout 560 python3 -m pagedkv bench longctx --modes d --batches 1 --host-gib 400 \

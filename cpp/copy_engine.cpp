@@ -63,7 +63,9 @@ CopyEngine::CopyEngine(bool cuda, int device, size_t block_bytes)
     h2d_ = b;
     if (const char* batch = std::getenv("PAGEDKV_COPY_BATCH")) {
       batch_ = std::strcmp(batch, "0") != 0;
+#if CUDART_VERSION >= 13000
       if (std::strcmp(batch, "overlap") == 0) batch_flags_ = cudaMemcpyFlagPreferOverlapWithCompute;
+#endif
     }
   }
 #endif
@@ -132,17 +134,19 @@ void CopyEngine::issue_runs(const std::vector<BlockCopy>& copies, void* stream, 
     srcs.push_back(s);
     sizes.push_back(n);
   });
-  if (!batch_ || dsts.size() == 1) {
-    for (size_t i = 0; i < dsts.size(); ++i)
-      PKV_CUDA(cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyKind(kind), st));
+#if CUDART_VERSION >= 13000  // (12.8 has the call with another signature; older ones lack it)
+  if (batch_ && dsts.size() > 1) {
+    // One batch: the driver sees every copy at once (sources read in stream order, like the rest).
+    cudaMemcpyAttributes attr = {};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    attr.flags = batch_flags_;
+    size_t first = 0;
+    PKV_CUDA(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &first, 1, st));
     return;
   }
-  // One batch: the driver sees every copy at once (sources read in stream order, like the rest).
-  cudaMemcpyAttributes attr = {};
-  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-  attr.flags = batch_flags_;
-  size_t first = 0;
-  PKV_CUDA(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &first, 1, st));
+#endif
+  for (size_t i = 0; i < dsts.size(); ++i)
+    PKV_CUDA(cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyKind(kind), st));
 }
 
 // Host -> device work on the H2D stream after `compute`'s work so far and after `waits`; with

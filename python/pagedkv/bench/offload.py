@@ -252,25 +252,20 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
     # replayed from a CUDA graph captured once, as a serving loop runs decode (DESIGN.md §5).
     planned = {}
 
-    def planned_eager3():
-        for _ in range(3):
-            kv.begin_step(seqs, num_q_heads=HQ)
-            step_calls()
-        kv.end_step()
-
-    def step_calls():
+    def step_calls(batch):
         for layer in range(LAYERS):
-            kv.append(seqs, layer, k, k)
-            kv.attend(seqs, layer, q)
+            kv.append(batch, layer, k, k)
+            kv.attend(batch, layer, q)
 
-    replayed = DecodeSteps(kv, lambda _: step_calls(), HQ)
+    def three(steps_of):
+        def run():
+            for _ in range(3):
+                steps_of.step(seqs)
+            steps_of.end()
+        return run
 
-    def planned_graph3():
-        for _ in range(3):
-            replayed.step(seqs)
-        replayed.end()
-
-    for name, fn in (("begin_step, eager", planned_eager3), ("begin_step, CUDA graph", planned_graph3)):
+    for name, fn in (("begin_step, eager", three(DecodeSteps(kv, step_calls, HQ, graph=False))),
+                     ("begin_step, CUDA graph", three(DecodeSteps(kv, step_calls, HQ)))):
         fn()  # warm-up (and the capture)
         alone = min(compute_time(fn) for _ in range(steps)) / 3
         torch.cuda.synchronize()

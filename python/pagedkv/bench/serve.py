@@ -92,7 +92,8 @@ def run_one(policy, device_blocks: int, host_blocks: int, a) -> dict:
     kv.check_invariants()
     del kv
     gc.collect()
-    return {"tokens_per_s": tokens / secs, "captures": steps.captures, "seconds": secs, "hit_rate": max(0.0, 1 - fetched / max(requested, 1)),
+    return {"tokens_per_s": tokens / secs, "captures": steps.captures, "seconds": secs,
+            "hit_rate": max(0.0, 1 - fetched / max(requested, 1)),
             "lookup_hit_rate": d["device_hits"] / max(looked, 1), "blocks_requested": requested,
             "blocks_fetched": fetched, "bytes_moved": d["bytes_to_host"] + d["bytes_from_host"], **d}
 
