@@ -324,9 +324,9 @@ void Engine::offload(const std::vector<SeqId>& seqs, void* stream) {
   for (SeqId s : seqs) check_not_in_step(s, "offload()");
   KeepSet seen;
   std::vector<BlockId> victims;
-  for (SeqId s : seqs)
+  for (SeqId s : seqs)  // (a block it shares with the open decode step stays for the step)
     for (BlockId id : tables_.at(s).blocks)
-      if (id != kNoBlock && directory_.loc(id).tier == Tier::device && seen.insert(id).second)
+      if (id != kNoBlock && directory_.loc(id).tier == Tier::device && !pinned(id) && seen.insert(id).second)
         victims.push_back(id);
   const KeepSet none;
   // Host blocks spill to disk as the host tier fills, so the room is every free slot below.

@@ -198,3 +198,79 @@ def test_a_step_may_hold_the_device_past_the_watermarks(device, gen):
                 assert_close(got, want.double(), dtype, what=f"layer {layer}")
         kv.end_step()
         kv.check_invariants()
+
+
+@pytest.mark.parametrize("policy", ["lru", Window(recent_blocks=1, sink_blocks=0)], ids=["lru", "window"])
+def test_random_steps_among_other_work_match_the_resident_cache(device, rng, gen, policy):
+    """A random walk: sequences come, fork and go; steps over random batches run every layer
+    while other sequences are offloaded and prefetched between the layers, in a device tier a
+    few sequences fill. Every attend equals the all-resident cache's, gather equals every row."""
+    dtype = best_dtype(device)
+    small = make(device, dtype, device_blocks=16, host_blocks=48, policy=policy)
+    big = make(device, dtype, device_blocks=600)
+    pairs, model, steps = {}, {}, 0
+
+    def prefill(n):
+        s, b = small.add_sequence(), big.add_sequence()
+        model[s] = []
+        for layer in range(LAYERS):
+            k, v = randn(gen, (n, H, D), dtype, device), randn(gen, (n, H, D), dtype, device)
+            small.append([s], layer, k, v)
+            big.append([b], layer, k, v)
+            model[s].append((k, v))
+        pairs[s] = b
+
+    for it in range(80):
+        live = list(pairs)
+        op = rng.random()
+        if (op < 0.2 or len(live) < 3) and len(live) < 5:  # at most 5 x 8 blocks of 64 in the tiers
+            prefill(rng.randrange(1, 14))
+        elif op < 0.3 or len(live) >= 5 or max(small.seq_len(s) for s in live) > 28:
+            s = max(live, key=small.seq_len) if op >= 0.2 else rng.choice(live)
+            small.free(s)
+            big.free(pairs.pop(s))
+            model.pop(s)
+        elif op < 0.4 and len(live) < 5:
+            s = rng.choice(live)
+            t = small.fork(s)
+            pairs[t], model[t] = big.fork(pairs[s]), list(model[s])
+        else:
+            batch = rng.sample(live, rng.randint(1, min(2, len(live))))
+            tokens = rng.choice([1, 1, 2])
+            try:
+                small.begin_step(batch, tokens=tokens)
+            except pagedkv.OutOfBlocksError:
+                small.check_invariants()
+                continue
+            steps += 1
+            others = [s for s in live if s not in batch]
+            for layer in range(LAYERS):
+                if others and rng.random() < 0.6:  # other work between the layers
+                    try:
+                        (small.offload if rng.random() < 0.5 else small.prefetch)([rng.choice(others)])
+                    except pagedkv.OutOfBlocksError:
+                        pass
+                    small.check_invariants()
+                n = len(batch) * tokens
+                k, v = randn(gen, (n, H, D), dtype, device), randn(gen, (n, H, D), dtype, device)
+                q = randn(gen, (n, HQ, D), dtype, device)
+                small.append(batch, layer, k, v)
+                big.append([pairs[s] for s in batch], layer, k, v)
+                got, want = small.attend(batch, layer, q), big.attend([pairs[s] for s in batch], layer, q)
+                if device == "cpu":
+                    assert_bits_equal(got, want, f"it {it} layer {layer}")
+                else:
+                    assert_close(got, want.double(), dtype, what=f"it {it} layer {layer}")
+                for i, s in enumerate(batch):
+                    mk, mv = model[s][layer]
+                    rows = slice(i * tokens, (i + 1) * tokens)
+                    model[s][layer] = (torch.cat([mk, k[rows]]), torch.cat([mv, v[rows]]))
+            small.end_step()
+        small.check_invariants()
+    for s in pairs:
+        for layer in range(LAYERS):
+            got_k, got_v = small.gather(s, layer)
+            assert_bits_equal(got_k, model[s][layer][0], f"seq {s} layer {layer} k")
+            assert_bits_equal(got_v, model[s][layer][1], f"seq {s} layer {layer} v")
+    st = small.stats()
+    assert steps > 15 and st["blocks_to_host"] > 10 and st["blocks_from_host"] > 5, (steps, st)
