@@ -36,9 +36,10 @@ def test_decode_step_attention_replays_from_a_cuda_graph(cuda, gen):
 @pytest.mark.parametrize("tiered", [False, True])
 def test_whole_decode_steps_replay_from_one_capture(cuda, gen, tiered):
     """begin_step() outside the graph, every layer's append and attend inside: one capture serves
-    step after step (while other sequences swap, with a host tier), and the results equal plain
-    calls on a second cache: gather bit for bit, attention to bf16 rounding (the step's table
-    stride may split the keys differently)."""
+    step after step (while other sequences swap, with a host tier, and with the batch's
+    sequences in another order each step), and the results equal plain calls on a second cache:
+    gather bit for bit, attention to bf16 rounding (the step's table stride may split the keys
+    differently)."""
     layers, hk, hq, d, batch = 4, 2, 8, 128, 3
     extra = dict(host_blocks=512) if tiered else {}
 
@@ -70,7 +71,9 @@ def test_whole_decode_steps_replay_from_one_capture(cuda, gen, tiered):
         if tiered:  # swaps of other sequences around the step's blocks
             stepped.offload([others[step % 2]])
             stepped.prefetch([others[(step + 1) % 2]])
-        if stepped.begin_step(b, num_q_heads=hq) or graph is None:
+        turn = step % batch  # the same graph, the batch's rows in another order
+        order_a, order_b = a[turn:] + a[:turn], b[turn:] + b[:turn]
+        if stepped.begin_step(order_b, num_q_heads=hq) or graph is None:
             assert step == 0, "one capture holds while no sequence outgrows the table stride"
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -78,15 +81,15 @@ def test_whole_decode_steps_replay_from_one_capture(cuda, gen, tiered):
             with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
                 outs = []
                 for layer in range(layers):
-                    stepped.append(b, layer, k_in[layer], k_in[layer])
-                    outs.append(stepped.attend(b, layer, q_in[layer]))
+                    stepped.append(order_b, layer, k_in[layer], k_in[layer])
+                    outs.append(stepped.attend(order_b, layer, q_in[layer]))
             torch.cuda.current_stream().wait_stream(side)
         for o in outs:
             o.fill_(float("nan"))  # poison: the replay must write every element
         graph.replay()
         for layer in range(layers):
-            plain.append(a, layer, k_in[layer], k_in[layer])
-            want = plain.attend(a, layer, q_in[layer])
+            plain.append(order_a, layer, k_in[layer], k_in[layer])
+            want = plain.attend(order_a, layer, q_in[layer])
             torch.testing.assert_close(outs[layer], want, atol=1e-2, rtol=1.6e-2)
         stepped.check_invariants()
     torch.cuda.synchronize()
