@@ -249,6 +249,7 @@ NB_MODULE(_C, m) {
            },
            "seqs"_a, "tokens"_a, "num_q_heads"_a, "stream"_a)
       .def("end_step", &Engine::end_step)
+      .def("step_open", &Engine::step_open)
       .def("prefetch",
            [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
              e.prefetch(seqs, as_stream(stream));

@@ -90,6 +90,7 @@ class Engine {
   // Closes the open step (its blocks may move again). Call it after the step's kernels were
   // enqueued: later moves are ordered after them on the stream they are given.
   void end_step();
+  bool step_open() const { return decode_.open; }
   // Starts bringing every block of these sequences to the device (as far as it fits), so a later
   // attend finds them there.
   void prefetch(const std::vector<SeqId>& seqs, void* stream);

@@ -48,7 +48,6 @@ class PagedKV:
             policy_params=policy_params, low_watermark=low if host_blocks else 0.0,
             high_watermark=high if host_blocks else 0.0)
         self._pool = None
-        self._step_open = False
 
     # -- sequences -------------------------------------------------------------------------
     def add_sequence(self) -> int:
@@ -113,7 +112,7 @@ class PagedKV:
         # More blocks in scope than the device and host tiers hold together (some on disk): pass
         # them through range by range. Up to that, the engine stages the off-device ones itself.
         # (Not with sink rotation: the ranges' kernel calls would not know the rows' windows.)
-        if sink_rope is None and self.disk_blocks and not self._step_open and (
+        if sink_rope is None and self.disk_blocks and not self._engine.step_open() and (
                 self._engine.blocks_needed(seq_list, layer, lens, win) > self.device_blocks + self.host_blocks):
             from . import passthrough
 
@@ -160,15 +159,12 @@ class PagedKV:
         if num_q_heads is not None and (num_q_heads <= 0 or num_q_heads % self.num_kv_heads):
             raise ValueError(f"{where}: num_q_heads must be a positive multiple of num_kv_heads="
                              f"{self.num_kv_heads}, got {num_q_heads}")
-        changed = self._engine.begin_step(seq_list, tokens, num_q_heads or 0, self._stream())
-        self._step_open = True
-        return changed
+        return self._engine.begin_step(seq_list, tokens, num_q_heads or 0, self._stream())
 
     def end_step(self) -> None:
         """Closes the open decode step: its blocks may move again. Call it after the step's kernels
         were enqueued (moves are ordered after them on the current stream)."""
         self._engine.end_step()
-        self._step_open = False
 
     def prefetch(self, seqs) -> None:
         """Starts moving the blocks of `seqs` up to the device (as many as fit without evicting
