@@ -81,17 +81,18 @@ bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t 
   check_batch(seqs, std::vector<int32_t>(seqs.size(), tokens), what);
   // Checks first, the previous step's pins not counted (it ends here); on a throw it stays open.
   std::vector<BlockId> scope;
+  KeepSet keep;  // tiered caches: the blocks that must stay while others move
   int64_t fresh = 0;
   const bool was_open = decode_.open;
   decode_.open = false;
   try {
     fresh = step_blocks(seqs, tokens, scope);
-    const KeepSet keep(scope.begin(), scope.end());
     if (!tiered()) {
       PKV_CHECK(fresh <= pool(Tier::device).num_free(), OutOfBlocks, what, ": needs ", fresh,
                 " free blocks but the device tier has ", pool(Tier::device).num_free(), " of ",
                 pool(Tier::device).capacity());
     } else {
+      keep.insert(scope.begin(), scope.end());
       PKV_CHECK(int64_t(keep.size()) + fresh <= pool(Tier::device).capacity(), OutOfBlocks, what, ": the step reads ",
                 keep.size() + size_t(fresh), " blocks but the device tier holds ", pool(Tier::device).capacity(),
                 "; append() and attend() without a step pass such scopes through");
@@ -101,18 +102,20 @@ bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t 
     decode_.open = was_open;
     throw;
   }
-  decode_.pinned.clear();
   decode_.members.clear();
 
   // Residency: every block the step reads or writes on the device, landed, written ones no
   // longer clean copies of their host bytes, and room for the new ones.
-  const KeepSet keep(scope.begin(), scope.end());
   int64_t misses = counters_.device_misses;
   if (tiered()) {
     make_resident(scope, keep, stream);
     await_blocks(scope, stream);
     make_device_room(fresh, keep, stream);
   }
+  // Pinned from here: what the step reads (`keep`; a shared block copied below stays pinned with
+  // its other holder, harmlessly) and, added below, the blocks its rows go to. Only tiers move
+  // blocks, so without them nothing needs pinning.
+  decode_.pinned = std::move(keep);
   misses = counters_.device_misses - misses;
   ++step_;
 
@@ -124,6 +127,8 @@ bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t 
     SequenceTable& t = tables_.at(seqs[i]);
     const int32_t old_len = t.lens[0], new_len = old_len + tokens;
     reserve_rows(seqs[i], t, old_len, new_len, waits, decode_.meta, stream);
+    if (tiered())
+      for (size_t b = size_t(old_len / cfg_.block_size); b < t.blocks.size(); ++b) decode_.pinned.insert(t.blocks[b]);
     std::fill(t.lens.begin(), t.lens.end(), new_len);
     std::fill(t.scope_start.begin(), t.scope_start.end(), old_len);
     decode_.meta[i] = new_len;
@@ -154,7 +159,6 @@ bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t 
       const BlockId id = t.blocks[size_t(b)];
       if (id == kNoBlock) return;
       decode_.block_table[i * size_t(decode_.stride) + size_t(b)] = directory_.loc(id).slot;
-      decode_.pinned.insert(id);
     };
     for (int32_t b = 0; b < sc.sinks; ++b) put(b);
     for (int32_t b = sc.first; b < sc.last; ++b) put(b);

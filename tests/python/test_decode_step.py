@@ -33,9 +33,12 @@ def prefill(kvs, gen, dtype, device, lens):
 @pytest.mark.parametrize("scope", [dict(), dict(window=9, sink_tokens=3, retain=False),
                                    dict(window=13, sink_tokens=0)], ids=["full", "window-drop", "window"])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_steps_equal_plain_calls(device, gen, scope, tokens):
+@pytest.mark.parametrize("tiers", [False, True], ids=["resident", "tiered"])
+def test_steps_equal_plain_calls(device, gen, scope, tokens, tiers):
     dtype = best_dtype(device)
-    plain, stepped = make(device, dtype, **scope), make(device, dtype, **scope)
+    # Tiered: a proactive offload that wants 90% of the device free moves whatever is not pinned.
+    extra = dict(device_blocks=40, host_blocks=64, watermarks=(0.8, 0.9)) if tiers else {}
+    plain, stepped = make(device, dtype, **scope), make(device, dtype, **scope, **extra)
     (a, b), _ = prefill([plain, stepped], gen, dtype, device, [5, 17, 8])
     # A forked sequence: the first step's write into the shared last block copies it.
     a.append(plain.fork(a[1]))
@@ -64,9 +67,14 @@ def test_steps_equal_plain_calls(device, gen, scope, tokens):
             if scope.get("retain", True):
                 for x, y in zip(plain.gather(sa, layer), stepped.gather(sb, layer)):
                     assert_bits_equal(y, x, "gather")
-        assert [t for t, _ in plain.block_table(sa)] == [t for t, _ in stepped.block_table(sb)]
-    for key in ("device_blocks_used", "drops"):
+        tiers_of = [[t for t, _ in kv.block_table(s)] for kv, s in ((plain, sa), (stepped, sb))]
+        if tiers:  # the same blocks dropped; the others wherever the offload put them
+            tiers_of = [[t == "dropped" for t in x] for x in tiers_of]
+        assert tiers_of[0] == tiers_of[1]
+    for key in ("drops",) if tiers else ("device_blocks_used", "drops"):
         assert plain.stats()[key] == stepped.stats()[key], key
+    if tiers and scope.get("window") and scope.get("retain", True):  # out of every window: down
+        assert stepped.stats()["blocks_to_host"] > 0
 
 
 @pytest.mark.parametrize("policy", ["lru", Window(recent_blocks=1, sink_blocks=0)], ids=["lru", "window"])
