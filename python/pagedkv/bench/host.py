@@ -5,6 +5,9 @@ block allocation when a sequence crosses a block boundary, the row writes) and t
 preparation that attend() does once per step. Attention itself is left out (that is the kernel
 benchmark); on the CPU the row writes are memcpy into the host pool.
 
+Then `begin_step`, a whole decode step's host work for every layer at once (reservations, block
+table, residency and pins), with and without a host tier.
+
 Then the host side of attention passing through: one sequence of `staged_blocks` one-token
 blocks through a device tier a quarter that size, so attention itself is tiny and the time is
 the engine's: layer 0 of each step builds the staged plan, the other layers reuse it.
@@ -74,6 +77,28 @@ def staged(blocks: int = 4096, layers: int = 32, steps: int = 8, device: str = "
             "slices_staged": kv.stats()["slices_staged"]}
 
 
+def planned(seqs: int = 8, context: int = 8192, layers: int = 32, steps: int = 32, device: str = "cpu") -> dict:
+    """Host seconds of begin_step per step (the rows it reserves are never written: only the
+    bookkeeping is timed). Small heads: the host work does not depend on them."""
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    out = {"seqs": seqs, "context": context, "layers": layers}
+    for name, host in (("resident", 0), ("host tier", 64)):
+        kv = PagedKV(num_layers=layers, num_kv_heads=1, head_dim=16, block_size=16, dtype=dtype, device=device,
+                     device_blocks=seqs * ((context + steps) // 16 + 2), host_blocks=host, watermarks=(0, 0))
+        ids = [kv.add_sequence() for _ in range(seqs)]
+        rows = torch.zeros(seqs * context, 1, 16, device=device, dtype=dtype)
+        for layer in range(layers):
+            kv.append(ids, layer, rows, rows)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            kv.begin_step(ids)
+            times.append(time.perf_counter() - t0)
+        kv.end_step()
+        out[name] = summary(times)
+    return out
+
+
 def main(args) -> None:
     res = run(seqs=args.seqs, layers=args.layers, steps=args.steps, device=args.device)
     a, p = res["append_per_step_s"], res["prepare_per_step_s"]
@@ -88,6 +113,11 @@ def main(args) -> None:
     print(f"  append moves {res['kv_bytes_written_per_step']/2**20:.1f} MiB of K/V per step "
           f"({gbs:.1f} GB/s including bookkeeping); {res['steps_with_new_blocks']} of {c['steps']} "
           f"steps allocated new blocks")
+    pl = planned(device=args.device)
+    res["planned"] = pl
+    print(f"  begin_step, {pl['seqs']} sequences x {pl['context']} tokens x {pl['layers']} layers: "
+          f"{pl['resident']['median'] * 1e6:.0f} us resident, {pl['host tier']['median'] * 1e6:.0f} us with a "
+          f"host tier (pins and policy touches; medians, host time per step)")
     st = staged(device=args.device)
     res["staged"] = st
     print(f"  staged attend, {st['blocks']} one-token blocks through a {st['device_blocks']}-block device tier: "
