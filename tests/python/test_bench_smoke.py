@@ -59,3 +59,4 @@ def test_longctx_on_cpu_keeps_windowed_memory_flat(tmp_path, positions):
 def test_host_bench_on_cpu(tmp_path):
     res, _ = run_bench(tmp_path, "host", "--seqs", "4", "--layers", "2", "--steps", "4")
     assert res["bench"] == "host"
+    assert res["planned"]["layers"] == 2 and res["planned"]["host tier"]["n"] == 32

@@ -113,7 +113,7 @@ def main(args) -> None:
     print(f"  append moves {res['kv_bytes_written_per_step']/2**20:.1f} MiB of K/V per step "
           f"({gbs:.1f} GB/s including bookkeeping); {res['steps_with_new_blocks']} of {c['steps']} "
           f"steps allocated new blocks")
-    pl = planned(device=args.device)
+    pl = planned(layers=args.layers, device=args.device)
     res["planned"] = pl
     print(f"  begin_step, {pl['seqs']} sequences x {pl['context']} tokens x {pl['layers']} layers: "
           f"{pl['resident']['median'] * 1e6:.0f} us resident, {pl['host tier']['median'] * 1e6:.0f} us with a "
