@@ -9,6 +9,7 @@ import time
 import torch
 
 from pagedkv import PagedKV
+from pagedkv.bench.common import DecodeSteps
 
 LAYERS, HK, HQ, D, BS = 32, 8, 32, 128, 16
 
@@ -37,17 +38,19 @@ def main():
     out = torch.empty_like(q)
     eng, st = kv._engine, torch.cuda.current_stream().cuda_stream
 
-    def plain():
+    def calls(batch):
         for layer in range(LAYERS):
-            kv.append(seqs, layer, k, k)
-            kv.attend(seqs, layer, q)
+            kv.append(batch, layer, k, k)
+            kv.attend(batch, layer, q)
+
+    eager_steps = DecodeSteps(kv, calls, HQ, graph=False)
+
+    def plain():
+        calls(seqs)
 
     def planned():
-        kv.begin_step(seqs, num_q_heads=HQ)
-        for layer in range(LAYERS):
-            kv.append(seqs, layer, k, k)
-            kv.attend(seqs, layer, q)
-        kv.end_step()
+        eager_steps.step(seqs)
+        eager_steps.end()
 
     def planned_raw():  # the same without the Python layer's checks
         kv.begin_step(seqs, num_q_heads=HQ)

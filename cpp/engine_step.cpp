@@ -192,27 +192,14 @@ void Engine::upload_step(int32_t num_q_heads, void* stream) {
   decode_.device_meta = cuda_->step_meta.send(*cuda_, decode_.meta, st);
   decode_.device_table = cuda_->step_table.send(*cuda_, decode_.block_table, st);
   if (num_q_heads <= 0) return;
-  PagedAttentionParams p;
-  p.num_q_heads = num_q_heads;
-  p.num_kv_heads = cfg_.num_kv_heads;
-  p.head_dim = cfg_.head_dim;
-  p.block_size = cfg_.block_size;
-  p.num_layers = cfg_.num_layers;
-  p.dtype = cfg_.dtype;
-  p.num_seqs = int32_t(decode_.seqs.size());
-  p.num_rows = decode_.rows();
-  p.max_q_len = decode_.tokens;
-  p.max_blocks = decode_.stride;
-  p.window = cfg_.window;
-  p.sink_tokens = cfg_.window > 0 ? cfg_.sink_tokens : 0;
+  AttendArgs args;
+  args.num_q_heads = num_q_heads;
+  PagedAttentionParams p = step_params(args, 0);
   size_t bytes = cuda::paged_attention_workspace_bytes(p, cuda_->num_sms());
   const double any_table[2] = {0, 0};  // rotating instances may split differently
   p.sink_rope = any_table;
   bytes = std::max(bytes, cuda::paged_attention_workspace_bytes(p, cuda_->num_sms()));
-  if (bytes > cuda_->step_workspace.bytes()) {
-    decode_.workspace = cuda_->step_workspace.reserve(bytes);
-    decode_.workspace_bytes = cuda_->step_workspace.bytes();
-  }
+  if (bytes > cuda_->step_workspace.bytes()) decode_.workspace = cuda_->step_workspace.reserve(bytes);
 #else
   (void)num_q_heads;
   (void)stream;
@@ -226,8 +213,19 @@ void Engine::step_append(int32_t layer, const std::vector<int32_t>& lengths, con
   PKV_CHECK(!decode_.appended[size_t(layer)], ArgumentError, "append(): layer ", layer,
             " was already appended in this decode step (begin_step reserves one set of rows per layer)");
   decode_.appended[size_t(layer)] = 1;
-  write_rows(decode_.slot_mapping(), decode_.rows(), layer, k, v, stream, decode_.device_meta ?
-             decode_.device_meta + 2 * decode_.seqs.size() + 1 : nullptr);
+  write_rows(decode_.slot_mapping(), decode_.rows(), layer, k, v, stream,
+             decode_.device_meta ? decode_.device_meta + decode_.slots_at() : nullptr);
+}
+
+PagedAttentionParams Engine::step_params(const AttendArgs& args, int32_t layer) const {
+  PagedAttentionParams p = base_params(args, layer);
+  p.num_seqs = int32_t(decode_.seqs.size());
+  p.num_rows = decode_.rows();
+  p.max_q_len = decode_.tokens;
+  p.max_blocks = decode_.stride;
+  p.window = cfg_.window;
+  p.sink_tokens = cfg_.window > 0 ? (args.sink_tokens < 0 ? cfg_.sink_tokens : args.sink_tokens) : 0;
+  return p;
 }
 
 void Engine::step_attend(int32_t layer, const std::vector<int32_t>& lengths, const AttendArgs& args) {
@@ -236,13 +234,7 @@ void Engine::step_attend(int32_t layer, const std::vector<int32_t>& lengths, con
   PKV_CHECK(args.window < 0 || args.window == cfg_.window, ArgumentError,
             "attend(): the open decode step was planned for the cache's window (", cfg_.window,
             "), got window=", args.window);
-  PagedAttentionParams p = base_params(args, layer);
-  p.num_seqs = int32_t(decode_.seqs.size());
-  p.num_rows = decode_.rows();
-  p.max_q_len = decode_.tokens;
-  p.max_blocks = decode_.stride;
-  p.window = cfg_.window;
-  p.sink_tokens = cfg_.window > 0 ? (args.sink_tokens < 0 ? cfg_.sink_tokens : args.sink_tokens) : 0;
+  PagedAttentionParams p = step_params(args, layer);
   set_sink_rope(p, args);
   if (!cfg_.on_cuda) {
     p.block_table = decode_.block_table.data();
@@ -255,18 +247,18 @@ void Engine::step_attend(int32_t layer, const std::vector<int32_t>& lengths, con
   auto st = static_cast<cudaStream_t>(args.stream);
   p.block_table = decode_.device_table;
   p.kv_lens = decode_.device_meta;
-  p.q_indptr = decode_.device_meta + decode_.seqs.size();
+  p.q_indptr = decode_.device_meta + decode_.q_indptr_at();
   const size_t want = cuda::paged_attention_workspace_bytes(p, cuda_->num_sms());
-  if (want > decode_.workspace_bytes) {
+  if (want > cuda_->step_workspace.bytes()) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     PKV_CUDA(cudaStreamIsCapturing(st, &capture));
     PKV_CHECK(capture == cudaStreamCaptureStatusNone, ArgumentError,
               "attend(): the decode step's split-K scratch cannot grow inside a CUDA graph capture; "
               "pass num_q_heads to begin_step()");
     decode_.workspace = cuda_->step_workspace.reserve(want);
-    decode_.workspace_bytes = cuda_->step_workspace.bytes();
   }
-  PKV_CUDA(cuda::paged_attention(p, decode_.workspace, decode_.workspace_bytes, cuda_->num_sms(), st));
+  PKV_CUDA(cuda::paged_attention(p, cuda_->step_workspace.data(), cuda_->step_workspace.bytes(), cuda_->num_sms(),
+                                 st));
 #endif
 }
 

@@ -183,6 +183,9 @@ class Engine {
   bool pinned(BlockId id) const { return decode_.open && decode_.pinned.count(id) != 0; }
   void step_append(int32_t layer, const std::vector<int32_t>& lengths, const void* k, const void* v, void* stream);
   void step_attend(int32_t layer, const std::vector<int32_t>& lengths, const AttendArgs& args);
+  // The open step's attention params (batch, rows, table stride, the cache's window); the
+  // caller points them at the metadata.
+  PagedAttentionParams step_params(const AttendArgs& args, int32_t layer) const;
   // begin_step's checks: the blocks the step reads or writes now, and how many new ones it takes.
   int64_t step_blocks(const std::vector<SeqId>& seqs, int32_t tokens, std::vector<BlockId>& scope) const;
   void upload_step(int32_t num_q_heads, void* stream);

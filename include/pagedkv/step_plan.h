@@ -64,14 +64,16 @@ struct DecodeStep {
   std::vector<int32_t> block_table;   // [S, stride] device slots, -1 outside the scope
   std::vector<uint8_t> appended;      // [num_layers] append() of that layer ran in this step
   std::unordered_set<BlockId> pinned; // every block the step reads or writes: never evicted
-  const int32_t* device_meta = nullptr;
-  const int32_t* device_table = nullptr;
-  void* workspace = nullptr;          // split-K scratch of the step's attention calls
-  size_t workspace_bytes = 0;
+  const int32_t* device_meta = nullptr;   // meta's device copy
+  const int32_t* device_table = nullptr;  // block_table's device copy
+  const void* workspace = nullptr;        // the split-K scratch the step's attention calls used
 
+  // Offsets into meta (host) and device_meta alike.
+  size_t q_indptr_at() const { return seqs.size(); }
+  size_t slots_at() const { return 2 * seqs.size() + 1; }
   const int32_t* kv_lens() const { return meta.data(); }
-  const int32_t* q_indptr() const { return meta.data() + seqs.size(); }
-  const int32_t* slot_mapping() const { return meta.data() + 2 * seqs.size() + 1; }
+  const int32_t* q_indptr() const { return meta.data() + q_indptr_at(); }
+  const int32_t* slot_mapping() const { return meta.data() + slots_at(); }
   int32_t rows() const { return int32_t(seqs.size()) * tokens; }
 };
 

@@ -174,7 +174,7 @@ def pass_through(device_blocks: int, steps: int = 3) -> dict:
 def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
     """Decode steps of a resident batch; then the same while other sessions swap in and out."""
     swap_blocks = 256
-    need = batch * (ctx // BS + 30 * steps // BS + 2)  # every decode step below appends a row
+    need = batch * (ctx // BS + 40 * steps // BS + 2)  # every decode step below appends a row
     kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
                  device="cuda", device_blocks=need + 2 * swap_blocks + 16, host_blocks=2 * swap_blocks + 16,
                  watermarks=(0, 0))
@@ -191,10 +191,10 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
     q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(batch, HK, D, device="cuda", dtype=torch.bfloat16)
 
-    def step():
+    def step_calls(batch):  # one decode step: every layer's append and attend
         for layer in range(LAYERS):
-            kv.append(seqs, layer, k, k)
-            kv.attend(seqs, layer, q)
+            kv.append(batch, layer, k, k)
+            kv.attend(batch, layer, q)
 
     def compute_time(fn, before=None) -> float:
         """Seconds the compute stream spends on fn's work; `before` (untimed) runs after the
@@ -209,17 +209,23 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
         end.synchronize()
         return start.elapsed_time(end) * 1e-3
 
+    def timed(fn) -> tuple[float, float]:
+        """fn runs 3 steps: (compute seconds per step, host seconds to queue one; near the
+        former = host-bound), after a warm-up run (and any capture)."""
+        fn()
+        alone = min(compute_time(fn) for _ in range(steps)) / 3
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        issued = (time.perf_counter() - t0) / 3
+        torch.cuda.synchronize()
+        return alone, issued
+
     def steps3():  # a pipelined loop: the host prepares the next layer while the GPU runs
         for _ in range(3):
-            step()
+            step_calls(seqs)
 
-    step()
-    plain = min(compute_time(steps3) for _ in range(steps)) / 3
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    steps3()
-    issue = (time.perf_counter() - t0) / 3  # host time to queue a step: near step_s = host-bound
-    torch.cuda.synchronize()
+    plain, issue = timed(steps3)
     where = 0  # which of `other` is on the device
 
     def with_swaps(down: bool, up: bool, work=steps3) -> float:
@@ -252,11 +258,6 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
     # replayed from a CUDA graph captured once, as a serving loop runs decode (DESIGN.md §5).
     planned = {}
 
-    def step_calls(batch):
-        for layer in range(LAYERS):
-            kv.append(batch, layer, k, k)
-            kv.attend(batch, layer, q)
-
     def three(steps_of):
         def run():
             for _ in range(3):
@@ -266,13 +267,7 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
 
     for name, fn in (("begin_step, eager", three(DecodeSteps(kv, step_calls, HQ, graph=False))),
                      ("begin_step, CUDA graph", three(DecodeSteps(kv, step_calls, HQ)))):
-        fn()  # warm-up (and the capture)
-        alone = min(compute_time(fn) for _ in range(steps)) / 3
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        issued = (time.perf_counter() - t0) / 3
-        torch.cuda.synchronize()
+        alone, issued = timed(fn)
         planned[name] = {"alone_s": alone, "ratio": with_swaps(True, True, fn) / alone, "host_issue_s": issued}
 
     # Every layer's attention alone, launched one call at a time or replayed from one CUDA graph:
