@@ -6,25 +6,15 @@
 
 #include "paged_attention_kernel.cuh"
 #include "paged_attention_merge.cuh"
+#include "prefill_sm90.h"
 #include "pagedkv/kernels.h"
 
 namespace pagedkv::cuda {
 namespace detail {
 
-// Test hooks (tests/cuda/paged_attention_check.cu): g_force_splits > 0 forces that many splits;
-// g_force_variant 1 forces the 3-stage configuration wherever it exists (head_dim <= 128), -1 the
-// base one; g_aim_ctas is the resident CTAs per SM that split-K aims at below a full wave.
-int g_force_splits = 0;
-int g_force_variant = 0;
-int g_aim_ctas = 2;
-
 constexpr int kStages = 2;
 constexpr int kMaxSplits = 256;
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
 
 // Calls f(Tag<T>, integral_constant<HD>, bool_constant<rotates_sinks(p)>) for the runtime
 // dtype, head_dim and sink rotation.
@@ -44,8 +34,8 @@ cudaError_t dispatch(const PagedAttentionParams& p, F&& f) {
       default: return cudaErrorNotSupported;
     }
   };
-  if (p.dtype == DType::f16) return by_hd(Tag<__half>{});
-  if (p.dtype == DType::bf16) return by_hd(Tag<__nv_bfloat16>{});
+  if (p.dtype == DType::f16) return by_hd(TypeTag<__half>{});
+  if (p.dtype == DType::bf16) return by_hd(TypeTag<__nv_bfloat16>{});
   return cudaErrorNotSupported;  // f32 runs on the CPU reference only
 }
 
@@ -103,8 +93,8 @@ struct Instance {
 
 // Splits per (seq, kv head, m-tile): the count that best fills whole waves of resident CTAs,
 // from what the host knows (max_blocks bounds the context; kv_lens stay on the device).
-inline int choose_splits(const PagedAttentionParams& p, int num_sms, const Plan& plan) {
-  if (g_force_splits > 0) return g_force_splits;
+inline int choose_splits(const PagedAttentionParams& p, int num_sms, const Plan& plan, const AttentionTuning& tu) {
+  if (tu.force_splits > 0) return tu.force_splits;
   const int64_t units = int64_t(p.num_seqs) * p.num_kv_heads * plan.n_mtiles;
   int64_t max_keys = int64_t(p.max_blocks) * p.block_size;
   if (p.window > 0)
@@ -116,7 +106,7 @@ inline int choose_splits(const PagedAttentionParams& p, int num_sms, const Plan&
   // Enough units for a wave: split only to even out the last wave. Fewer: split-K aiming at two
   // resident CTAs per SM, which measured faster than three (cuda/NOTES.md, batch 1 x 32K).
   const int64_t slots =
-      units >= full_slots ? full_slots : int64_t(std::max(num_sms, 1)) * std::min(plan.ctas_per_sm, g_aim_ctas);
+      units >= full_slots ? full_slots : int64_t(std::max(num_sms, 1)) * std::min(plan.ctas_per_sm, std::max(tu.aim_ctas, 1));
   // Time ~ waves x (chunk rounds per CTA + ~2 rounds of per-CTA overhead: first-load latency,
   // Q tile, epilogue, its share of the merge); a round is one chunk for each warp.
   const int64_t rounds = (max_chunks + plan.nwarps - 1) / plan.nwarps;
@@ -147,7 +137,7 @@ cudaError_t with_config(Config c, F&& f) {
 }
 
 template <typename T, int HD, bool ROPE>
-cudaError_t make_plan(const PagedAttentionParams& p, int num_sms, Plan* plan) {
+cudaError_t make_plan(const PagedAttentionParams& p, int num_sms, const AttentionTuning& tu, Plan* plan) {
   int dev = 0, optin = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
@@ -175,7 +165,7 @@ cudaError_t make_plan(const PagedAttentionParams& p, int num_sms, Plan* plan) {
     }
     const int64_t units = int64_t(p.num_seqs) * p.num_kv_heads * plan->n_mtiles;
     const bool wave = HD == 128 && units >= int64_t(std::max(num_sms, 1)) * base_ctas;
-    if (deep_ctas >= 2 && (g_force_variant == 1 || (g_force_variant == 0 && wave))) plan->config = Config::kDeep;
+    if (deep_ctas >= 2 && (tu.variant == 1 || (tu.variant == 0 && wave))) plan->config = Config::kDeep;
   }
   err = with_config<T, HD, ROPE>(plan->config, [&](auto inst) {
     using I = decltype(inst);
@@ -183,7 +173,7 @@ cudaError_t make_plan(const PagedAttentionParams& p, int num_sms, Plan* plan) {
     return I::prepare(&plan->ctas_per_sm);
   });
   if (err != cudaSuccess) return err;
-  plan->splits = choose_splits(p, num_sms, *plan);
+  plan->splits = choose_splits(p, num_sms, *plan, tu);
   return cudaSuccess;
 }
 
@@ -192,15 +182,23 @@ inline bool params_ok(const PagedAttentionParams& p) {
          p.block_size > 0 && p.num_seqs >= 0 && p.max_q_len >= 0;
 }
 
+// Whether this call goes to the tensor-core prefill kernel.
+inline bool use_tensor_cores(const PagedAttentionParams& p, const AttentionTuning& tu) {
+  if (tu.path == AttentionTuning::kSplitK) return false;
+  const int64_t rows = int64_t(p.max_q_len) * (p.num_q_heads / p.num_kv_heads);
+  if (tu.path == AttentionTuning::kAuto && rows < kTensorCoreMinRows) return false;
+  return prefill_sm90_supports(p);
+}
+
 }  // namespace detail
 
-size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sms) {
-  if (!detail::params_ok(p) || p.num_rows == 0) return 0;
+size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sms, const AttentionTuning& tu) {
+  if (!detail::params_ok(p) || p.num_rows == 0 || detail::use_tensor_cores(p, tu)) return 0;
   size_t bytes = 0;
   detail::dispatch(p, [&](auto tag, auto hd, auto rope) {
     using T = typename decltype(tag)::type;
     detail::Plan plan;
-    const cudaError_t err = detail::make_plan<T, decltype(hd)::value, decltype(rope)::value>(p, num_sms, &plan);
+    const cudaError_t err = detail::make_plan<T, decltype(hd)::value, decltype(rope)::value>(p, num_sms, tu, &plan);
     if (err == cudaSuccess) bytes = detail::split_bytes(p, plan.splits);
     return err;
   });
@@ -208,15 +206,16 @@ size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sm
 }
 
 cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size_t workspace_bytes,
-                            int num_sms, cudaStream_t stream) {
+                            int num_sms, cudaStream_t stream, const AttentionTuning& tu) {
   if (!detail::params_ok(p)) return cudaErrorInvalidValue;
   if (p.num_rows == 0 || p.num_seqs == 0) return cudaSuccess;
+  if (detail::use_tensor_cores(p, tu)) return detail::prefill_sm90(p, stream);
   return detail::dispatch(p, [&](auto tag, auto hd, auto rope) -> cudaError_t {
     using T = typename decltype(tag)::type;
     constexpr int HD = decltype(hd)::value;
     constexpr bool ROPE = decltype(rope)::value;
     detail::Plan plan;
-    cudaError_t err = detail::make_plan<T, HD, ROPE>(p, num_sms, &plan);
+    cudaError_t err = detail::make_plan<T, HD, ROPE>(p, num_sms, tu, &plan);
     if (err != cudaSuccess) return err;
     int splits = plan.splits;
     if (detail::split_bytes(p, splits) > workspace_bytes || workspace == nullptr) {

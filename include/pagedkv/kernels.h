@@ -27,13 +27,32 @@ struct KVWriteParams {
 };
 cudaError_t kv_write(const KVWriteParams& p, cudaStream_t stream);
 
+// Choices paged_attention makes by itself; tests and benches pin them (the defaults are what
+// every engine call uses).
+struct AttentionTuning {
+  enum Path : int32_t {
+    kAuto = 0,        // tensor-core prefill when supported and rows per sequence reach the threshold
+    kSplitK = 1,      // the split-K mma.sync kernel (decode and short multi-token steps)
+    kTensorCore = 2,  // the sm_90a tensor-core prefill kernel wherever it supports the call
+  };
+  int32_t path = kAuto;
+  int32_t force_splits = 0;  // split-K kernel: > 0 forces that many splits
+  int32_t variant = 0;       // split-K kernel: 1 forces the 3-stage configuration (head_dim <= 128), -1 the base one
+  int32_t aim_ctas = 2;      // split-K kernel: resident CTAs per SM that split-K aims at below a full wave
+};
+
+// Packed query rows per sequence (max_q_len x GQA group) from which kAuto takes the tensor-core
+// prefill kernel on Hopper (bench prefill chose it).
+constexpr int32_t kTensorCoreMinRows = 64;
+
 // Scratch bytes paged_attention needs for these params (split-K partials); `num_sms` of the device.
-size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sms);
+size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sms,
+                                       const AttentionTuning& tuning = {});
 
 // Attention over the block table: decode (one row per sequence) and multi-token causal queries.
 // `workspace` holds at least paged_attention_workspace_bytes(p, num_sms) bytes of device memory.
 cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size_t workspace_bytes,
-                            int num_sms, cudaStream_t stream);
+                            int num_sms, cudaStream_t stream, const AttentionTuning& tuning = {});
 
 // Copies `bytes` from mapped pinned host memory (`src`, its device address) to device memory with
 // a kernel, so the copy never queues behind bulk transfers on the copy engines.

@@ -6,12 +6,13 @@
 #include <cstdio>
 #include <cstdlib>
 
-namespace pagedkv::cuda::detail {
-extern int g_force_splits;
-extern int g_force_variant;  // PKV_VARIANT: 1 3-stage kernel, -1 base only
-extern int g_aim_ctas;       // PKV_AIM: split-K target resident CTAs per SM
-}
+#include "pagedkv/kernels.h"
+
 using namespace pagedkv;
+
+// The harness's choices (PKV_VARIANT: 1 3-stage kernel, -1 base only; PKV_AIM: split-K target
+// resident CTAs per SM), passed to every call.
+extern cuda::AttentionTuning g_tuning;
 
 #define CK(x)                                                                              \
   do {                                                                                     \
@@ -24,3 +25,4 @@ using namespace pagedkv;
 
 extern int g_num_sms;                   // of device 0, set by main
 void bench(const char* out_path);      // --bench [file]
+void bench_prefill(const char* out_path);  // --prefill-bench [file]

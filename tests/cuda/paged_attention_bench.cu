@@ -57,17 +57,18 @@ void bench(const char* out_path) {
     p.num_seqs = B, p.num_rows = B, p.max_q_len = 1, p.max_blocks = nb, p.num_q_heads = Hq;
     p.num_kv_heads = H, p.head_dim = hd, p.block_size = bs, p.num_layers = 1, p.layer = 0;
     p.scale = 0.08838834764f, p.dtype = DType::bf16;
-    if (const char* sp = std::getenv("PKV_SPLITS")) cuda::detail::g_force_splits = std::atoi(sp);
-    const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms);
+    cuda::AttentionTuning tu = g_tuning;
+    if (const char* sp = std::getenv("PKV_SPLITS")) tu.force_splits = std::atoi(sp);
+    const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms, tu);
     if (ws) CK(cudaMalloc(&d_ws, ws));
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    for (int i = 0; i < 3; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st));
+    for (int i = 0; i < 3; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st, tu));
     const int kPerGraph = 20;
     cudaGraph_t g;
     cudaGraphExec_t ge;
     CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    for (int i = 0; i < kPerGraph; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st));
+    for (int i = 0; i < kPerGraph; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st, tu));
     CK(cudaStreamEndCapture(st, &g));
     CK(cudaGraphInstantiate(&ge, g, 0));
     CK(cudaGraphLaunch(ge, st));
@@ -96,3 +97,81 @@ void bench(const char* out_path) {
   if (f) std::fclose(f);
 }
 
+
+// Multi-token timings (--prefill-bench): bf16, 32 query / 8 KV heads, head_dim 128, page 16, pages in
+// random order; the n new rows are the last n tokens of each sequence of L. Both kernels per
+// shape; TFLOP/s counts 4 x heads x head_dim x the keys each query row sees.
+void bench_prefill(const char* out_path) {
+  const int shapes[][3] = {{1, 8192, 2048}, {1, 32768, 4096}, {1, 131072, 4096}, {4, 16384, 1024},
+                           {8, 4096, 4096}, {32, 8192, 8},    {64, 4096, 4},    {1, 131072, 16384}};
+  FILE* f = out_path ? std::fopen(out_path, "w") : nullptr;
+  std::mt19937_64 rng(7);
+  for (const auto& sh : shapes) {
+    const int B = sh[0], ctx = sh[1], n = sh[2], Hq = 32, H = 8, hd = 128, bs = 16, nb = ctx / bs;
+    const size_t pool_elems = size_t(B) * nb * 2 * H * bs * hd;
+    std::vector<int> bt(size_t(B) * nb), kv(B, ctx), qi(B + 1);
+    for (size_t s = 0; s < bt.size(); ++s) bt[s] = int(s);
+    std::shuffle(bt.begin(), bt.end(), rng);
+    for (int i = 0; i <= B; ++i) qi[i] = i * n;
+    const size_t q_elems = size_t(B) * n * Hq * hd;
+    uint16_t *d_pool, *d_q, *d_out;
+    int *d_bt, *d_kv, *d_qi;
+    CK(cudaMalloc(&d_pool, pool_elems * 2));
+    CK(cudaMalloc(&d_q, q_elems * 2));
+    CK(cudaMalloc(&d_out, q_elems * 2));
+    CK(cudaMalloc(&d_bt, bt.size() * 4));
+    CK(cudaMalloc(&d_kv, B * 4));
+    CK(cudaMalloc(&d_qi, (B + 1) * 4));
+    fill_random<<<4096, 256>>>(d_pool, pool_elems, 1);
+    fill_random<<<1024, 256>>>(d_q, q_elems, 2);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(d_bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_kv, kv.data(), B * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_qi, qi.data(), (B + 1) * 4, cudaMemcpyHostToDevice));
+    PagedAttentionParams p;
+    p.q = d_q, p.out = d_out, p.pool = d_pool, p.block_table = d_bt, p.kv_lens = d_kv, p.q_indptr = d_qi;
+    p.num_seqs = B, p.num_rows = B * n, p.max_q_len = n, p.max_blocks = nb, p.num_q_heads = Hq;
+    p.num_kv_heads = H, p.head_dim = hd, p.block_size = bs, p.num_layers = 1, p.layer = 0;
+    p.scale = 0.08838834764f, p.dtype = DType::bf16;
+    // keys seen per row: ctx - n + 1 + i for row i
+    const double keys = double(B) * (double(n) * (ctx - n) + double(n) * (n + 1) / 2);
+    const double flops = 4.0 * Hq * hd * keys;
+    double us_by[3] = {0, 0, 0};
+    for (int path : {cuda::AttentionTuning::kSplitK, cuda::AttentionTuning::kTensorCore}) {
+      cuda::AttentionTuning tu = g_tuning;
+      tu.path = path;
+      void* d_ws = nullptr;
+      const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms, tu);
+      if (ws) CK(cudaMalloc(&d_ws, ws));
+      cudaStream_t st;
+      CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+      CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st, tu));
+      CK(cudaStreamSynchronize(st));
+      cudaEvent_t e0, e1;
+      CK(cudaEventCreate(&e0));
+      CK(cudaEventCreate(&e1));
+      std::vector<float> t;
+      for (int rep = 0; rep < 7; ++rep) {
+        CK(cudaEventRecord(e0, st));
+        for (int i = 0; i < 3; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st, tu));
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        t.push_back(ms * 1000.f / 3);
+      }
+      std::sort(t.begin(), t.end());
+      us_by[path] = t[t.size() / 2];
+      CK(cudaEventDestroy(e0));
+      CK(cudaEventDestroy(e1));
+      CK(cudaStreamDestroy(st));
+      if (d_ws) CK(cudaFree(d_ws));
+    }
+    const double tc = us_by[cuda::AttentionTuning::kTensorCore], sk = us_by[cuda::AttentionTuning::kSplitK];
+    std::printf("PREFILL %2d x %6d n %5d  split-K %9.1f us %6.1f TF/s | tensor-core %9.1f us %6.1f TF/s | %.2fx\n",
+                B, ctx, n, sk, flops / sk * 1e-6, tc, flops / tc * 1e-6, sk / tc);
+    if (f) std::fprintf(f, "%d %d %d %.2f %.2f\n", B, ctx, n, sk, tc);
+    for (void* ptr : {(void*)d_pool, (void*)d_q, (void*)d_out, (void*)d_bt, (void*)d_kv, (void*)d_qi}) CK(cudaFree(ptr));
+  }
+  if (f) std::fclose(f);
+}

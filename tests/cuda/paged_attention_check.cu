@@ -67,20 +67,22 @@ struct Case {
   int hd = 128, group = 4, kvh = 2, bs = 16;
   std::vector<int> q_lens{1}, kv_lens{1000};
   int window = 0, sinks = 0, force_splits = 0;
+  int path = cuda::AttentionTuning::kAuto;  // kTensorCore: the sm_90a prefill kernel where it runs
   int rope_style = 0, rope_dim = 0;  // sink rotation: kRopeNeox | kRopeGptj (0: none), rotary dims
   bool lse = true;
   float q_scale = 1.f;
   std::string str() const {
     char b[256];
-    int n = std::snprintf(b, sizeof b, "%s hd=%d g=%d kvh=%d bs=%d win=%d sink=%d rope=%d/%d split=%d lse=%d q/kv:",
+    int n = std::snprintf(b, sizeof b, "%s hd=%d g=%d kvh=%d bs=%d win=%d sink=%d rope=%d/%d split=%d path=%d lse=%d q/kv:",
                           dtype_name(dtype), hd, group, kvh, bs, window, sinks, rope_style, rope_dim,
-                          force_splits, int(lse));
+                          force_splits, path, int(lse));
     for (size_t i = 0; i < q_lens.size(); ++i) n += std::snprintf(b + n, sizeof b - n, " %d/%d", q_lens[i], kv_lens[i]);
     return b;
   }
 };
 
 int g_num_sms = 0;
+cuda::AttentionTuning g_tuning;
 
 // The sink rotation table of attention_params.h (theta 10000, then a linear scaling of 1/2 so the
 // table is not the textbook one), and the query of a row at `pos` as the sinks must see it: turned
@@ -221,15 +223,15 @@ static double run_case(Case c, std::mt19937_64& rng) {
   CK(cudaMemset(d_lse, 0xFF, ref_lse.size() * 4));
   p.q = d_q, p.out = d_out, p.pool = d_pool, p.block_table = d_bt, p.kv_lens = d_kv, p.q_indptr = d_qi;
   p.lse = c.lse ? d_lse : nullptr;
-  cuda::detail::g_force_splits = c.force_splits;
-  const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms);
+  cuda::AttentionTuning tu = g_tuning;
+  tu.force_splits = c.force_splits, tu.path = c.path;
+  const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms, tu);
   if (ws) {
     CK(cudaMalloc(&d_ws, ws));
     CK(cudaMemset(d_ws, 0xFF, ws));
   }
-  CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, 0));
+  CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, 0, tu));
   CK(cudaDeviceSynchronize());
-  cuda::detail::g_force_splits = 0;
   std::vector<uint16_t> out(q.size());
   std::vector<float> lse(ref_lse.size());
   CK(cudaMemcpy(out.data(), d_out, out.size() * 2, cudaMemcpyDeviceToHost));
@@ -293,6 +295,42 @@ static bool check_kv_write(std::mt19937_64& rng, DType dt, int hd, int bs) {
   return pool == expect;
 }
 
+// Multi-token rows through the tensor-core kernel (forced; it runs where the GPU is sm_90 and
+// otherwise the call falls back to split-K, which the same oracle checks): head dims 64/128/256,
+// fp16/bf16, block sizes 16/32/64 and odd ones, GQA groups, partial tiles and blocks, windows and
+// sinks, mixed lengths (and a decode row) in one batch.
+static void add_prefill_cases(std::vector<Case>& cs, bool quick, std::mt19937_64& rng) {
+  const int tc = cuda::AttentionTuning::kTensorCore;
+  Case b;
+  b.path = tc, b.q_lens = {200}, b.kv_lens = {700}, b.kvh = 2;
+  cs.push_back(b);
+  { Case x = b; x.q_lens = {130, 1, 64}; x.kv_lens = {130, 900, 300}; x.group = 5; x.bs = 3; cs.push_back(x); }
+  { Case x = b; x.window = 100, x.sinks = 4; x.q_lens = {300, 17}; x.kv_lens = {1000, 40}; cs.push_back(x); }
+  if (quick) return;
+  for (DType dt : {DType::bf16, DType::f16})
+    for (int hd : {64, 128, 256})
+      for (int bs : {16, 32, 64}) {
+        Case x = b;
+        x.dtype = dt, x.hd = hd, x.bs = bs;
+        x.q_lens = {int(33 + rng() % 300), int(1 + rng() % 40)};
+        x.kv_lens = {int(x.q_lens[0] + rng() % 900), int(x.q_lens[1] + rng() % 300)};
+        x.group = int(1 + rng() % 8);
+        x.q_scale = rng() % 2 ? 1.f : 3.f;
+        x.lse = rng() % 3 != 0;
+        cs.push_back(x);
+      }
+  for (int g : {1, 2, 4, 7, 8, 16}) { Case x = b; x.group = g; x.q_lens = {97}; x.kv_lens = {1000}; cs.push_back(x); }
+  const int wins[][2] = {{64, 0}, {100, 4}, {7, 3}, {300, 16}, {129, 128}};
+  for (auto& w : wins)
+    for (int hd : {64, 128, 256}) {
+      Case x = b;
+      x.window = w[0], x.sinks = w[1], x.hd = hd, x.q_lens = {400, 5}, x.kv_lens = {1500, 5};
+      cs.push_back(x);
+    }
+  { Case x = b; x.q_lens = {2048}; x.kv_lens = {2048}; x.kvh = 1; x.group = 4; cs.push_back(x); }
+  { Case x = b; x.path = cuda::AttentionTuning::kAuto; x.q_lens = {16, 1, 300, 2}; x.kv_lens = {500, 300, 300, 2}; cs.push_back(x); }
+}
+
 static std::vector<Case> make_sweep(bool quick, std::mt19937_64& rng) {
   std::vector<Case> cs;
   const int hds[] = {64, 80, 96, 128, 256}, groups[] = {1, 2, 5, 7, 8, 16}, bss[] = {1, 3, 8, 16, 32};
@@ -330,6 +368,7 @@ static std::vector<Case> make_sweep(bool quick, std::mt19937_64& rng) {
     for (auto& w : wins) { Case x = b; x.window = w[0], x.sinks = w[1]; x.q_lens = {17, 1}; cs.push_back(x); }
     for (int v : {1, 3, 7, 40}) { Case x = b; x.force_splits = v; x.q_lens = {3, 1}; cs.push_back(x); }
   }
+  add_prefill_cases(cs, quick, rng);
   if (quick) return cs;
   // Random mixes of every axis, several sequences of different lengths per call.
   for (int n = 0; n < 160; ++n) {
@@ -365,11 +404,15 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   g_num_sms = prop.multiProcessorCount;
   std::printf("device: %s, %d SMs\n", prop.name, g_num_sms);
-  if (const char* v = std::getenv("PKV_VARIANT")) cuda::detail::g_force_variant = std::atoi(v);
-  if (const char* v = std::getenv("PKV_AIM")) cuda::detail::g_aim_ctas = std::atoi(v);
+  if (const char* v = std::getenv("PKV_VARIANT")) g_tuning.variant = std::atoi(v);
+  if (const char* v = std::getenv("PKV_AIM")) g_tuning.aim_ctas = std::atoi(v);
   const std::string mode = argc > 1 ? argv[1] : "";
   if (mode == "--bench") {  // --bench [out_file]
     bench(argc > 2 ? argv[2] : nullptr);  // paged_attention_bench.cu
+    return 0;
+  }
+  if (mode == "--prefill-bench") {
+    bench_prefill(argc > 2 ? argv[2] : nullptr);  // paged_attention_bench.cu
     return 0;
   }
   std::mt19937_64 rng(12345);

@@ -1,0 +1,291 @@
+// Tensor-core paged attention for multi-token queries on Hopper (sm_90a): chunked prefill,
+// continuation prompts, window/streaming prefill, speculative verify steps with many rows.
+//
+// Work split. One CTA = (sequence, KV head, m-tile of kM = 128 packed query rows). A packed row
+// m = qrow * group + g is query head kvh * group + g of the sequence's qrow-th row, so the query
+// heads of a GQA group share every K/V tile (the M dimension of the MMAs). m-tiles are launched
+// last-first: under a causal mask the last rows see the most keys, so the longest CTAs start first.
+//
+// Warp specialisation (384 threads). Warpgroup 0 is the producer: it resolves each tile's keys
+// through the block table and brings K and V rows with cp.async into a kStages-deep ring of
+// 128-byte-swizzled shared-memory tiles (the layout wgmma reads, sm90_ptx.cuh), then publishes
+// the stage on its `full` mbarrier once its copies have landed (a one-tile lag: while tile t is
+// in flight, tile t-1 is published). Warpgroups 1 and 2 are consumers, 64 packed rows each:
+// S = Q K^T by wgmma from shared memory, the online softmax in registers (base 2), then
+// O += P V by wgmma with P from registers and V as an MN-major operand, and release the stage on
+// its `empty` mbarrier. setmaxnreg moves registers from the producer to the consumers.
+//
+// Key order and masks. As in the split-K kernel (paged_attention_scope.cuh), the keys some row of
+// the m-tile sees are numbered in "virtual" order (sinks, then the window of the lowest row, up to
+// the highest row's position) and cut into tiles of kN; keys outside every row's scope are never
+// read. A tile is masked element by element only where it is not wholly visible to every row of
+// the warpgroup (the causal diagonal, window edges, the last partial tile).
+#pragma once
+#include <cfloat>
+#include <climits>
+#include <cstdint>
+
+#include "paged_attention_scope.cuh"
+#include "pagedkv/attention_params.h"
+#include "sm90_ptx.cuh"
+
+namespace pagedkv::cuda::detail {
+
+template <int HD>
+struct PrefillShape {
+  static constexpr int kM = 128;                    // packed query rows per CTA (2 x 64)
+  static constexpr int kN = HD <= 128 ? 128 : 64;   // keys per K/V tile
+  static constexpr int kStages = HD == 64 ? 4 : HD == 128 ? 3 : 2;
+  static constexpr int kChunks = HD / 8;            // 16-byte chunks per row
+  static constexpr int kThreads = 384;
+  static constexpr int kProducerRegs = 56, kConsumerRegs = 224;  // 128 x 56 + 256 x 224 <= 64K
+  static constexpr uint32_t kQBytes = kM * HD * 2;
+  static constexpr uint32_t kTileBytes = kN * HD * 2;
+  static constexpr uint32_t kBarOffset = kQBytes + 2 * kStages * kTileBytes;
+  static constexpr size_t kSmem = kBarOffset + 2 * kStages * sizeof(uint64_t) + 1024;  // + alignment
+};
+
+constexpr float kPrefillLog2e = 1.4426950408889634f;
+constexpr float kPrefillLn2 = 0.6931471805599453f;
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// What one CTA works on, derived the same way by every warpgroup.
+struct PrefillTile {
+  int seq, kvh, group, row0, m0, m_count, first_pos, n_tiles;
+  KeyScope sc;
+  // Position of tile-local packed row r (padding rows borrow the last real row's).
+  __device__ int pos(int r) const { return first_pos + (m0 + min(r, m_count - 1)) / group; }
+};
+
+template <typename T, int HD>
+__device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, const PrefillTile& w,
+                                                 unsigned char* sK0, unsigned char* sV0, uint64_t* full,
+                                                 uint64_t* empty) {
+  using S = PrefillShape<HD>;
+  constexpr int kRows = S::kN / 4;  // rows of a tile per producer warp
+  constexpr int kIters = kRows * S::kChunks / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* pool = static_cast<const T*>(p.pool);
+  const int32_t* bt_row = p.block_table + int64_t(w.seq) * p.max_blocks;
+  const int64_t v_off = int64_t(p.num_kv_heads) * p.block_size * HD;  // K tile -> V tile
+  for (int t = 0; t < w.n_tiles; ++t) {
+    const int s = t % S::kStages;
+    if (t >= S::kStages) mbar_wait(&empty[s], ((t / S::kStages) - 1) & 1);
+    // Lane l resolves row warp * kRows + l of the tile; the copies take it by shuffle.
+    int64_t off = kNoRow;
+    const int v = t * S::kN + warp * kRows + lane;
+    if (lane < kRows && v < w.sc.n_keys) {
+      const int key = w.sc.key(v), lb = key / p.block_size;
+      off = tile_offset(p, bt_row[lb], 0, w.kvh) + int64_t(key - lb * p.block_size) * HD;
+    }
+    unsigned char* dK = sK0 + s * S::kTileBytes;
+    unsigned char* dV = sV0 + s * S::kTileBytes;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int it = lane + 32 * i, rl = it / S::kChunks, cv = it % S::kChunks;
+      const int64_t o = __shfl_sync(0xffffffffu, off, rl);
+      const bool ok = o != kNoRow;
+      const uint32_t d = swz_offset(warp * kRows + rl, cv, S::kN);
+      const T* src = pool + (ok ? o + cv * 8 : 0);
+      cp_async_16(dK + d, src, ok);
+      cp_async_16(dV + d, ok ? src + v_off : src, ok);
+    }
+    cp_async_commit();
+    if (t > 0) {
+      cp_async_wait<1>();
+      fence_proxy_async();
+      mbar_arrive(&full[(t - 1) % S::kStages]);
+    }
+  }
+  cp_async_wait<0>();
+  fence_proxy_async();
+  mbar_arrive(&full[(w.n_tiles - 1) % S::kStages]);
+}
+
+// Whether every key of virtual tile [v0, v0 + kN) is visible to every row at [pmin, pmax].
+template <int KN>
+__device__ __forceinline__ bool tile_unmasked(const PagedAttentionParams& p, const KeyScope& sc, int v0,
+                                              int pmin, int pmax) {
+  if (v0 + KN > sc.n_keys) return false;
+  if (sc.key(v0 + KN - 1) > pmin) return false;
+  if (p.window <= 0 || v0 + KN <= sc.n_sink) return true;
+  return sc.key(max(v0, sc.n_sink)) > pmax - p.window;
+}
+
+template <typename T, int HD>
+__device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, const PrefillTile& w, int cw,
+                                                 unsigned char* sQ, unsigned char* sK0, unsigned char* sV0,
+                                                 uint64_t* full, uint64_t* empty) {
+  using S = PrefillShape<HD>;
+  constexpr int kN = S::kN;
+  const int ctid = threadIdx.x - 128 * (cw + 1), warp = ctid / 32, lane = ctid % 32;
+  const int g = lane / 4, q4 = lane % 4;
+  const int num_q_heads = p.num_q_heads;
+
+  // This warpgroup's 64 packed Q rows into the swizzled Q tile (zeros past the real rows).
+  const T* q = static_cast<const T*>(p.q);
+  for (int it = ctid; it < 64 * S::kChunks; it += 128) {
+    const int r = 64 * cw + it / S::kChunks, cv = it % S::kChunks, m = w.m0 + r;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (r < w.m_count) {
+      const int64_t qrow = w.row0 + m / w.group, h = int64_t(w.kvh) * w.group + m % w.group;
+      val = *reinterpret_cast<const uint4*>(q + (qrow * num_q_heads + h) * HD + cv * 8);
+    }
+    *reinterpret_cast<uint4*>(sQ + swz_offset(r, cv, S::kM)) = val;
+  }
+  fence_proxy_async();
+  named_barrier(1 + cw, 128);
+
+  const int rA = 64 * cw + 16 * warp + g, rB = rA + 8;  // this thread's two accumulator rows
+  const int posA = w.pos(rA), posB = w.pos(rB);
+  const int pmin = w.pos(64 * cw), pmax = w.pos(64 * cw + 63);
+  const float sl2 = p.scale * kPrefillLog2e;
+  const uint32_t q_addr = smem_u32(sQ) + 64 * cw * 128;
+  const uint32_t k_addr = smem_u32(sK0), v_addr = smem_u32(sV0);
+
+  float o[HD / 2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0.f, lB = 0.f;
+
+  for (int t = 0; t < w.n_tiles; ++t) {
+    const int s = t % S::kStages;
+    mbar_wait(&full[s], (t / S::kStages) & 1);
+    float sc[kN / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      const uint32_t col = (kk / 4) * 128, sub = (kk % 4) * 32;
+      const uint64_t da = smem_desc(q_addr + col * S::kM + sub, 16, 1024);
+      const uint64_t db = smem_desc(k_addr + s * S::kTileBytes + col * kN + sub, 16, 1024);
+      wgmma_ss<0>(sc, da, db, kk > 0, static_cast<T*>(nullptr));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(sc);
+
+    const int v0 = t * kN;
+    const bool masked = !tile_unmasked<kN>(p, w.sc, v0, pmin, pmax);
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& a = sc[4 * j + e];
+        float& b = sc[4 * j + 2 + e];
+        a *= sl2, b *= sl2;
+        if (masked) {
+          const int v = v0 + 8 * j + 2 * q4 + e;
+          const int key = v < w.sc.n_keys ? w.sc.key(v) : INT_MAX;
+          if (key == INT_MAX || !key_visible(key, posA, p.window, p.sink_tokens)) a = -INFINITY;
+          if (key == INT_MAX || !key_visible(key, posB, p.window, p.sink_tokens)) b = -INFINITY;
+        }
+      }
+    float xA = -INFINITY, xB = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+      xA = fmaxf(xA, fmaxf(sc[4 * j], sc[4 * j + 1]));
+      xB = fmaxf(xB, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+    }
+#pragma unroll
+    for (int d = 1; d <= 2; d <<= 1) {
+      xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, d));
+      xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, d));
+    }
+    const float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+    const float uA = nA == -INFINITY ? 0.f : nA, uB = nB == -INFINITY ? 0.f : nB;
+    const float alphaA = ex2(mA - uA), alphaB = ex2(mB - uB);
+    mA = nA, mB = nB;
+    float sumA = 0.f, sumB = 0.f;
+    uint32_t pf[kN / 16][4];
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+      const float p0 = ex2(sc[4 * j] - uA), p1 = ex2(sc[4 * j + 1] - uA);
+      const float p2 = ex2(sc[4 * j + 2] - uB), p3 = ex2(sc[4 * j + 3] - uB);
+      sumA += p0 + p1, sumB += p2 + p3;
+      pf[j / 2][(j % 2) * 2] = Pack<T>::two(p0, p1);
+      pf[j / 2][(j % 2) * 2 + 1] = Pack<T>::two(p2, p3);
+    }
+    lA = lA * alphaA + sumA, lB = lB * alphaB + sumB;
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) {
+      o[4 * j] *= alphaA, o[4 * j + 1] *= alphaA;
+      o[4 * j + 2] *= alphaB, o[4 * j + 3] *= alphaB;
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      const uint64_t db = smem_desc(v_addr + s * S::kTileBytes + kk * 16 * 128, kN * 128, 1024);
+      wgmma_rs<1>(o, pf[kk], db, 1, static_cast<T*>(nullptr));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(o);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+  }
+
+  // Epilogue: normalise, write this thread's pairs of columns and the rows' LSE.
+#pragma unroll
+  for (int d = 1; d <= 2; d <<= 1) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, d);
+    lB += __shfl_xor_sync(0xffffffffu, lB, d);
+  }
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = h ? rB : rA;
+    if (r >= w.m_count) continue;
+    const float l = h ? lB : lA, m = h ? mB : mA;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int pm = w.m0 + r;
+    const int64_t qrow = w.row0 + pm / w.group, head = int64_t(w.kvh) * w.group + pm % w.group;
+    T* dst = out + (qrow * num_q_heads + head) * HD + 2 * q4;
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j)
+      *reinterpret_cast<uint32_t*>(dst + 8 * j) = Pack<T>::two(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    if (p.lse != nullptr && q4 == 0) p.lse[qrow * num_q_heads + head] = (m + __log2f(l)) * kPrefillLn2;
+  }
+}
+
+#endif  // sm_90a
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttentionParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = PrefillShape<HD>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* sQ = smem;
+  unsigned char* sK0 = smem + S::kQBytes;
+  unsigned char* sV0 = sK0 + S::kStages * S::kTileBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kBarOffset);
+  uint64_t* empty = full + S::kStages;
+
+  PrefillTile w;
+  w.seq = blockIdx.z, w.kvh = blockIdx.y, w.group = p.num_q_heads / p.num_kv_heads;
+  w.row0 = p.q_indptr[w.seq];
+  const int q_len = p.q_indptr[w.seq + 1] - w.row0;
+  w.m0 = (gridDim.x - 1 - blockIdx.x) * S::kM;
+  w.m_count = min(S::kM, q_len * w.group - w.m0);
+  if (w.m_count <= 0) return;  // uniform over the CTA: a shorter query than the grid's longest
+  w.first_pos = p.kv_lens[w.seq] - q_len;
+  w.sc = make_scope(w.pos(0), w.pos(S::kM - 1), p.window, p.sink_tokens);
+  w.n_tiles = (w.sc.n_keys + S::kN - 1) / S::kN;
+  const int consumers = w.m_count > 64 ? 2 : 1;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S::kStages; ++s) mbar_init(&full[s], 128), mbar_init(&empty[s], 4 * consumers);
+  }
+  __syncthreads();
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    regs_dealloc<S::kProducerRegs>();
+    prefill_producer<T, HD>(p, w, sK0, sV0, full, empty);
+  } else {
+    regs_alloc<S::kConsumerRegs>();
+    if (wg - 1 < consumers) prefill_consumer<T, HD>(p, w, wg - 1, sQ, sK0, sV0, full, empty);
+  }
+#endif
+}
+
+}  // namespace pagedkv::cuda::detail
