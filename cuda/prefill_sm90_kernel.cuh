@@ -148,11 +148,11 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
 #pragma unroll
   for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
   float mA = -INFINITY, mB = -INFINITY, lA = 0.f, lB = 0.f;
+  float sc[kN / 2];       // S of the newest tile, then its P (float)
+  uint32_t pf[kN / 16][4];  // P of the previous tile as the A operand of P.V
 
-  for (int t = 0; t < w.n_tiles; ++t) {
-    const int s = t % S::kStages;
-    mbar_wait(&full[s], (t / S::kStages) & 1);
-    float sc[kN / 2];
+  // S = Q K^T of the tile in stage s, issued (not waited for).
+  auto issue_qk = [&](int s) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
@@ -162,9 +162,19 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
       wgmma_ss<0>(sc, da, db, kk > 0, static_cast<T*>(nullptr));
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(sc);
-
+  };
+  // O += P V of the tile in stage s, issued.
+  auto issue_pv = [&](int s) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      const uint64_t db = smem_desc(v_addr + s * S::kTileBytes + kk * 16 * 128, kN * 128, 1024);
+      wgmma_rs<1>(o, pf[kk], db, 1, static_cast<T*>(nullptr));
+    }
+    wgmma_commit();
+  };
+  // Online softmax of tile t in place (sc becomes P in float); returns O's rescale factors.
+  auto softmax = [&](int t, float* alphaA, float* alphaB) {
     const int v0 = t * kN;
     const bool masked = !tile_unmasked<kN>(p, w.sc, v0, pmin, pmax);
 #pragma unroll
@@ -194,36 +204,59 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     }
     const float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
     const float uA = nA == -INFINITY ? 0.f : nA, uB = nB == -INFINITY ? 0.f : nB;
-    const float alphaA = ex2(mA - uA), alphaB = ex2(mB - uB);
+    *alphaA = ex2(mA - uA), *alphaB = ex2(mB - uB);
     mA = nA, mB = nB;
     float sumA = 0.f, sumB = 0.f;
-    uint32_t pf[kN / 16][4];
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j) {
-      const float p0 = ex2(sc[4 * j] - uA), p1 = ex2(sc[4 * j + 1] - uA);
-      const float p2 = ex2(sc[4 * j + 2] - uB), p3 = ex2(sc[4 * j + 3] - uB);
-      sumA += p0 + p1, sumB += p2 + p3;
-      pf[j / 2][(j % 2) * 2] = Pack<T>::two(p0, p1);
-      pf[j / 2][(j % 2) * 2 + 1] = Pack<T>::two(p2, p3);
+      sc[4 * j] = ex2(sc[4 * j] - uA), sc[4 * j + 1] = ex2(sc[4 * j + 1] - uA);
+      sc[4 * j + 2] = ex2(sc[4 * j + 2] - uB), sc[4 * j + 3] = ex2(sc[4 * j + 3] - uB);
+      sumA += sc[4 * j] + sc[4 * j + 1], sumB += sc[4 * j + 2] + sc[4 * j + 3];
     }
-    lA = lA * alphaA + sumA, lB = lB * alphaB + sumB;
+    lA = lA * *alphaA + sumA, lB = lB * *alphaB + sumB;
+  };
+  auto to_operand = [&] {
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+      pf[j / 2][(j % 2) * 2] = Pack<T>::two(sc[4 * j], sc[4 * j + 1]);
+      pf[j / 2][(j % 2) * 2 + 1] = Pack<T>::two(sc[4 * j + 2], sc[4 * j + 3]);
+    }
+  };
+
+  // Software pipeline (FlashAttention-3's intra-warpgroup overlap): while the tensor cores run
+  // S_t = Q K_t and O += P_{t-1} V_{t-1}, nothing waits; the softmax of S_t then overlaps the
+  // P.V product, and O is rescaled once that product has landed.
+  float alphaA, alphaB;
+  mbar_wait(&full[0], 0);
+  issue_qk(0);
+  wgmma_wait<0>();
+  fence_regs(sc);
+  softmax(0, &alphaA, &alphaB);
+  to_operand();
+  for (int t = 1; t < w.n_tiles; ++t) {
+    const int s = t % S::kStages, prev = (t - 1) % S::kStages;
+    mbar_wait(&full[s], (t / S::kStages) & 1);
+    issue_qk(s);
+    issue_pv(prev);
+    wgmma_wait<1>();
+    fence_regs(sc);
+    softmax(t, &alphaA, &alphaB);
+    wgmma_wait<0>();
+    fence_regs(o);
+    fence_regs_u32(pf);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[prev]);
 #pragma unroll
     for (int j = 0; j < HD / 8; ++j) {
       o[4 * j] *= alphaA, o[4 * j + 1] *= alphaA;
       o[4 * j + 2] *= alphaB, o[4 * j + 3] *= alphaB;
     }
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk) {
-      const uint64_t db = smem_desc(v_addr + s * S::kTileBytes + kk * 16 * 128, kN * 128, 1024);
-      wgmma_rs<1>(o, pf[kk], db, 1, static_cast<T*>(nullptr));
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(o);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);
+    to_operand();
   }
+  issue_pv((w.n_tiles - 1) % S::kStages);
+  wgmma_wait<0>();
+  fence_regs(o);
+  // (The last stage needs no release: the producer has nothing more to put there.)
 
   // Epilogue: normalise, write this thread's pairs of columns and the rows' LSE.
 #pragma unroll
