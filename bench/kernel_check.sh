@@ -12,8 +12,19 @@ if ! [ -x build/pa_check ] || ldd build/pa_check 2>&1 | grep -q "not found"; the
     cuda/prefill_sm90.cu cuda/kv_write.cu cuda/host_copy.cu -o build/pa_check || exit 1
 fi
 mode=${1:-quick}
-if [ "$mode" = quick ]; then timeout 120 ./build/pa_check --quick; else timeout 300 ./build/pa_check; fi
+case "$mode" in
+  quick) timeout 120 ./build/pa_check --quick ;;
+  full) timeout ${CHECK_TIMEOUT:-300} ./build/pa_check ;;
+esac
 echo "check rc=$?"
+if [ -n "${NCU_SHAPE:-}" ]; then  # hardware counters of the tensor-core prefill kernel on one shape
+  PKV_SHAPE=$NCU_SHAPE timeout 240 ncu --clock-control none -k regex:prefill_sm90 -c 1 \
+    --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section Occupancy --section SchedulerStats --section InstructionStats \
+    ./build/pa_check --prefill-bench > ${OUT:-/tmp}/ncu.txt 2>&1; echo "ncu rc=$?"
+  cuobjdump --dump-sass build/pa_check 2>/dev/null | awk '/Function : .*prefill_sm90_kernelI13__nv_bfloat16Li128/{p=1} p&&/Function : /&&!/Li128/{p=0} p' > ${OUT:-/tmp}/sass128.txt
+  grep -c HGMMA ${OUT:-/tmp}/sass128.txt
+fi
 case "${2:-prefill}" in
   prefill) timeout 200 ./build/pa_check --prefill-bench ${OUT:+$OUT/prefill_harness.txt} ;;
   decode) timeout 200 ./build/pa_check --bench ${OUT:+$OUT/decode_harness.txt} ;;

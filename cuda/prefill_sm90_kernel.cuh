@@ -8,9 +8,9 @@
 //
 // Warp specialisation (384 threads). Warpgroup 0 is the producer: it resolves each tile's keys
 // through the block table and brings K and V rows with cp.async into a kStages-deep ring of
-// 128-byte-swizzled shared-memory tiles (the layout wgmma reads, sm90_ptx.cuh), then publishes
-// the stage on its `full` mbarrier once its copies have landed (a one-tile lag: while tile t is
-// in flight, tile t-1 is published). Warpgroups 1 and 2 are consumers, 64 packed rows each:
+// 128-byte-swizzled shared-memory tiles (the layout wgmma reads, sm90_ptx.cuh); each copy
+// thread's arrival on the stage's `full` mbarrier fires when its copies land
+// (cp.async.mbarrier.arrive), and consumers fence the generic->async proxy after waiting. Warpgroups 1 and 2 are consumers, 64 packed rows each:
 // S = Q K^T by wgmma from shared memory, the online softmax in registers (base 2), then
 // O += P V by wgmma with P from registers and V as an MN-major operand, and release the stage on
 // its `empty` mbarrier. setmaxnreg moves registers from the producer to the consumers.
@@ -91,16 +91,10 @@ __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, 
       cp_async_16(dK + d, src, ok);
       cp_async_16(dV + d, ok ? src + v_off : src, ok);
     }
-    cp_async_commit();
-    if (t > 0) {
-      cp_async_wait<1>();
-      fence_proxy_async();
-      mbar_arrive(&full[(t - 1) % S::kStages]);
-    }
+    // The stage's `full` barrier gets this thread's arrival once its copies have landed.
+    cp_async_arrive_noinc(&full[s]);
   }
   cp_async_wait<0>();
-  fence_proxy_async();
-  mbar_arrive(&full[(w.n_tiles - 1) % S::kStages]);
 }
 
 // Whether every key of virtual tile [v0, v0 + kN) is visible to every row at [pmin, pmax].
@@ -228,6 +222,7 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
   // P.V product, and O is rescaled once that product has landed.
   float alphaA, alphaB;
   mbar_wait(&full[0], 0);
+  fence_proxy_async();
   issue_qk(0);
   wgmma_wait<0>();
   fence_regs(sc);
@@ -236,6 +231,7 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
   for (int t = 1; t < w.n_tiles; ++t) {
     const int s = t % S::kStages, prev = (t - 1) % S::kStages;
     mbar_wait(&full[s], (t / S::kStages) & 1);
+    fence_proxy_async();  // the producer's cp.async writes, now seen, to wgmma's async proxy
     issue_qk(s);
     issue_pv(prev);
     wgmma_wait<1>();

@@ -28,6 +28,12 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
       : "memory");
 }
 
+// Arrives on `bar` when every cp.async this thread issued before has completed (the barrier's
+// expected count includes this thread; nothing is added to it).
+__device__ __forceinline__ void cp_async_arrive_noinc(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+
 // Ordinary (and cp.async) shared-memory writes of this thread become visible to the async proxy
 // (wgmma operand reads) of whoever synchronises with this thread afterwards.
 __device__ __forceinline__ void fence_proxy_async() {

@@ -106,7 +106,10 @@ void bench_prefill(const char* out_path) {
                            {8, 4096, 4096}, {32, 8192, 8},    {64, 4096, 4},    {1, 131072, 16384}};
   FILE* f = out_path ? std::fopen(out_path, "w") : nullptr;
   std::mt19937_64 rng(7);
-  for (const auto& sh : shapes) {
+  const char* only = std::getenv("PKV_SHAPE");  // index into shapes: just that one, tensor cores only (ncu)
+  for (int si = 0; si < int(sizeof shapes / sizeof shapes[0]); ++si) {
+    if (only && std::atoi(only) != si) continue;
+    const auto& sh = shapes[si];
     const int B = sh[0], ctx = sh[1], n = sh[2], Hq = 32, H = 8, hd = 128, bs = 16, nb = ctx / bs;
     const size_t pool_elems = size_t(B) * nb * 2 * H * bs * hd;
     std::vector<int> bt(size_t(B) * nb), kv(B, ctx), qi(B + 1);
@@ -138,6 +141,7 @@ void bench_prefill(const char* out_path) {
     const double flops = 4.0 * Hq * hd * keys;
     double us_by[3] = {0, 0, 0};
     for (int path : {cuda::AttentionTuning::kSplitK, cuda::AttentionTuning::kTensorCore}) {
+      if (only && path != cuda::AttentionTuning::kTensorCore) continue;
       cuda::AttentionTuning tu = g_tuning;
       tu.path = path;
       void* d_ws = nullptr;
