@@ -2,9 +2,9 @@
 # One call on a lent GPU machine: build, test (ctest incl. the CUDA kernel sweep, pytest on CUDA),
 # then the demo and benchmarks, with peers and ceilings in the same run. Logs and JSON go to $OUT.
 # Usage there: bash bench/device_run.sh [PARTS]   (FlashInfer wheels travel in .whl/)
-#   PARTS: comma-separated of tests, demo, kernel, ncu, offload, serve, longctx, longctx1m, hf;
+#   PARTS: comma-separated of tests, demo, kernel, prefill, ncu, offload, serve, longctx, longctx1m, hf;
 #   ncu: Nsight Compute of our decode kernel beside FlashInfer's and SDPA's (NCU_SHAPE="16 32768");
-#   env: HF_ARGS, SERVE_ARGS, LONGCTX_ARGS, PYTEST_K and *_TIMEOUT (see below);
+#   env: HF_ARGS, SERVE_ARGS, LONGCTX_ARGS, PREFILL_ARGS (e.g. --quick), PYTEST_K and *_TIMEOUT (see below);
 #   longctx1m: mode (d) to 1M tokens on a machine with 512 GiB of RAM (an x4 kind);
 #   all = tests,demo,kernel,offload,serve; more = longctx,hf (the long runs)
 set -uo pipefail
@@ -38,6 +38,7 @@ if has tests; then
 fi
 has demo && timeout 100 python3 -m pagedkv demo --prompt 8192 --steps 128 2>&1 | tail -6
 has kernel && timeout 200 python3 -m pagedkv bench kernel 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
+has prefill && timeout ${PREFILL_TIMEOUT:-400} python3 -m pagedkv bench prefill ${PREFILL_ARGS:-} 2>&1 | tee "$OUT/prefill.txt" | grep -v -E "Warning|INFO"
 if has ncu; then  # hardware counters: ours against the peers on one shape (bench/ncu_kernel.py)
   timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --profile-from-start off --set full -f -o "$OUT/ncu" \
     python3 bench/ncu_kernel.py ${NCU_SHAPE:-16 32768} > "$OUT/ncu-run.log" 2>&1; echo "ncu rc=$?"

@@ -29,6 +29,10 @@ def main(argv=None) -> int:
     kern = bsub.add_parser("kernel", help="paged decode attention vs SDPA, FlashInfer, copy ceiling")
     kern.add_argument("--quick", action="store_true", help="first two rows only")
 
+    pre = bsub.add_parser("prefill", help="paged prefill (n new rows over L keys) vs FlashInfer, SDPA")
+    pre.add_argument("--quick", action="store_true", help="first two rows only")
+    pre.add_argument("--rows", default=None, help='rows to run instead of the table, "B,L,n;B,L,n"')
+
     off = bsub.add_parser("offload", help="swap bandwidth vs pinned-copy and disk ceilings; decode under swaps")
     off.add_argument("--blocks", type=int, default=1024, help="blocks per transfer (2 MiB each)")
     off.add_argument("--batch", type=int, default=8)
