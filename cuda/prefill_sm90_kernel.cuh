@@ -208,6 +208,9 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
       sumA += sc[4 * j] + sc[4 * j + 1], sumB += sc[4 * j + 2] + sc[4 * j + 3];
     }
     lA = lA * *alphaA + sumA, lB = lB * *alphaB + sumB;
+    // Pin the exponentials here, under the P.V product in flight: left alone, the compiler sinks
+    // them below the wait for it (they are first needed after), and nothing overlaps.
+    fence_regs(sc);
   };
   auto to_operand = [&] {
 #pragma unroll
