@@ -21,6 +21,7 @@ if [ -n "${NCU_SHAPE:-}" ]; then  # hardware counters of the tensor-core prefill
   PKV_SHAPE=$NCU_SHAPE timeout 240 ncu --clock-control none -k regex:prefill_sm90 -c 1 \
     --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
     --section MemoryWorkloadAnalysis --section Occupancy --section SchedulerStats --section InstructionStats \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
     ./build/pa_check --prefill-bench > ${OUT:-/tmp}/ncu.txt 2>&1; echo "ncu rc=$?"
   cuobjdump --dump-sass build/pa_check 2>/dev/null | awk '/Function : .*prefill_sm90_kernelI13__nv_bfloat16Li128/{p=1} p&&/Function : /&&!/Li128/{p=0} p' > ${OUT:-/tmp}/sass128.txt
   grep -c HGMMA ${OUT:-/tmp}/sass128.txt

@@ -187,7 +187,7 @@ inline bool use_tensor_cores(const PagedAttentionParams& p, const AttentionTunin
   if (tu.path == AttentionTuning::kSplitK) return false;
   const int64_t rows = int64_t(p.max_q_len) * (p.num_q_heads / p.num_kv_heads);
   if (tu.path == AttentionTuning::kAuto && rows < kTensorCoreMinRows) return false;
-  return prefill_sm90_supports(p);
+  return prefill_sm90_supports(p, tu.prefill_variant);
 }
 
 }  // namespace detail
@@ -209,7 +209,7 @@ cudaError_t paged_attention(const PagedAttentionParams& p, void* workspace, size
                             int num_sms, cudaStream_t stream, const AttentionTuning& tu) {
   if (!detail::params_ok(p)) return cudaErrorInvalidValue;
   if (p.num_rows == 0 || p.num_seqs == 0) return cudaSuccess;
-  if (detail::use_tensor_cores(p, tu)) return detail::prefill_sm90(p, stream);
+  if (detail::use_tensor_cores(p, tu)) return detail::prefill_sm90(p, tu.prefill_variant, stream);
   return detail::dispatch(p, [&](auto tag, auto hd, auto rope) -> cudaError_t {
     using T = typename decltype(tag)::type;
     constexpr int HD = decltype(hd)::value;

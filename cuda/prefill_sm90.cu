@@ -9,9 +9,9 @@
 namespace pagedkv::cuda::detail {
 namespace {
 
-template <typename T, int HD>
+template <typename T, int HD, bool PINGPONG = true>
 struct PrefillInstance {
-  static constexpr auto kernel = prefill_sm90_kernel<T, HD>;
+  static constexpr auto kernel = prefill_sm90_kernel<T, HD, PINGPONG>;
   // Sets the shared-memory limit once per device and checks that the binary holds sm_90a code
   // for this kernel (a build without the 90a target would run an empty body through PTX JIT).
   static bool ready() {
@@ -38,13 +38,15 @@ struct PrefillInstance {
   }
 };
 
+// Calls f(PrefillInstance<...>{}) for the call's dtype and head_dim; variant 1: no ping-pong
+// between the consumer warpgroups (head_dim 128 only, for the bench to compare).
 template <typename F>
-bool by_type_hd(const PagedAttentionParams& p, F&& f) {
+bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
   auto hd = [&](auto tag) {
     using T = typename decltype(tag)::type;
     switch (p.head_dim) {
       case 64: return f(PrefillInstance<T, 64>{});
-      case 128: return f(PrefillInstance<T, 128>{});
+      case 128: return variant == 1 ? f(PrefillInstance<T, 128, false>{}) : f(PrefillInstance<T, 128>{});
       case 256: return f(PrefillInstance<T, 256>{});
       default: return false;
     }
@@ -56,7 +58,7 @@ bool by_type_hd(const PagedAttentionParams& p, F&& f) {
 
 }  // namespace
 
-bool prefill_sm90_supports(const PagedAttentionParams& p) {
+bool prefill_sm90_supports(const PagedAttentionParams& p, int variant) {
   if (rotates_sinks(p) || p.num_kv_heads > 65535 || p.num_seqs > 65535) return false;
   int dev = 0, major = 0, minor = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -66,12 +68,12 @@ bool prefill_sm90_supports(const PagedAttentionParams& p) {
     return false;
   }
   if (major != 9 || minor != 0) return false;
-  return by_type_hd(p, [](auto inst) { return decltype(inst)::ready(); });
+  return by_type_hd(p, variant, [](auto inst) { return decltype(inst)::ready(); });
 }
 
-cudaError_t prefill_sm90(const PagedAttentionParams& p, cudaStream_t stream) {
+cudaError_t prefill_sm90(const PagedAttentionParams& p, int variant, cudaStream_t stream) {
   cudaError_t err = cudaErrorNotSupported;
-  by_type_hd(p, [&](auto inst) {
+  by_type_hd(p, variant, [&](auto inst) {
     err = decltype(inst)::launch(p, stream);
     return true;
   });

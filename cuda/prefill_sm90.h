@@ -13,9 +13,9 @@ struct TypeTag {
 
 // Whether this device and build can run the call through prefill_sm90: an sm_90 GPU with the
 // sm_90a kernels in the binary, fp16/bf16, head_dim 64/128/256, no sink rotation.
-bool prefill_sm90_supports(const PagedAttentionParams& p);
+bool prefill_sm90_supports(const PagedAttentionParams& p, int variant = 0);
 
 // Launches it on `stream` (no workspace: every CTA owns its rows' whole key range).
-cudaError_t prefill_sm90(const PagedAttentionParams& p, cudaStream_t stream);
+cudaError_t prefill_sm90(const PagedAttentionParams& p, int variant, cudaStream_t stream);
 
 }  // namespace pagedkv::cuda::detail

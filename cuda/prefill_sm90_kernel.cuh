@@ -107,8 +107,8 @@ __device__ __forceinline__ bool tile_unmasked(const PagedAttentionParams& p, con
   return sc.key(max(v0, sc.n_sink)) > pmax - p.window;
 }
 
-template <typename T, int HD>
-__device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, const PrefillTile& w, int cw,
+template <typename T, int HD, bool PINGPONG>
+__device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, const PrefillTile& w, int cw, bool pair,
                                                  unsigned char* sQ, unsigned char* sK0, unsigned char* sV0,
                                                  uint64_t* full, uint64_t* empty) {
   using S = PrefillShape<HD>;
@@ -130,6 +130,17 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
   }
   fence_proxy_async();
   named_barrier(1 + cw, 128);
+  // Ping-pong (FlashAttention-3): with two consumer warpgroups, each issues its MMAs only on its
+  // turn (named barrier 3 + cw) and then hands the turn over, so one group's softmax runs while
+  // the other's MMAs keep the tensor cores busy. Group 1 gives group 0 the first turn.
+  const bool turns = PINGPONG && pair;
+  auto my_turn = [&] {
+    if (turns) named_barrier(3 + cw, 256);
+  };
+  auto their_turn = [&] {
+    if (turns) named_barrier_arrive(3 + (1 - cw), 256);
+  };
+  if (turns && cw == 1) named_barrier_arrive(3, 256);
 
   const int rA = 64 * cw + 16 * warp + g, rB = rA + 8;  // this thread's two accumulator rows
   const int posA = w.pos(rA), posB = w.pos(rB);
@@ -226,7 +237,9 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
   float alphaA, alphaB;
   mbar_wait(&full[0], 0);
   fence_proxy_async();
+  my_turn();
   issue_qk(0);
+  their_turn();
   wgmma_wait<0>();
   fence_regs(sc);
   softmax(0, &alphaA, &alphaB);
@@ -235,8 +248,10 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     const int s = t % S::kStages, prev = (t - 1) % S::kStages;
     mbar_wait(&full[s], (t / S::kStages) & 1);
     fence_proxy_async();  // the producer's cp.async writes, now seen, to wgmma's async proxy
+    my_turn();
     issue_qk(s);
     issue_pv(prev);
+    their_turn();
     wgmma_wait<1>();
     fence_regs(sc);
     softmax(t, &alphaA, &alphaB);
@@ -252,7 +267,9 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     }
     to_operand();
   }
+  my_turn();
   issue_pv((w.n_tiles - 1) % S::kStages);
+  their_turn();
   wgmma_wait<0>();
   fence_regs(o);
   // (The last stage needs no release: the producer has nothing more to put there.)
@@ -282,7 +299,7 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
 
 #endif  // sm_90a
 
-template <typename T, int HD>
+template <typename T, int HD, bool PINGPONG>
 __global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttentionParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = PrefillShape<HD>;
@@ -315,7 +332,7 @@ __global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttenti
     prefill_producer<T, HD>(p, w, sK0, sV0, full, empty);
   } else {
     regs_alloc<S::kConsumerRegs>();
-    if (wg - 1 < consumers) prefill_consumer<T, HD>(p, w, wg - 1, sQ, sK0, sV0, full, empty);
+    if (wg - 1 < consumers) prefill_consumer<T, HD, PINGPONG>(p, w, wg - 1, consumers == 2, sQ, sK0, sV0, full, empty);
   }
 #endif
 }

@@ -139,11 +139,12 @@ void bench_prefill(const char* out_path) {
     // keys seen per row: ctx - n + 1 + i for row i
     const double keys = double(B) * (double(n) * (ctx - n) + double(n) * (n + 1) / 2);
     const double flops = 4.0 * Hq * hd * keys;
-    double us_by[3] = {0, 0, 0};
-    for (int path : {cuda::AttentionTuning::kSplitK, cuda::AttentionTuning::kTensorCore}) {
-      if (only && path != cuda::AttentionTuning::kTensorCore) continue;
+    double us_by[4] = {0, 0, 0, 0};  // [path]; [3]: tensor cores without ping-pong
+    for (int path : {1, 2, 3}) {
+      if (only && path == cuda::AttentionTuning::kSplitK) continue;
       cuda::AttentionTuning tu = g_tuning;
-      tu.path = path;
+      tu.path = path == 3 ? cuda::AttentionTuning::kTensorCore : path;
+      tu.prefill_variant = path == 3 ? 1 : 0;
       void* d_ws = nullptr;
       const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms, tu);
       if (ws) CK(cudaMalloc(&d_ws, ws));
@@ -172,8 +173,9 @@ void bench_prefill(const char* out_path) {
       if (d_ws) CK(cudaFree(d_ws));
     }
     const double tc = us_by[cuda::AttentionTuning::kTensorCore], sk = us_by[cuda::AttentionTuning::kSplitK];
-    std::printf("PREFILL %2d x %6d n %5d  split-K %9.1f us %6.1f TF/s | tensor-core %9.1f us %6.1f TF/s | %.2fx\n",
-                B, ctx, n, sk, flops / sk * 1e-6, tc, flops / tc * 1e-6, sk / tc);
+    const double np = us_by[3];
+    std::printf("PREFILL %2d x %6d n %5d  split-K %9.1f us %6.1f TF/s | tensor-core %9.1f us %6.1f TF/s | %.2fx | no ping-pong %9.1f us %6.1f TF/s\n",
+                B, ctx, n, sk, flops / sk * 1e-6, tc, flops / tc * 1e-6, sk / tc, np, flops / np * 1e-6);
     if (f) std::fprintf(f, "%d %d %d %.2f %.2f\n", B, ctx, n, sk, tc);
     for (void* ptr : {(void*)d_pool, (void*)d_q, (void*)d_out, (void*)d_bt, (void*)d_kv, (void*)d_qi}) CK(cudaFree(ptr));
   }
