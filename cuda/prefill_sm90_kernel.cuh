@@ -107,6 +107,23 @@ __device__ __forceinline__ bool tile_unmasked(const PagedAttentionParams& p, con
   return sc.key(max(v0, sc.n_sink)) > pmax - p.window;
 }
 
+// The keys a row at `pos` sees, as virtual-key offsets from `base`: offset c is visible iff
+// c <= hi and (c >= lo or c < sink_end). Virtual keys are sinks [0, n_sink), then the window
+// part whose key is ws + (v - n_sink); the key tests of key_visible become offset compares, so a
+// masked tile costs a few compares per element and no branches (the kernel's code stays small).
+struct RowLimits {
+  int hi, lo, sink_end;
+  __device__ bool sees(int c) const { return (c <= hi) & ((c >= lo) | (c < sink_end)); }
+};
+__device__ __forceinline__ RowLimits row_limits(const PagedAttentionParams& p, const KeyScope& sc, int pos, int base) {
+  const int to_v = sc.n_sink - sc.ws;  // key -> virtual index, in the window part
+  RowLimits r;
+  r.hi = min(pos + to_v, sc.n_keys - 1) - base;
+  r.lo = p.window > 0 ? pos - p.window + 1 + to_v - base : INT_MIN / 2;
+  r.sink_end = (p.window > 0 ? max(sc.n_sink, min(p.sink_tokens, pos + 1) + to_v) : 0) - base;
+  return r;
+}
+
 template <typename T, int HD, bool PINGPONG>
 __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, const PrefillTile& w, int cw, bool pair,
                                                  unsigned char* sQ, unsigned char* sK0, unsigned char* sV0,
@@ -182,6 +199,8 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
   auto softmax = [&](int t, float* alphaA, float* alphaB) {
     const int v0 = t * kN;
     const bool masked = !tile_unmasked<kN>(p, w.sc, v0, pmin, pmax);
+    RowLimits la, lb;
+    if (masked) la = row_limits(p, w.sc, posA, v0 + 2 * q4), lb = row_limits(p, w.sc, posB, v0 + 2 * q4);
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
@@ -190,10 +209,8 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
         float& b = sc[4 * j + 2 + e];
         a *= sl2, b *= sl2;
         if (masked) {
-          const int v = v0 + 8 * j + 2 * q4 + e;
-          const int key = v < w.sc.n_keys ? w.sc.key(v) : INT_MAX;
-          if (key == INT_MAX || !key_visible(key, posA, p.window, p.sink_tokens)) a = -INFINITY;
-          if (key == INT_MAX || !key_visible(key, posB, p.window, p.sink_tokens)) b = -INFINITY;
+          if (!la.sees(8 * j + e)) a = -INFINITY;
+          if (!lb.sees(8 * j + e)) b = -INFINITY;
         }
       }
     float xA = -INFINITY, xB = -INFINITY;
