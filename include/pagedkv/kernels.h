@@ -43,8 +43,9 @@ struct AttentionTuning {
 };
 
 // Packed query rows per sequence (max_q_len x GQA group) from which kAuto takes the tensor-core
-// prefill kernel on Hopper (bench prefill chose it).
-constexpr int32_t kTensorCoreMinRows = 64;
+// prefill kernel on Hopper: on an H200, 32 x 8192 with 8 rows (32 packed) ran 281 us against 497 us
+// split-K, 64 x 4096 with 4 rows (16 packed) 281 against 259 (tests/cuda --prefill-bench).
+constexpr int32_t kTensorCoreMinRows = 32;
 
 // Scratch bytes paged_attention needs for these params (split-K partials); `num_sms` of the device.
 size_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int num_sms,

@@ -131,15 +131,7 @@ class PagedKVCache(Cache):
         if self._step is None:
             self._step = self._begin_step(mask, batch, t)
         step = self._step
-        fresh = self._seen[layer] == t  # this forward is the first this layer sees
         self.kv.append(self._seqs, layer, _rows(k, step), _rows(v, step), step.lengths)
-        if fresh and t > 1 and step.index is None and not self.streaming and (not window or window >= t):
-            # A prompt with nothing cached before it: its own K/V are all the keys there are, so
-            # dense causal attention over them (what prefill kernels do) gives the same result
-            # as the pages, without re-reading what was just written.
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                                   enable_gqa=hq != k.shape[1])
-            return out.transpose(1, 2).contiguous()
         out = self.kv.attend(self._seqs, layer, _rows(q, step), step.lengths, scale=scale,
                              window=None if self.streaming else window)
         if step.index is None:
