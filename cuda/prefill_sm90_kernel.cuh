@@ -107,6 +107,19 @@ __device__ __forceinline__ bool tile_unmasked(const PagedAttentionParams& p, con
   return sc.key(max(v0, sc.n_sink)) > pmax - p.window;
 }
 
+// Reduces the pairs (sc[4j + off], sc[4j + off + 1]) over j < N with op, as a tree.
+template <int N, typename Op>
+__device__ __forceinline__ float tree_reduce(const float* sc, int off, Op op) {
+  float t[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) t[j] = op(sc[4 * j + off], sc[4 * j + off + 1]);
+#pragma unroll
+  for (int w = N / 2; w >= 1; w /= 2)
+#pragma unroll
+    for (int j = 0; j < w; ++j) t[j] = op(t[j], t[j + w]);
+  return t[0];
+}
+
 // The keys a row at `pos` sees, as virtual-key offsets from `base`: offset c is visible iff
 // c <= hi and (c >= lo or c < sink_end). Virtual keys are sinks [0, n_sink), then the window
 // part whose key is ws + (v - n_sink); the key tests of key_visible become offset compares, so a
@@ -204,37 +217,31 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& a = sc[4 * j + e];
-        float& b = sc[4 * j + 2 + e];
-        a *= sl2, b *= sl2;
+      for (int e = 0; e < 2; ++e)
         if (masked) {
-          if (!la.sees(8 * j + e)) a = -INFINITY;
-          if (!lb.sees(8 * j + e)) b = -INFINITY;
+          if (!la.sees(8 * j + e)) sc[4 * j + e] = -INFINITY;
+          if (!lb.sees(8 * j + e)) sc[4 * j + 2 + e] = -INFINITY;
         }
-      }
-    float xA = -INFINITY, xB = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j) {
-      xA = fmaxf(xA, fmaxf(sc[4 * j], sc[4 * j + 1]));
-      xB = fmaxf(xB, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
-    }
+    // Row maxima of the raw scores (scale > 0, so the scaled maximum is the scaled raw one), as
+    // trees rather than chains so the compares overlap.
+    float xA = tree_reduce<kN / 8>(sc, 0, [](float x, float y) { return fmaxf(x, y); });
+    float xB = tree_reduce<kN / 8>(sc, 2, [](float x, float y) { return fmaxf(x, y); });
 #pragma unroll
     for (int d = 1; d <= 2; d <<= 1) {
       xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, d));
       xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, d));
     }
-    const float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+    const float nA = fmaxf(mA, xA * sl2), nB = fmaxf(mB, xB * sl2);
     const float uA = nA == -INFINITY ? 0.f : nA, uB = nB == -INFINITY ? 0.f : nB;
     *alphaA = ex2(mA - uA), *alphaB = ex2(mB - uB);
     mA = nA, mB = nB;
-    float sumA = 0.f, sumB = 0.f;
 #pragma unroll
-    for (int j = 0; j < kN / 8; ++j) {
-      sc[4 * j] = ex2(sc[4 * j] - uA), sc[4 * j + 1] = ex2(sc[4 * j + 1] - uA);
-      sc[4 * j + 2] = ex2(sc[4 * j + 2] - uB), sc[4 * j + 3] = ex2(sc[4 * j + 3] - uB);
-      sumA += sc[4 * j] + sc[4 * j + 1], sumB += sc[4 * j + 2] + sc[4 * j + 3];
+    for (int j = 0; j < kN / 8; ++j) {  // one FFMA and one ex2 per score
+      sc[4 * j] = ex2(fmaf(sc[4 * j], sl2, -uA)), sc[4 * j + 1] = ex2(fmaf(sc[4 * j + 1], sl2, -uA));
+      sc[4 * j + 2] = ex2(fmaf(sc[4 * j + 2], sl2, -uB)), sc[4 * j + 3] = ex2(fmaf(sc[4 * j + 3], sl2, -uB));
     }
+    const float sumA = tree_reduce<kN / 8>(sc, 0, [](float x, float y) { return x + y; });
+    const float sumB = tree_reduce<kN / 8>(sc, 2, [](float x, float y) { return x + y; });
     lA = lA * *alphaA + sumA, lB = lB * *alphaB + sumB;
     // Pin the exponentials here, under the P.V product in flight: left alone, the compiler sinks
     // them below the wait for it (they are first needed after), and nothing overlaps.
