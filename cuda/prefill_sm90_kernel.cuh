@@ -107,16 +107,22 @@ __device__ __forceinline__ bool tile_unmasked(const PagedAttentionParams& p, con
   return sc.key(max(v0, sc.n_sink)) > pmax - p.window;
 }
 
-// Reduces the pairs (sc[4j + off], sc[4j + off + 1]) over j < N with op, as a tree.
+// Reduces the pairs (sc[4j + off], sc[4j + off + 1]) over j < N with op, as a tree (levels by
+// template recursion: every index stays a compile-time constant, so t stays in registers).
+template <int W, typename Op>
+__device__ __forceinline__ void tree_level(float* t, Op op) {
+  if constexpr (W >= 1) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) t[j] = op(t[j], t[j + W]);
+    tree_level<W / 2>(t, op);
+  }
+}
 template <int N, typename Op>
 __device__ __forceinline__ float tree_reduce(const float* sc, int off, Op op) {
   float t[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) t[j] = op(sc[4 * j + off], sc[4 * j + off + 1]);
-#pragma unroll
-  for (int w = N / 2; w >= 1; w /= 2)
-#pragma unroll
-    for (int j = 0; j < w; ++j) t[j] = op(t[j], t[j + w]);
+  tree_level<N / 2>(t, op);
   return t[0];
 }
 
