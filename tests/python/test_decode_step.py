@@ -251,6 +251,7 @@ def test_random_steps_among_other_work_match_the_resident_cache(device, rng, gen
             except pagedkv.OutOfBlocksError:
                 small.check_invariants()
                 continue
+            small.check_invariants()
             steps += 1
             others = [s for s in live if s not in batch]
             for layer in range(LAYERS):
@@ -264,8 +265,10 @@ def test_random_steps_among_other_work_match_the_resident_cache(device, rng, gen
                 k, v = randn(gen, (n, H, D), dtype, device), randn(gen, (n, H, D), dtype, device)
                 q = randn(gen, (n, HQ, D), dtype, device)
                 small.append(batch, layer, k, v)
+                small.check_invariants()
                 big.append([pairs[s] for s in batch], layer, k, v)
                 got, want = small.attend(batch, layer, q), big.attend([pairs[s] for s in batch], layer, q)
+                small.check_invariants()
                 if device == "cpu":
                     assert_bits_equal(got, want, f"it {it} layer {layer}")
                 else:
@@ -275,7 +278,7 @@ def test_random_steps_among_other_work_match_the_resident_cache(device, rng, gen
                     rows = slice(i * tokens, (i + 1) * tokens)
                     model[s][layer] = (torch.cat([mk, k[rows]]), torch.cat([mv, v[rows]]))
             small.end_step()
-        small.check_invariants()
+        small.check_invariants()  # after every operation of the walk (DESIGN.md §5)
     for s in pairs:
         for layer in range(LAYERS):
             got_k, got_v = small.gather(s, layer)
