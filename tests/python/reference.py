@@ -134,14 +134,6 @@ def source_path_in(message: str, *user_paths) -> str | None:
     return m.group(0) if m else None
 
 
-def assert_no_source_path(exc_or_message, *user_paths):
-    """A message says what was wrong and what was expected; file:line is for a debug build or
-    an attribute, never the text a user reads (STYLE.md habit 4)."""
-    msg = exc_or_message if isinstance(exc_or_message, str) else message_of(exc_or_message)
-    found = source_path_in(msg, *user_paths)
-    assert found is None, f"source path {found!r} in the message {msg!r}"
-
-
 def same_device(dev, name) -> bool:
     want = torch.device(name)
     return dev.type == want.type and (want.index is None or dev.index == want.index)
