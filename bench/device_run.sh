@@ -13,7 +13,7 @@ what=${what/all/tests,demo,kernel,offload,serve}
 what=${what/more/longctx,hf}
 has() { [[ ",$what," == *",$1,"* ]]; }
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a PAGEDKV_BENCH_DIR="$OUT"
+export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -37,8 +37,8 @@ if has tests; then
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | head -20
 fi
 has demo && timeout 100 python3 -m pagedkv demo --prompt 8192 --steps 128 2>&1 | tail -6
-has kernel && timeout 200 python3 -m pagedkv bench kernel 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
-has prefill && timeout ${PREFILL_TIMEOUT:-400} python3 -m pagedkv bench prefill ${PREFILL_ARGS:-} 2>&1 | tee "$OUT/prefill.txt" | grep -v -E "Warning|INFO"
+has kernel && timeout 200 python3 -m pagedkv bench kernel --out "$OUT" 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
+has prefill && timeout ${PREFILL_TIMEOUT:-400} python3 -m pagedkv bench prefill --out "$OUT" ${PREFILL_ARGS:-} 2>&1 | tee "$OUT/prefill.txt" | grep -v -E "Warning|INFO"
 if has ncu; then  # hardware counters: ours against the peers on one shape (bench/ncu_kernel.py)
   timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --profile-from-start off --set full -f -o "$OUT/ncu" \
     python3 bench/ncu_kernel.py ${NCU_SHAPE:-16 32768} > "$OUT/ncu-run.log" 2>&1; echo "ncu rc=$?"
@@ -46,12 +46,12 @@ if has ncu; then  # hardware counters: ours against the peers on one shape (benc
   python3 bench/ncu_summary.py "$OUT/ncu-raw.csv" | tee "$OUT/ncu-summary.txt"
   rm -f "$OUT/ncu.ncu-rep"  # too large to come back; the raw CSV holds every metric
 fi
-has offload && timeout ${OFFLOAD_TIMEOUT:-300} python3 -m pagedkv bench offload 2>&1 | tee "$OUT/offload.txt" | tail -24
-has serve && timeout ${SERVE_TIMEOUT:-300} python3 -m pagedkv bench serve ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.txt" | tail -16
-has longctx && timeout ${LONGCTX_TIMEOUT:-400} python3 -m pagedkv bench longctx ${LONGCTX_ARGS:-} 2>&1 | tee "$OUT/longctx.txt" | tail -40
-has longctx1m && timeout 560 python3 -m pagedkv bench longctx --modes d --batches 1 --host-gib 400 \
+has offload && timeout ${OFFLOAD_TIMEOUT:-300} python3 -m pagedkv bench offload --out "$OUT" 2>&1 | tee "$OUT/offload.txt" | tail -24
+has serve && timeout ${SERVE_TIMEOUT:-300} python3 -m pagedkv bench serve --out "$OUT" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.txt" | tail -16
+has longctx && timeout ${LONGCTX_TIMEOUT:-400} python3 -m pagedkv bench longctx --out "$OUT" ${LONGCTX_ARGS:-} 2>&1 | tee "$OUT/longctx.txt" | tail -40
+has longctx1m && timeout 560 python3 -m pagedkv bench longctx --out "$OUT" --modes d --batches 1 --host-gib 400 \
   --disk-gib 130 --disk-path "${DISK_PATH:-/tmp}" 2>&1 | tee "$OUT/longctx1m.txt" | tail -12
-has hf && timeout ${HF_TIMEOUT:-400} python3 -m pagedkv bench hf ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.txt" | tail -16
+has hf && timeout ${HF_TIMEOUT:-400} python3 -m pagedkv bench hf --out "$OUT" ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.txt" | tail -16
 # At most 8 files come back: the JSON and plots alone, every log in one archive.
 (cd "$OUT" && tar czf logs.tgz --remove-files $(ls | grep -v -E "\.(json|png)$") 2>/dev/null)
 true

@@ -8,8 +8,7 @@ import time
 
 import torch
 
-from pagedkv import PagedKV
-from pagedkv.bench.common import DecodeSteps
+from pagedkv import DecodeSteps, PagedKV
 
 LAYERS, HK, HQ, D, BS = 32, 8, 32, 128, 16
 
@@ -50,7 +49,7 @@ def main():
 
     def planned():
         eager_steps.step(seqs)
-        eager_steps.end()
+        eager_steps.close()
 
     def planned_raw():  # the same without the Python layer's checks
         kv.begin_step(seqs, num_q_heads=HQ)

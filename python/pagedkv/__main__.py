@@ -6,6 +6,13 @@ import importlib
 import sys
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pagedkv")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -18,22 +25,31 @@ def main(argv=None) -> int:
     demo.add_argument("--window", type=int, default=None, help="sliding window (0: full causal)")
     demo.add_argument("--sinks", type=int, default=4, help="attention sink tokens kept with the window")
 
-    bench = sub.add_parser("bench", help="benchmarks; results go to bench/results/*.json")
+    bench = sub.add_parser("bench", help="benchmarks; results go to bench/results/*.json (or --out)")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    host = bsub.add_parser("host", help="append + block-table preparation per decode step")
-    host.add_argument("--seqs", type=int, default=256)
-    host.add_argument("--layers", type=int, default=32)
-    host.add_argument("--steps", type=int, default=64)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", default="bench/results", help="folder the JSON (and plots) go to")
+
+    def add_bench(name, **kw):  # every benchmark takes --out
+        return bsub.add_parser(name, parents=[common], **kw)
+
+    host = add_bench("host", help="append + block-table preparation per decode step")
+    host.add_argument("--seqs", type=_positive, default=None,
+                      help="sequences per step in every part (default: 256 for append, 8 for begin_step)")
+    host.add_argument("--steps", type=_positive, default=None,
+                      help="timed steps in every part (default: 64 append, 32 begin_step, 8 staged attend)")
+    host.add_argument("--layers", type=_positive, default=32)
+    host.add_argument("--context", type=_positive, default=8192, help="tokens per sequence of the begin_step part")
     host.add_argument("--device", default="cpu")
 
-    kern = bsub.add_parser("kernel", help="paged decode attention vs SDPA, FlashInfer, copy ceiling")
+    kern = add_bench("kernel", help="paged decode attention vs SDPA, FlashInfer, copy ceiling")
     kern.add_argument("--quick", action="store_true", help="first two rows only")
 
-    pre = bsub.add_parser("prefill", help="paged prefill (n new rows over L keys) vs FlashInfer, SDPA")
+    pre = add_bench("prefill", help="paged prefill (n new rows over L keys) vs FlashInfer, SDPA")
     pre.add_argument("--quick", action="store_true", help="first two rows only")
     pre.add_argument("--rows", default=None, help='rows to run instead of the table, "B,L,n;B,L,n"')
 
-    off = bsub.add_parser("offload", help="swap bandwidth vs pinned-copy and disk ceilings; decode under swaps")
+    off = add_bench("offload", help="swap bandwidth vs pinned-copy and disk ceilings; decode under swaps")
     off.add_argument("--blocks", type=int, default=1024, help="blocks per transfer (2 MiB each)")
     off.add_argument("--batch", type=int, default=8)
     off.add_argument("--context", type=int, default=8192)
@@ -41,7 +57,7 @@ def main(argv=None) -> int:
     off.add_argument("--gather", default="4,256,8",
                      help="staging-kernel shapes to compare, ';'-separated unroll,threads,ctas_per_sm")
 
-    srv = bsub.add_parser("serve", help="Zipf chat sessions over a device tier smaller than their KV, per policy")
+    srv = add_bench("serve", help="Zipf chat sessions over a device tier smaller than their KV, per policy")
     srv.add_argument("--device", default="cuda")
     srv.add_argument("--sessions", type=int, default=48)
     srv.add_argument("--context", type=int, default=4096)
@@ -59,7 +75,7 @@ def main(argv=None) -> int:
                      help="decode steps: begin_step + one CUDA graph replay (eager off CUDA), begin_step + "
                           "eager calls, or calls that each plan for themselves")
 
-    lc = bsub.add_parser("longctx", help="memory and tokens/s against context: full, offloaded, windowed")
+    lc = add_bench("longctx", help="memory and tokens/s against context: full, offloaded, windowed")
     lc.add_argument("--device", default="cuda")
     lc.add_argument("--contexts", default="8192,32768,131072,524288,1048576")
     lc.add_argument("--batches", default="1,8")
@@ -78,7 +94,7 @@ def main(argv=None) -> int:
     lc.add_argument("--token-budget", type=int, default=1 << 20,
                     help="batch x context at most: writing 512 KiB per token, 1M tokens take minutes")
 
-    hfb = bsub.add_parser("hf", help="transformers generate(): default cache vs DynamicCache(offloading=True) vs pagedkv")
+    hfb = add_bench("hf", help="transformers generate(): default cache vs DynamicCache(offloading=True) vs pagedkv")
     hfb.add_argument("--layers", type=int, default=32, help="decoder layers (2 for a smoke run)")
     hfb.add_argument("--prompts", default="8192,32768,131072", help="comma-separated prompt lengths")
     hfb.add_argument("--new", type=int, default=64, help="tokens generated per run")
@@ -95,6 +111,9 @@ def main(argv=None) -> int:
         run(device=args.device, batch=args.batch, prompt=args.prompt, steps=args.steps,
             layers=args.layers, window=args.window, sinks=args.sinks)
     else:  # each benchmark imports only what it needs (transformers, flashinfer) when it runs
+        from .bench.common import set_results_dir
+
+        set_results_dir(args.out)
         module = "pagedkv.hf.bench" if args.bench == "hf" else f"pagedkv.bench.{args.bench}"
         importlib.import_module(module).main(args)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -111,6 +112,26 @@ def assert_bits_equal(actual, expected, what=""):
     if not torch.equal(a.contiguous().view(as_int), e.contiguous().view(as_int)):
         diff = (a.contiguous().view(as_int) != e.contiguous().view(as_int)).nonzero()
         raise AssertionError(f"{what}: {len(diff)} elements differ, first at {diff[0].tolist()}")
+
+
+# A source location in an error message: "engine.cpp:121", "errors.h:40", or any path-like
+# "/" (a "/" with a character other than a space beside it; "N / len(seqs)" is not one).
+_SOURCE_PATH = re.compile(r"\.(?:cpp|cc|cxx|cu|cuh|h|hpp):\d*|\S/|/\S")
+
+
+def message_of(exc: BaseException) -> str:
+    """The text a user reads (str() of a KeyError adds quotes around it)."""
+    return str(exc.args[0]) if exc.args else str(exc)
+
+
+def source_path_in(message: str, *user_paths) -> str | None:
+    """The first source-path fragment in `message`, or None. Paths the caller passed in (such as
+    disk_path, echoed back as what was wrong, or a file the engine made in it) are the user's own
+    and do not count."""
+    for p in user_paths:
+        message = re.sub(re.escape(str(p)) + r"[^\s'\"]*", "<path>", message)
+    m = _SOURCE_PATH.search(message)
+    return m.group(0) if m else None
 
 
 def same_device(dev, name) -> bool:

@@ -85,6 +85,7 @@ def test_ragged_multi_sequence_append(dtype, device, gen, rng):
         chosen = rng.sample(seqs, rng.randint(1, 4))
         lens = [rng.randint(1, 9) for _ in chosen]
         append_rows(kv, spec, stored, gen, chosen, step % 2, lens, as_tensor=step % 3 == 0)
+        kv.check_invariants()
     for s in seqs:
         for layer in (0, 1):
             assert kv.seq_len(s, layer) == stored.length(s, layer)

@@ -98,3 +98,55 @@ def test_whole_decode_steps_replay_from_one_capture(cuda, gen, tiered):
         for layer in range(layers):
             for x, y in zip(plain.gather(sa, layer), stepped.gather(sb, layer)):
                 assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+def test_decode_steps_replay_one_capture_and_recapture_when_begin_step_says(cuda, gen):
+    """pagedkv.DecodeSteps on CUDA: one capture serves step after step; a batch of another size
+    captures again; each replay writes the outputs the capture returned, which equal plain calls
+    on a second cache (to bf16 rounding: the step's table stride may split the keys otherwise)."""
+    layers, hk, hq, d = 3, 2, 8, 128
+
+    def make():
+        return pagedkv.PagedKV(num_layers=layers, num_kv_heads=hk, head_dim=d, block_size=16,
+                               dtype=torch.bfloat16, device="cuda", device_blocks=256)
+
+    plain, stepped = make(), make()
+    a = [plain.add_sequence() for _ in range(3)]
+    b = [stepped.add_sequence() for _ in range(3)]
+    lens = [100, 257, 31]
+    for layer in range(layers):
+        rows = randn(gen, (sum(lens), hk, d), torch.bfloat16, "cuda")
+        plain.append(a, layer, rows, rows, lengths=lens)
+        stepped.append(b, layer, rows, rows, lengths=lens)
+    k_in = torch.empty(layers, 3, hk, d, dtype=torch.bfloat16, device="cuda")
+    q_in = torch.empty(layers, 3, hq, d, dtype=torch.bfloat16, device="cuda")
+
+    def step_layers(batch):
+        n = len(batch)
+        outs = []
+        for layer in range(layers):
+            stepped.append(batch, layer, k_in[layer, :n], k_in[layer, :n])
+            outs.append(stepped.attend(batch, layer, q_in[layer, :n]))
+        return outs
+
+    with pagedkv.DecodeSteps(stepped, step_layers, num_q_heads=hq) as steps:
+        assert steps.uses_graph
+        for step in range(8):
+            n = 3 if step < 5 else 2  # step 5: another batch size, a second capture
+            k_in.copy_(randn(gen, k_in.shape, torch.bfloat16, "cuda"))
+            q_in.copy_(randn(gen, q_in.shape, torch.bfloat16, "cuda"))
+            outs = steps.step(b[:n])
+            for layer in range(layers):
+                plain.append(a[:n], layer, k_in[layer, :n], k_in[layer, :n])
+                want = plain.attend(a[:n], layer, q_in[layer, :n])
+                torch.testing.assert_close(outs[layer], want, atol=1e-2, rtol=1.6e-2)
+            assert steps.captures == (1 if step < 5 else 2)
+            for o in outs:
+                o.fill_(float("nan"))  # poison: the next replay must write every element again
+        stepped.check_invariants()
+    torch.cuda.synchronize()
+    for sa, sb in zip(a, b):
+        for layer in range(layers):
+            for x, y in zip(plain.gather(sa, layer), stepped.gather(sb, layer)):
+                assert torch.equal(x, y)

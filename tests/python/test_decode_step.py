@@ -251,6 +251,7 @@ def test_random_steps_among_other_work_match_the_resident_cache(device, rng, gen
             except pagedkv.OutOfBlocksError:
                 small.check_invariants()
                 continue
+            small.check_invariants()
             steps += 1
             others = [s for s in live if s not in batch]
             for layer in range(LAYERS):
@@ -264,8 +265,10 @@ def test_random_steps_among_other_work_match_the_resident_cache(device, rng, gen
                 k, v = randn(gen, (n, H, D), dtype, device), randn(gen, (n, H, D), dtype, device)
                 q = randn(gen, (n, HQ, D), dtype, device)
                 small.append(batch, layer, k, v)
+                small.check_invariants()
                 big.append([pairs[s] for s in batch], layer, k, v)
                 got, want = small.attend(batch, layer, q), big.attend([pairs[s] for s in batch], layer, q)
+                small.check_invariants()
                 if device == "cpu":
                     assert_bits_equal(got, want, f"it {it} layer {layer}")
                 else:
@@ -275,7 +278,7 @@ def test_random_steps_among_other_work_match_the_resident_cache(device, rng, gen
                     rows = slice(i * tokens, (i + 1) * tokens)
                     model[s][layer] = (torch.cat([mk, k[rows]]), torch.cat([mv, v[rows]]))
             small.end_step()
-        small.check_invariants()
+        small.check_invariants()  # after every operation of the walk (DESIGN.md §5)
     for s in pairs:
         for layer in range(LAYERS):
             got_k, got_v = small.gather(s, layer)
@@ -283,3 +286,89 @@ def test_random_steps_among_other_work_match_the_resident_cache(device, rng, gen
             assert_bits_equal(got_v, model[s][layer][1], f"seq {s} layer {layer} v")
     st = small.stats()
     assert steps > 15 and st["blocks_to_host"] > 10 and st["blocks_from_host"] > 5, (steps, st)
+
+
+# ---------------------------------------------------------------------------------------------
+# pagedkv.DecodeSteps: the loop above as public API (steps.py). On the CPU it runs the calls
+# eagerly after each begin_step; its CUDA graph path is in test_cuda_graph.py.
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_decode_steps_eager_equal_plain_calls(gen, tokens):
+    dtype = torch.float32
+    plain, stepped = make("cpu", dtype), make("cpu", dtype)
+    (a, b), _ = prefill([plain, stepped], gen, dtype, "cpu", [5, 17, 8])
+    n = len(a)
+    k_in = torch.empty(LAYERS, n * tokens, H, D, dtype=dtype)  # static inputs, as a graph would read
+    q_in = torch.empty(LAYERS, n * tokens, HQ, D, dtype=dtype)
+    calls = []
+
+    def layers(batch):
+        calls.append(list(batch))
+        outs = []
+        for layer in range(LAYERS):
+            stepped.append(batch, layer, k_in[layer], k_in[layer])
+            outs.append(stepped.attend(batch, layer, q_in[layer]))
+        return outs
+
+    with pagedkv.DecodeSteps(stepped, layers, num_q_heads=HQ, tokens=tokens) as steps:
+        assert not steps.uses_graph  # the cache is on the CPU, whatever `graph` says
+        for step in range(6):
+            k_in.copy_(randn(gen, k_in.shape, dtype, "cpu"))
+            q_in.copy_(randn(gen, q_in.shape, dtype, "cpu"))
+            turn = step % n  # the batch's sequences in another order each step
+            order_a, order_b = a[turn:] + a[:turn], b[turn:] + b[:turn]
+            outs = steps.step(order_b)
+            assert calls[-1] == order_b
+            for layer in range(LAYERS):
+                plain.append(order_a, layer, k_in[layer], k_in[layer])
+                want = plain.attend(order_a, layer, q_in[layer])
+                assert_bits_equal(outs[layer], want, f"step {step} layer {layer}")
+            stepped.check_invariants()
+            with pytest.raises(ValueError, match="open decode step"):
+                stepped.fork(b[0])  # the step is open until close()
+    assert len(calls) == 6 and steps.captures == 0
+    stepped.fork(b[0])  # leaving the `with` block ended the step
+    stepped.check_invariants()
+    for sa, sb in zip(a, b):
+        for layer in range(LAYERS):
+            assert stepped.seq_len(sb, layer) == plain.seq_len(sa, layer) == stepped.seq_len(sb, 0)
+            for x, y in zip(plain.gather(sa, layer), stepped.gather(sb, layer)):
+                assert_bits_equal(y, x, "gather")
+
+
+def test_decode_steps_close_ends_the_step_and_a_later_step_reopens_it(gen):
+    kv = make("cpu", torch.float32)
+    (seqs,), _ = prefill([kv], gen, torch.float32, "cpu", [3, 9])
+    row = randn(gen, (2, H, D), torch.float32, "cpu")
+
+    def layers(batch):
+        for layer in range(LAYERS):
+            kv.append(batch, layer, row, row)
+
+    steps = pagedkv.DecodeSteps(kv, layers, num_q_heads=HQ, graph=False)
+    assert steps.step(seqs) is None  # layers() returned nothing
+    with pytest.raises(ValueError, match="open decode step"):
+        kv.truncate(seqs[0], 2)
+    steps.close()
+    steps.close()  # twice is harmless
+    kv.truncate(seqs[0], 2)  # allowed once the step is closed
+    steps.step(seqs)  # opens a new step
+    assert [kv.seq_len(s, layer) for s in seqs for layer in range(LAYERS)] == [3] * LAYERS + [11] * LAYERS
+    with pytest.raises(ValueError, match="open decode step"):
+        kv.free(seqs[1])
+    steps.close()
+    kv.free(seqs[1])
+    kv.check_invariants()
+
+
+@pytest.mark.parametrize("bad,exc,word", [(dict(num_q_heads=0), ValueError, "num_q_heads"),
+                                          (dict(num_q_heads=4.0), TypeError, "num_q_heads"),
+                                          (dict(tokens=0), ValueError, "tokens"),
+                                          (dict(tokens=True), TypeError, "tokens"),
+                                          (dict(layers_fn=None), TypeError, "layers_fn")])
+def test_decode_steps_rejects_bad_arguments(bad, exc, word):
+    kv = make("cpu", torch.float32)
+    kw = {"layers_fn": lambda batch: None, "num_q_heads": HQ, **bad}
+    with pytest.raises(exc, match=word):
+        pagedkv.DecodeSteps(kv, **kw)

@@ -13,7 +13,7 @@ import torch
 
 import pagedkv
 from reference import (CacheSpec, StoredKV, append_rows, assert_bits_equal, assert_close,
-                       batched_attention_ref)
+                       batched_attention_ref, message_of, source_path_in)
 
 VOLATILE_STATS = {"device_hits", "device_misses", "transfer_wait_s"}  # counters reads may move
 
@@ -297,3 +297,57 @@ def test_constructor_requires_device_blocks(device):
     del kw["device_blocks"]
     with pytest.raises(TypeError, match="device_blocks"):
         pagedkv.PagedKV(**kw)
+
+
+def bad_input_messages(gen):
+    """(where, exception) of every bad call above, each on a fresh cache on the CPU."""
+    out = []
+    for case in CASES:
+        env = Env("cpu", gen)
+        with pytest.raises(case.exc) as info:
+            call(env, case.method, dict(good_args(env, case.method), **case.bad(env)))
+        out.append((f"{case.method}-{case.name}", info.value))
+    for arg, value in CTOR_CASES:
+        with pytest.raises(EITHER) as info:
+            pagedkv.PagedKV(**dict(BASE_CTOR, device="cpu", **{arg: value}))
+        out.append((f"PagedKV({arg}={value!r})", info.value))
+    # A decode step's rules (engine_step.cpp): a call that would change an open step's sequences,
+    # and a step that does not fit.
+    env = Env("cpu", gen)
+    env.kv.begin_step([env.c])
+    for name, bad in (("fork-in-step", lambda: env.kv.fork(env.c)),
+                      ("free-in-step", lambda: env.kv.free(env.c)),
+                      ("begin_step-unknown", lambda: env.kv.begin_step([env.unknown]))):
+        with pytest.raises((ValueError, KeyError)) as info:
+            bad()
+        out.append((name, info.value))
+    env.kv.end_step()
+    with pytest.raises(pagedkv.OutOfBlocksError) as info:
+        env.kv.begin_step([env.c], tokens=60)  # 15 more blocks, 11 free
+    out.append(("begin_step-out-of-blocks", info.value))
+    return out
+
+
+def test_error_messages_carry_no_source_path(gen, tmp_path):
+    """No message a user reads names a source file: `[/abs/path/engine.cpp:121]` goes to a debug
+    build or an attribute (issue 14). Every bad-input message above, the constructor's, a
+    decode step's, and the disk tier's faults (the user's own disk_path may appear)."""
+    from test_tiers import disk_fault_error
+
+    found = []
+    for where, exc in bad_input_messages(gen):
+        path = source_path_in(message_of(exc))
+        if path:
+            found.append(f"{where}: {message_of(exc)!r}")
+    missing = tmp_path / "does-not-exist"
+    with pytest.raises(ValueError) as info:
+        pagedkv.PagedKV(**dict(BASE_CTOR, device="cpu", host_blocks=2, disk_blocks=2, disk_path=missing))
+    if source_path_in(message_of(info.value), missing):
+        found.append(f"disk_path: {message_of(info.value)!r}")
+    for kind in ("full", "short"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        message = disk_fault_error(kind, folder)
+        if source_path_in(message, folder):
+            found.append(f"disk fault {kind}: {message!r}")
+    assert not found, f"{len(found)} messages name a source file:\n" + "\n".join(found)

@@ -242,6 +242,7 @@ class Walk:
             self.counts["gather_dropped"] += 1
             return
         k, v = self.kv.gather(sid, layer)
+        self.kv.check_invariants()
         assert_bits_equal(k, seq.k[layer], f"k of seq {sid} layer {layer}")
         assert_bits_equal(v, seq.v[layer], f"v of seq {sid} layer {layer}")
         self.counts["gather"] += 1

@@ -48,42 +48,21 @@ def summary(samples: list[float]) -> dict:
             "n": len(s)}
 
 
+_results_dir = Path("bench/results")
+
+
+def set_results_dir(path) -> None:
+    """Where save() writes: the command line's `--out` (python -m pagedkv bench NAME --out DIR)."""
+    global _results_dir
+    _results_dir = Path(path)
+
+
 def save(name: str, payload: dict, out_dir: str | None = None) -> Path:
-    d = Path(out_dir or os.environ.get("PAGEDKV_BENCH_DIR", "bench/results"))
+    """Writes `payload` as NAME-DATE-TIME.json under `out_dir` (default: the --out folder)."""
+    d = Path(out_dir) if out_dir else _results_dir
     d.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = d / f"{name}-{stamp}.json"
     payload = {"bench": name, "date": stamp, "machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=2))
     return path
-
-
-class DecodeSteps:
-    """Decode steps as a serving loop runs them: begin_step() plans each step for every layer,
-    then `layers(seqs)` (each layer's append and attend) is replayed from a CUDA graph, captured
-    again whenever begin_step says the last capture no longer holds. With graph=False (or off
-    CUDA) the planned calls are launched one by one."""
-
-    def __init__(self, kv, layers, num_q_heads: int, graph: bool = True):
-        self.kv, self.layers, self.hq = kv, layers, num_q_heads
-        self.use_graph = graph and kv.device.type == "cuda"
-        self.graph = None
-        self.captures = 0
-
-    def step(self, seqs, tokens: int = 1) -> None:
-        changed = self.kv.begin_step(seqs, tokens=tokens, num_q_heads=self.hq)
-        if not self.use_graph:
-            self.layers(seqs)
-            return
-        if changed or self.graph is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(side), torch.cuda.graph(self.graph, stream=side):
-                self.layers(seqs)
-            torch.cuda.current_stream().wait_stream(side)
-            self.captures += 1
-        self.graph.replay()
-
-    def end(self) -> None:
-        self.kv.end_step()

@@ -81,7 +81,7 @@ def planned(seqs: int = 8, context: int = 8192, layers: int = 32, steps: int = 3
     """Host seconds of begin_step per step (the rows it reserves are never written: only the
     bookkeeping is timed). Small heads: the host work does not depend on them."""
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
-    out = {"seqs": seqs, "context": context, "layers": layers}
+    out = {"seqs": seqs, "context": context, "layers": layers, "steps": steps}
     for name, host in (("resident", 0), ("host tier", 64)):
         kv = PagedKV(num_layers=layers, num_kv_heads=1, head_dim=16, block_size=16, dtype=dtype, device=device,
                      device_blocks=seqs * ((context + steps) // 16 + 2), host_blocks=host, watermarks=(0, 0))
@@ -100,7 +100,10 @@ def planned(seqs: int = 8, context: int = 8192, layers: int = 32, steps: int = 3
 
 
 def main(args) -> None:
-    res = run(seqs=args.seqs, layers=args.layers, steps=args.steps, device=args.device)
+    # --seqs/--steps size every part when given; otherwise each part keeps the size its figures in
+    # BENCHMARKS.md were measured at (append 256 x 64 steps, begin_step 8 x 32, staged 8 steps).
+    given = {k: v for k, v in (("seqs", args.seqs), ("steps", args.steps)) if v is not None}
+    res = run(layers=args.layers, device=args.device, **given)
     a, p = res["append_per_step_s"], res["prepare_per_step_s"]
     c = res["config"]
     print(f"host-side cost per decode step: {c['seqs']} sequences x {c['layers']} layers, "
@@ -113,12 +116,12 @@ def main(args) -> None:
     print(f"  append moves {res['kv_bytes_written_per_step']/2**20:.1f} MiB of K/V per step "
           f"({gbs:.1f} GB/s including bookkeeping); {res['steps_with_new_blocks']} of {c['steps']} "
           f"steps allocated new blocks")
-    pl = planned(layers=args.layers, device=args.device)
+    pl = planned(layers=args.layers, device=args.device, context=args.context, **given)
     res["planned"] = pl
     print(f"  begin_step, {pl['seqs']} sequences x {pl['context']} tokens x {pl['layers']} layers: "
           f"{pl['resident']['median'] * 1e6:.0f} us resident, {pl['host tier']['median'] * 1e6:.0f} us with a "
           f"host tier (pins and policy touches; medians, host time per step)")
-    st = staged(device=args.device)
+    st = staged(layers=args.layers, device=args.device, **{k: v for k, v in given.items() if k == "steps"})
     res["staged"] = st
     print(f"  staged attend, {st['blocks']} one-token blocks through a {st['device_blocks']}-block device tier: "
           f"layer 0 (plan built) {st['layer0_s']['median'] * 1e6:.0f} us, other layers (plan reused) "

@@ -85,7 +85,7 @@ def run_mode(mode: str, batch: int, contexts: list[int], a) -> list[dict]:
     try:
         kv = _cache(mode, batch, max(contexts), a)
     except (MemoryError, RuntimeError, ValueError) as e:
-        return rows + [{"mode": mode, "batch": batch, "context": c, "skipped": str(e).split(" [")[0]}
+        return rows + [{"mode": mode, "batch": batch, "context": c, "skipped": str(e)}
                        for c in contexts]
     dev = a.device
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -122,7 +122,7 @@ def run_mode(mode: str, batch: int, contexts: list[int], a) -> list[dict]:
             secs = time.perf_counter() - t0
             reached += a.steps
         except (MemoryError, RuntimeError) as e:  # the tiers are full: the largest context is the last row
-            stopped = f"stopped at {reached} tokens: {str(e).split(' [')[0]}"
+            stopped = f"stopped at {reached} tokens: {e}"
             rows.append({"mode": mode, "batch": batch, "context": ctx, "skipped": stopped})
             print(f"  ({mode}) batch {batch} ctx {ctx:>8}: {stopped}", flush=True)
             continue

@@ -13,7 +13,8 @@ import time
 import torch
 
 from ..cache import PagedKV
-from .common import DecodeSteps, save, sync_seconds
+from ..steps import DecodeSteps
+from .common import save, sync_seconds
 
 LAYERS, HK, HQ, D, BS = 32, 8, 32, 128, 16
 
@@ -64,7 +65,26 @@ def disk_ceilings(path: str, gib: float) -> dict:
     return {"write": w, "read": r}
 
 
-ISSUE = {"batch": "1", "batch+overlap": "overlap", "a call per copy": "0"}  # PAGEDKV_COPY_BATCH
+# How a request's copies reach the driver: the label in the output -> PagedKV(copy_batch=...).
+ISSUE = {"batch": "batch", "batch+overlap": "overlap", "a call per copy": "off"}
+
+
+def staging_variants(gather: str) -> dict:
+    """The pass-through variants timed: PagedKV constructor config per label. Staging by SM
+    loads over the link, at the default shape and at each `gather` shape ("u,t,c;u,t,c": loads
+    in flight per thread, threads, CTAs per SM), or by 2-D copy-engine copies."""
+    out = {"kernel": {"staging": "kernel"}}
+    for text in filter(None, (g.strip() for g in gather.split(";"))):
+        try:
+            shape = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) <= 0:
+            raise ValueError(f"--gather: each shape is three positive integers unroll,threads,ctas_per_sm, "
+                             f"got {text!r}")
+        out[f"kernel:{text}"] = {"staging": "kernel", "gather_shape": shape}
+    out["dma"] = {"staging": "dma"}
+    return out
 
 
 def swaps(blocks: int, scattered: bool, issue: str = "batch", repeats: int = 3) -> dict:
@@ -76,10 +96,9 @@ def swaps(blocks: int, scattered: bool, issue: str = "batch", repeats: int = 3) 
     out = {"blocks": blocks, "scattered": scattered, "issue": issue, "swap_out": 0.0, "swap_in": 0.0, "both": 0.0}
     rows = torch.randn(blocks * BS, HK, D, device="cuda", dtype=torch.bfloat16)
     for _ in range(repeats):
-        os.environ["PAGEDKV_COPY_BATCH"] = ISSUE[issue]
         kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
-                     device="cuda", device_blocks=2 * blocks + 8, host_blocks=2 * blocks + 8, watermarks=(0, 0))
-        os.environ.pop("PAGEDKV_COPY_BATCH")
+                     device="cuda", device_blocks=2 * blocks + 8, host_blocks=2 * blocks + 8, watermarks=(0, 0),
+                     copy_batch=ISSUE[issue])
         a, b = kv.add_sequence(), kv.add_sequence()
         if scattered:  # layer 0 block by block, taking turns: a gets the even slots, b the odd ones
             for i in range(blocks):
@@ -134,11 +153,12 @@ def disk_swaps(path: str, blocks: int, device: str = "cuda") -> dict:
             "bytes_from_disk": st["bytes_from_disk"], "intact": ok}
 
 
-def pass_through(device_blocks: int, steps: int = 3) -> dict:
+def pass_through(device_blocks: int, steps: int = 3, **config) -> dict:
     """Decode attention, all layers, over one context 4x the device tier: each layer's slices of
-    the host-resident blocks are staged to the device for the call. GB/s of staged bytes."""
+    the host-resident blocks are staged to the device for the call (`config`: PagedKV's staging
+    and gather_shape). GB/s of staged bytes."""
     kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=torch.bfloat16,
-                 device="cuda", device_blocks=device_blocks, host_blocks=4 * device_blocks + 16)
+                 device="cuda", device_blocks=device_blocks, host_blocks=4 * device_blocks + 16, **config)
     s = kv.add_sequence()
     rows = torch.randn(4 * device_blocks * BS, HK, D, device="cuda", dtype=torch.bfloat16)
     for layer in range(LAYERS):
@@ -262,7 +282,7 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
         def run():
             for _ in range(3):
                 steps_of.step(seqs)
-            steps_of.end()
+            steps_of.close()
         return run
 
     for name, fn in (("begin_step, eager", three(DecodeSteps(kv, step_calls, HQ, graph=False))),
@@ -311,6 +331,7 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
 def main(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench offload needs a CUDA GPU")
+    variants = staging_variants(args.gather)  # a bad --gather fails before anything is measured
     card = torch.cuda.get_device_name()
     link = link_ceilings(2.0)
     disk = disk_ceilings(args.disk_path or tempfile.gettempdir(), 2.0)
@@ -318,16 +339,7 @@ def main(args) -> None:
     sw = sw_all[1]  # the scattered slots of a pool in service, the engine's default: the figure of record
     dec = decode_with_traffic(args.batch, args.context, 5)
     dk = disk_swaps(args.disk_path or tempfile.gettempdir(), 512)
-    pt = {}
-    # staging by SM loads over the link (loads in flight per thread, threads, CTAs per SM), or by
-    # 2-D copy-engine copies
-    for how in ["kernel"] + [f"kernel:{g}" for g in args.gather.split(";") if g] + ["dma"]:
-        os.environ["PAGEDKV_STAGING"] = how.split(":")[0]
-        if ":" in how:
-            os.environ["PAGEDKV_GATHER"] = how.split(":")[1]
-        pt[how] = pass_through(1024)
-        os.environ.pop("PAGEDKV_GATHER", None)
-    os.environ.pop("PAGEDKV_STAGING")
+    pt = {how: pass_through(1024, **config) for how, config in variants.items()}
     print(f"offload on {card}: blocks of {sw['block_bytes'] / 2**20:.1f} MiB, {sw['blocks']} per transfer")
     print(f"  {'direction':<12}{'slots':<11}{'issued as':<18}{'pagedkv GB/s':>14}{'ceiling GB/s':>14}{'ratio':>8}")
     for r in sw_all:

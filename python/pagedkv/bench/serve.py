@@ -20,7 +20,8 @@ import torch
 
 from ..cache import PagedKV
 from ..policies import LRU, Hybrid, Window
-from .common import DecodeSteps, save
+from ..steps import DecodeSteps
+from .common import save
 
 
 def _zipf_pick(rng: random.Random, weights: list[float], k: int) -> list[int]:
@@ -78,7 +79,7 @@ def run_one(policy, device_blocks: int, host_blocks: int, a) -> dict:
             else:
                 steps.step(batch)
         if a.decode != "plain":
-            steps.end()
+            steps.close()
         tokens += a.batch * (a.turn + a.new)
     if dev == "cuda":
         torch.cuda.synchronize()
