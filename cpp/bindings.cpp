@@ -142,7 +142,8 @@ NB_MODULE(_C, m) {
               int64_t disk_blocks, std::string disk_path, int32_t window, int32_t sink_tokens,
               bool retain, bool on_cuda, int32_t cuda_device, std::string policy,
               std::map<std::string, double> policy_params, double low_watermark,
-              double high_watermark) {
+              double high_watermark, int32_t staging, std::tuple<int, int, int> gather_shape,
+              int32_t copy_batch, std::string cold_tier) {
              CacheConfig c;
              c.num_layers = num_layers;
              c.num_kv_heads = num_kv_heads;
@@ -163,12 +164,22 @@ NB_MODULE(_C, m) {
              c.policy_params = std::move(policy_params);
              c.low_watermark = low_watermark;
              c.high_watermark = high_watermark;
+             PKV_CHECK(staging == 0 || staging == 1, ArgumentError, "staging code ", staging, " is unknown");
+             c.staging = Staging(staging);
+             c.gather_shape = {std::get<0>(gather_shape), std::get<1>(gather_shape), std::get<2>(gather_shape)};
+             PKV_CHECK(copy_batch >= 0 && copy_batch <= 2, ArgumentError, "copy_batch code ", copy_batch,
+                       " is unknown");
+             c.copy_batch = CopyBatch(copy_batch);
+             c.cold_tier = std::move(cold_tier);
              new (self) Engine(c);
            },
            "num_layers"_a, "num_kv_heads"_a, "head_dim"_a, "block_size"_a, "dtype"_a,
            "device_blocks"_a, "host_blocks"_a, "disk_blocks"_a, "disk_path"_a, "window"_a,
            "sink_tokens"_a, "retain"_a, "on_cuda"_a, "cuda_device"_a, "policy"_a,
-           "policy_params"_a, "low_watermark"_a, "high_watermark"_a)
+           "policy_params"_a, "low_watermark"_a, "high_watermark"_a, "staging"_a = 0,
+           "gather_shape"_a = std::make_tuple(GatherShape{}.unroll, GatherShape{}.threads,
+                                              GatherShape{}.ctas_per_sm),
+           "copy_batch"_a = 0, "cold_tier"_a = "disk")
       .def("add_sequence", &Engine::add_sequence)
       .def("fork", &Engine::fork, "seq"_a)
       .def("free", &Engine::free, "seq"_a)
@@ -235,28 +246,33 @@ NB_MODULE(_C, m) {
              const int64_t elems = int64_t(e.seq_len(seq, layer)) * c.num_kv_heads * c.head_dim;
              void* kp = checked(e, k_out, "k_out", elems, c.dtype);
              void* vp = checked(e, v_out, "v_out", elems, c.dtype);
+             nb::gil_scoped_release release;
              e.gather(seq, layer, kp, vp, as_stream(stream));
            },
            "seq"_a, "layer"_a, "k_out"_a.noconvert(), "v_out"_a.noconvert(), "stream"_a)
       .def("prepare",
            [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
+             nb::gil_scoped_release release;
              return e.prepare(seqs, as_stream(stream));
            },
            "seqs"_a, "stream"_a)
       .def("begin_step",
            [](Engine& e, const std::vector<SeqId>& seqs, int32_t tokens, int32_t num_q_heads, uintptr_t stream) {
+             nb::gil_scoped_release release;
              return e.begin_step(seqs, tokens, num_q_heads, as_stream(stream));
            },
            "seqs"_a, "tokens"_a, "num_q_heads"_a, "stream"_a)
-      .def("end_step", &Engine::end_step)
+      .def("end_step", &Engine::end_step, nb::call_guard<nb::gil_scoped_release>())
       .def("step_open", &Engine::step_open)
       .def("prefetch",
            [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
+             nb::gil_scoped_release release;
              e.prefetch(seqs, as_stream(stream));
            },
            "seqs"_a, "stream"_a)
       .def("offload",
            [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
+             nb::gil_scoped_release release;
              e.offload(seqs, as_stream(stream));
            },
            "seqs"_a, "stream"_a)
@@ -270,7 +286,7 @@ NB_MODULE(_C, m) {
            "seq"_a)
       .def("stats", [](const Engine& e) { return stats_dict(e.stats()); })
       .def("sequences", &Engine::sequences)
-      .def("check_invariants", &Engine::check_invariants)
+      .def("check_invariants", &Engine::check_invariants, nb::call_guard<nb::gil_scoped_release>())
       .def("num_sms", &Engine::num_sms)
       .def("pool",
            [](const Engine& e) {

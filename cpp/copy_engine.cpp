@@ -1,6 +1,5 @@
 #include "pagedkv/copy_engine.h"
 
-#include <cstdlib>
 #include <cstring>
 #include <tuple>
 
@@ -51,7 +50,7 @@ Fence record(cudaStream_t s) {
 #endif
 }  // namespace
 
-CopyEngine::CopyEngine(bool cuda, int device, size_t block_bytes)
+CopyEngine::CopyEngine(bool cuda, int device, size_t block_bytes, CopyBatch batch)
     : cuda_(cuda), device_(device), block_bytes_(block_bytes) {
 #ifdef PAGEDKV_WITH_CUDA
   if (cuda_) {
@@ -61,12 +60,10 @@ CopyEngine::CopyEngine(bool cuda, int device, size_t block_bytes)
     PKV_CUDA(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking));
     d2h_ = a;
     h2d_ = b;
-    if (const char* batch = std::getenv("PAGEDKV_COPY_BATCH")) {
-      batch_ = std::strcmp(batch, "0") != 0;
+    batch_ = batch != CopyBatch::off;
 #if CUDART_VERSION >= 13000
-      if (std::strcmp(batch, "overlap") == 0) batch_flags_ = cudaMemcpyFlagPreferOverlapWithCompute;
+    if (batch == CopyBatch::overlap) batch_flags_ = cudaMemcpyFlagPreferOverlapWithCompute;
 #endif
-    }
   }
 #endif
   if (!cuda_) worker_ = std::make_unique<CpuCopyWorker>();

@@ -2,9 +2,6 @@
 #include "pagedkv/engine.h"
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 
 #include "io_pool.h"
 #include "pagedkv/errors.h"
@@ -25,13 +22,8 @@ Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
   PKV_CHECK(cfg_.disk_blocks == 0 || cfg_.host_blocks > 0, ArgumentError,
             "disk_blocks: the disk tier is staged through pinned host memory; give host_blocks > 0");
   const size_t block = size_t(cfg_.block_bytes());
-  if (const char* how = std::getenv("PAGEDKV_STAGING")) stage_by_kernel_ = std::strcmp(how, "dma") != 0;
-  if (const char* g = std::getenv("PAGEDKV_GATHER")) {
-    int u = 0, t = 0, c = 0;
-    PKV_CHECK(std::sscanf(g, "%d,%d,%d", &u, &t, &c) == 3, ArgumentError,
-              "PAGEDKV_GATHER: expected unroll,threads,ctas_per_sm, got ", g);
-    gather_shape_ = {u, t, c};
-  }
+  stage_by_kernel_ = cfg_.staging == Staging::kernel;
+  gather_shape_ = cfg_.gather_shape;
   policy_ = make_policy(cfg_.policy, cfg_.policy_params);
   host_order_ = make_policy("lru", {});
   clean_order_ = make_policy("lru", {});
@@ -65,12 +57,19 @@ Engine::Engine(const CacheConfig& cfg) : cfg_(cfg) {
     disk_ = DiskFile(cfg_.disk_path, cfg_.disk_blocks, block);
     io_ = std::make_unique<IoPool>(kDiskThreads);
   }
-  copies_ = std::make_unique<CopyEngine>(cfg_.on_cuda, cfg_.cuda_device, block);
+  copies_ = std::make_unique<CopyEngine>(cfg_.on_cuda, cfg_.cuda_device, block, cfg_.copy_batch);
 }
 
 Engine::~Engine() = default;
 
+Engine::Entry::Entry(const Engine& e, const char* what) : e_(e) {
+  PKV_CHECK(!e.busy_.exchange(true, std::memory_order_acquire), ConcurrentUse, what,
+            ": this engine is in use by another thread; an engine serves one thread at a time "
+            "(give each thread its own PagedKV, or hold a lock around every call)");
+}
+
 SeqId Engine::add_sequence() {
+  const Entry entry(*this, "add_sequence()");
   SeqId id = next_seq_++;
   SequenceTable t;
   t.lens.assign(size_t(cfg_.num_layers), 0);
@@ -80,6 +79,7 @@ SeqId Engine::add_sequence() {
 }
 
 SeqId Engine::fork(SeqId parent) {
+  const Entry entry(*this, "fork()");
   const SequenceTable& src = table(parent, "fork()");
   check_not_in_step(parent, "fork()");
   SequenceTable copy = src;
@@ -92,6 +92,7 @@ SeqId Engine::fork(SeqId parent) {
 }
 
 void Engine::free(SeqId seq) {
+  const Entry entry(*this, "free()");
   SequenceTable& t = table(seq, "free()");
   check_not_in_step(seq, "free()");
   for (BlockId id : t.blocks)
@@ -101,6 +102,7 @@ void Engine::free(SeqId seq) {
 }
 
 void Engine::truncate(SeqId seq, int32_t tokens) {
+  const Entry entry(*this, "truncate()");
   SequenceTable& t = table(seq, "truncate()");
   check_not_in_step(seq, "truncate()");
   PKV_CHECK(tokens >= 0, ArgumentError, "truncate(): tokens must be >= 0, got ", tokens);
@@ -149,12 +151,14 @@ char* Engine::slot_ptr(BlockLoc loc) const {
 }
 
 int32_t Engine::seq_len(SeqId seq, int32_t layer) const {
+  const Entry entry(*this, "seq_len()");
   const SequenceTable& t = table(seq, "seq_len()");
   check_layer(layer, "seq_len()");
   return t.lens[size_t(layer)];
 }
 
 std::vector<BlockLoc> Engine::block_table(SeqId seq) const {
+  const Entry entry(*this, "block_table()");
   const SequenceTable& t = table(seq, "block_table()");
   std::vector<BlockLoc> out;
   out.reserve(t.blocks.size());
@@ -163,6 +167,7 @@ std::vector<BlockLoc> Engine::block_table(SeqId seq) const {
 }
 
 Stats Engine::stats() const {
+  const Entry entry(*this, "stats()");
   Stats s;
   s.device_blocks_used = pool(Tier::device).num_used();
   s.device_blocks_free = pool(Tier::device).num_free();
@@ -180,6 +185,7 @@ Stats Engine::stats() const {
 }
 
 std::vector<SeqId> Engine::sequences() const {
+  const Entry entry(*this, "sequences()");
   std::vector<SeqId> ids;
   for (const auto& kv : tables_) ids.push_back(kv.first);
   std::sort(ids.begin(), ids.end());

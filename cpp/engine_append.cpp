@@ -10,6 +10,7 @@ namespace pagedkv {
 void Engine::append(const std::vector<SeqId>& seqs, int32_t layer,
                     const std::vector<int32_t>& lengths, const void* k, const void* v,
                     void* stream) {
+  const Entry entry(*this, "append()");
   check_layer(layer, "append()");
   check_batch(seqs, lengths, "append()");
   if (is_step_batch(seqs, "append()")) return step_append(layer, lengths, k, v, stream);

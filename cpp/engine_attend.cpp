@@ -87,6 +87,7 @@ const StepPlan& Engine::plan_for(const std::vector<SeqId>& seqs, void* stream) {
 }
 
 int32_t Engine::prepare(const std::vector<SeqId>& seqs, void* stream) {
+  const Entry entry(*this, "prepare()");
   check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "prepare()");
   return plan_for(seqs, stream).max_blocks;
 }
@@ -125,6 +126,7 @@ std::vector<BlockId> Engine::blocks_in_scope(const SequenceTable& t, int32_t lay
 
 void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
                     const std::vector<int32_t>& lengths, const AttendArgs& args) {
+  const Entry entry(*this, "attend()");
   check_layer(layer, "attend()");
   check_batch(seqs, lengths, "attend()");
   PKV_CHECK(args.num_q_heads > 0 && args.num_q_heads % cfg_.num_kv_heads == 0, ArgumentError,
@@ -258,6 +260,7 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
 
 int64_t Engine::blocks_needed(const std::vector<SeqId>& seqs, int32_t layer,
                               const std::vector<int32_t>& lengths, int32_t window) const {
+  const Entry entry(*this, "blocks_needed()");
   check_layer(layer, "attend()");
   check_batch(seqs, lengths, "attend()");
   if (window < 0) window = cfg_.window;
@@ -272,6 +275,7 @@ int64_t Engine::blocks_needed(const std::vector<SeqId>& seqs, int32_t layer,
 // Partial results of several ranges merge by their log-sum-exp (python/pagedkv/passthrough.py).
 void Engine::attend_range(SeqId seq, int32_t layer, int32_t position, int32_t key_begin,
                           int32_t key_end, const AttendArgs& args) {
+  const Entry entry(*this, "attend_range()");
   const SequenceTable& t = table(seq, "attend_range()");
   check_not_in_step(seq, "attend_range()");
   check_layer(layer, "attend_range()");
@@ -340,6 +344,7 @@ void Engine::run_with_tables(PagedAttentionParams& p, const std::vector<int32_t>
 }
 
 void Engine::gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream) {
+  const Entry entry(*this, "gather()");
   const SequenceTable& t = table(seq, "gather()");
   check_layer(layer, "gather()");
   const int32_t len = t.lens[size_t(layer)], bs = cfg_.block_size;

@@ -319,6 +319,7 @@ void Engine::note_use(const SequenceTable& t, SeqId seq, int32_t logical) {
 }
 
 void Engine::offload(const std::vector<SeqId>& seqs, void* stream) {
+  const Entry entry(*this, "offload()");
   check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "offload()");
   PKV_CHECK(tiered(), ArgumentError, "offload(): the cache has no host tier (host_blocks=0)");
   for (SeqId s : seqs) check_not_in_step(s, "offload()");
@@ -342,6 +343,7 @@ void Engine::offload(const std::vector<SeqId>& seqs, void* stream) {
 }
 
 void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
+  const Entry entry(*this, "prefetch()");
   check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "prefetch()");
   KeepSet keep, check;
   std::vector<BlockId> want;

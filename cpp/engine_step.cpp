@@ -72,6 +72,7 @@ int64_t Engine::step_blocks(const std::vector<SeqId>& seqs, int32_t tokens, std:
 }
 
 bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t num_q_heads, void* stream) {
+  const Entry entry(*this, "begin_step()");
   const char* what = "begin_step()";
   PKV_CHECK(!seqs.empty(), ArgumentError, what, ": seqs is empty");
   PKV_CHECK(tokens >= 1, ArgumentError, what, ": tokens must be >= 1, got ", tokens);
@@ -178,6 +179,7 @@ bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t 
 }
 
 void Engine::end_step() {
+  const Entry entry(*this, "end_step()");
   decode_.open = false;
   decode_.pinned.clear();
   decode_.members.clear();

@@ -8,6 +8,7 @@
 namespace pagedkv {
 
 void Engine::check_invariants() const {
+  const Entry entry(*this, "check_invariants()");
   // Reference counts equal the number of page-table entries naming each block.
   std::unordered_map<BlockId, int32_t> refs;
   for (const auto& [seq, t] : tables_) {

@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "pagedkv/config.h"
 #include "pagedkv/fence.h"
 
 namespace pagedkv {
@@ -31,7 +32,7 @@ struct SliceRun {
 
 class CopyEngine {
  public:
-  CopyEngine(bool cuda, int device, size_t block_bytes);
+  CopyEngine(bool cuda, int device, size_t block_bytes, CopyBatch batch = CopyBatch::batch);
   ~CopyEngine();
   CopyEngine(const CopyEngine&) = delete;
   CopyEngine& operator=(const CopyEngine&) = delete;
@@ -72,8 +73,8 @@ class CopyEngine {
   size_t block_bytes_;
   void* d2h_ = nullptr;  // cudaStream_t
   void* h2d_ = nullptr;  // cudaStream_t
-  // Several runs go to the driver as one cudaMemcpyBatchAsync. PAGEDKV_COPY_BATCH (comparison
-  // runs): 0 = one cudaMemcpyAsync each; overlap = the batch hints cudaMemcpyFlagPreferOverlapWithCompute.
+  // Several runs go to the driver as one cudaMemcpyBatchAsync (CacheConfig::copy_batch: off = one
+  // cudaMemcpyAsync each; overlap = the batch hints cudaMemcpyFlagPreferOverlapWithCompute).
   bool batch_ = true;
   unsigned batch_flags_ = 0;
   std::unique_ptr<CpuCopyWorker> worker_;  // CPU tiers: copies run on this thread

@@ -2,6 +2,7 @@
 // pointers. Every public call validates everything and checks for room before it changes
 // anything, so a throw leaves the engine exactly as it was.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -114,6 +115,19 @@ class Engine {
   // pointing at live blocks, block counts matching lengths, the policy tracking exactly the
   // device-resident blocks.
   void check_invariants() const;
+
+  // One thread at a time (docs/DESIGN.md §5): every public call holds this for its duration, and a
+  // second thread entering meanwhile gets ConcurrentUse (RuntimeError) instead of a torn engine.
+  class Entry {
+   public:
+    Entry(const Engine& e, const char* what);
+    ~Entry() { e_.busy_.store(false, std::memory_order_release); }
+    Entry(const Entry&) = delete;
+    Entry& operator=(const Entry&) = delete;
+
+   private:
+    const Engine& e_;
+  };
 
  private:
   friend struct EngineTestAccess;  // tests/cpp: corrupts state to prove check_invariants() sees it
@@ -238,10 +252,9 @@ class Engine {
   std::vector<int32_t> meta_host_;  // CUDA attend(): kv_lens then q_indptr, reused every call
   std::vector<char> staging_cpu_;                    // CPU builds' staging buffer
   // CUDA: stage slices with SM loads over the link (a kernel on the compute stream) rather than
-  // with 2-D copies on the copy engine. PAGEDKV_STAGING=dma|kernel when the engine is made.
+  // with 2-D copies on the copy engine (CacheConfig::staging).
   bool stage_by_kernel_ = true;
-  // The staging kernel's shape (PAGEDKV_GATHER=unroll,threads,ctas when the engine is made; for
-  // tuning runs) and the host pool's address as the device sees it (CUDA, with a host tier).
+  // The staging kernel's shape (CacheConfig::gather_shape) and the host pool's address as the device sees it (CUDA, with a host tier).
   GatherShape gather_shape_;
   void* host_mapped_ = nullptr;
   // Device blocks fetched from the host and not written since: their host slot still holds the
@@ -261,6 +274,7 @@ class Engine {
   DecodeStep decode_;
   TransferCounters counters_;
   std::unique_ptr<CudaContext> cuda_;
+  mutable std::atomic<bool> busy_{false};  // a public call is running (Entry)
 };
 
 }  // namespace pagedkv
