@@ -11,11 +11,9 @@
 
 #include <optional>
 
+#include "pagedkv/device_backend.h"
 #include "pagedkv/engine.h"
 #include "pagedkv/errors.h"
-#ifdef PAGEDKV_WITH_CUDA
-#include "pagedkv/cuda_context.h"
-#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -120,20 +118,9 @@ void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
 NB_MODULE(_C, m) {
   register_exceptions(m);
 
-  m.def("cuda_available", [] {
-#ifdef PAGEDKV_WITH_CUDA
-    return cuda_device_present();
-#else
-    return false;
-#endif
-  }, "Whether this build has CUDA kernels and a GPU with a driver that can run them.");
-  m.def("built_with_cuda", [] {
-#ifdef PAGEDKV_WITH_CUDA
-    return true;
-#else
-    return false;
-#endif
-  });
+  m.def("cuda_available", [] { return cuda_usable(); },
+        "Whether this build has CUDA kernels and a GPU with a driver that can run them.");
+  m.def("built_with_cuda", [] { return built_with_cuda(); });
 
   nb::class_<Engine>(m, "Engine")
       .def("__init__",
@@ -221,6 +208,24 @@ NB_MODULE(_C, m) {
            "seqs"_a, "layer"_a, "lengths"_a, "q"_a.noconvert(), "out"_a.noconvert(),
            "lse"_a.noconvert().none(), "num_q_heads"_a, "scale"_a, "window"_a, "sinks"_a = -1,
            "stream"_a = 0, "sink_rope"_a.noconvert().none() = nb::none())
+      .def("merge_partials",
+           [](Engine& e, const Array& outs, const Array& lses, const Array& out, std::optional<Array> lse,
+              uintptr_t stream) {
+             // outs [parts, rows, heads, head_dim] (cache dtype), lses [parts, rows, heads] float32.
+             const CacheConfig& c = e.config();
+             PKV_CHECK(lses.ndim() >= 1 && lses.shape(0) >= 1, ArgumentError,
+                       "lses must be [parts, ...] with at least one part");
+             const int32_t parts = int32_t(lses.shape(0));
+             const int64_t rows_heads = int64_t(lses.size()) / parts;
+             const void* op = checked(e, outs, "outs", int64_t(parts) * rows_heads * c.head_dim, c.dtype);
+             const float* lp = static_cast<const float*>(checked(e, lses, "lses", int64_t(parts) * rows_heads, DType::f32));
+             void* o = checked(e, out, "out", rows_heads * c.head_dim, c.dtype);
+             float* l = lse ? static_cast<float*>(checked(e, *lse, "lse", rows_heads, DType::f32)) : nullptr;
+             nb::gil_scoped_release release;
+             e.merge_partials(op, lp, parts, rows_heads, o, l, as_stream(stream));
+           },
+           "outs"_a.noconvert(), "lses"_a.noconvert(), "out"_a.noconvert(), "lse"_a.noconvert().none(),
+           "stream"_a)
       .def("blocks_needed", &Engine::blocks_needed, "seqs"_a, "layer"_a, "lengths"_a, "window"_a)
       .def("attend_range",
            [](Engine& e, SeqId seq, int32_t layer, int32_t position, int32_t key_begin,

@@ -1,0 +1,42 @@
+// The tier registration point: name -> factory, the built-in tiers registered on first use.
+#include <map>
+#include <mutex>
+
+#include "pagedkv/errors.h"
+#include "pagedkv/tier.h"
+
+namespace pagedkv {
+namespace {
+
+struct Registry {
+  std::mutex mutex;
+  std::map<std::string, TierFactory> factories{
+      {"device", make_device_tier}, {"host", make_host_tier}, {"disk", make_disk_tier}};
+};
+
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+}  // namespace
+
+void register_tier(const std::string& name, TierFactory factory) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  r.factories[name] = std::move(factory);
+}
+
+std::unique_ptr<TierStorage> make_tier(const std::string& name, const TierSpec& spec, const char* what) {
+  TierFactory factory;
+  {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    auto it = r.factories.find(name);
+    PKV_CHECK(it != r.factories.end(), ArgumentError, what, ": no tier named '", name, "' is registered");
+    factory = it->second;
+  }
+  return factory(spec);
+}
+
+}  // namespace pagedkv
