@@ -18,6 +18,7 @@ namespace {
 
 class CpuBackend final : public DeviceBackend {
  public:
+  using DeviceBackend::send;
   explicit CpuBackend(const CacheConfig& c) : block_bytes_(size_t(c.block_bytes())) {}
 
   bool on_cuda() const override { return false; }

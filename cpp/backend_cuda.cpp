@@ -52,6 +52,7 @@ cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
 class CudaBackend final : public DeviceBackend {
  public:
+  using DeviceBackend::send;
   explicit CudaBackend(const CacheConfig& c)
       : device_(c.cuda_device), block_bytes_(size_t(c.block_bytes())), ctx_(c.cuda_device) {
     DeviceGuard guard(device_);

@@ -32,7 +32,7 @@ nb::dlpack::dtype to_dlpack(DType d) {
 }
 
 // The data pointer of `a` after checking it matches the cache: dtype, device, element count.
-void* checked(const Engine& e, const Array& a, const char* name, int64_t elems, DType dtype) {
+void* checked(const Engine& e, const Array& a, const char* name, int64_t elems, DType dtype, bool vectors = true) {
   const CacheConfig& c = e.config();
   PKV_CHECK(a.dtype() == to_dlpack(dtype), TypeMismatch, name, " must be ", dtype_name(dtype));
   const int want_dev = c.on_cuda ? nb::device::cuda::value : nb::device::cpu::value;
@@ -41,7 +41,7 @@ void* checked(const Engine& e, const Array& a, const char* name, int64_t elems, 
   PKV_CHECK(int64_t(a.size()) == elems, ArgumentError, name, " has ", a.size(), " elements, expected ",
             elems);
   // The kernels read and write whole 16-byte vectors.
-  PKV_CHECK(!c.on_cuda || reinterpret_cast<uintptr_t>(a.data()) % 16 == 0, ArgumentError, name,
+  PKV_CHECK(!vectors || !c.on_cuda || reinterpret_cast<uintptr_t>(a.data()) % 16 == 0, ArgumentError, name,
             " must start on a 16-byte boundary (a view at an odd offset? pass a fresh tensor)");
   return a.data();
 }
@@ -217,10 +217,12 @@ NB_MODULE(_C, m) {
                        "lses must be [parts, ...] with at least one part");
              const int32_t parts = int32_t(lses.shape(0));
              const int64_t rows_heads = int64_t(lses.size()) / parts;
-             const void* op = checked(e, outs, "outs", int64_t(parts) * rows_heads * c.head_dim, c.dtype);
-             const float* lp = static_cast<const float*>(checked(e, lses, "lses", int64_t(parts) * rows_heads, DType::f32));
-             void* o = checked(e, out, "out", rows_heads * c.head_dim, c.dtype);
-             float* l = lse ? static_cast<float*>(checked(e, *lse, "lse", rows_heads, DType::f32)) : nullptr;
+             const void* op = checked(e, outs, "outs", int64_t(parts) * rows_heads * c.head_dim, c.dtype, false);
+             const float* lp =
+                 static_cast<const float*>(checked(e, lses, "lses", int64_t(parts) * rows_heads, DType::f32, false));
+             // (the merge reads and writes single elements: views at any offset will do)
+             void* o = checked(e, out, "out", rows_heads * c.head_dim, c.dtype, false);
+             float* l = lse ? static_cast<float*>(checked(e, *lse, "lse", rows_heads, DType::f32, false)) : nullptr;
              nb::gil_scoped_release release;
              e.merge_partials(op, lp, parts, rows_heads, o, l, as_stream(stream));
            },

@@ -11,8 +11,6 @@ namespace {
 
 const CacheConfig& validated(const CacheConfig& c) {
   validate_config(c);
-  PKV_CHECK(c.disk_blocks == 0 || c.host_blocks > 0, ArgumentError,
-            "disk_blocks: the disk tier is staged through pinned host memory; give host_blocks > 0");
   return c;
 }
 
@@ -61,7 +59,7 @@ void Engine::truncate(SeqId seq, int32_t tokens) {
 
 void Engine::offload(const std::vector<SeqId>& seqs, void* stream) {
   const Entry entry(*this, "offload()");
-  tables_.check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "offload()");
+  check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "offload()");
   PKV_CHECK(store_.tiered(), ArgumentError, "offload(): the cache has no host tier (host_blocks=0)");
   for (SeqId s : seqs) planner_.check_not_in_step(s, "offload()");
   KeepSet seen;
@@ -75,7 +73,7 @@ void Engine::offload(const std::vector<SeqId>& seqs, void* stream) {
 
 void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
   const Entry entry(*this, "prefetch()");
-  tables_.check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "prefetch()");
+  check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "prefetch()");
   KeepSet seen;
   std::vector<BlockId> ids;
   for (SeqId s : seqs)
@@ -87,12 +85,9 @@ void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
 void Engine::gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream) {
   const Entry entry(*this, "gather()");
   const SequenceTable& t = tables_.get(seq, "gather()");
-  tables_.check_layer(layer, "gather()");
-  const int32_t len = t.lens[size_t(layer)];
-  for (int32_t b = 0; b < blocks_for(len, cfg_.block_size); ++b)
-    PKV_CHECK(t.blocks[size_t(b)] != kNoBlock, ArgumentError, "gather(): sequence ", seq,
-              " has dropped blocks (window with retain=False): its oldest keys are gone");
-  store_.read_layer(t.blocks, len, layer, k_out, v_out, stream);
+  check_layer(layer, "gather()");
+  check_gather_args(t, seq, layer);
+  store_.read_layer(t.blocks, t.lens[size_t(layer)], layer, k_out, v_out, stream);
 }
 
 void Engine::merge_partials(const void* outs, const float* lses, int32_t parts, int64_t rows_heads, void* out,
@@ -105,7 +100,7 @@ void Engine::merge_partials(const void* outs, const float* lses, int32_t parts, 
 int32_t Engine::seq_len(SeqId seq, int32_t layer) const {
   const Entry entry(*this, "seq_len()");
   const SequenceTable& t = tables_.get(seq, "seq_len()");
-  tables_.check_layer(layer, "seq_len()");
+  check_layer(layer, "seq_len()");
   return t.lens[size_t(layer)];
 }
 

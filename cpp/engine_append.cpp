@@ -12,8 +12,8 @@ void Engine::append(const std::vector<SeqId>& seqs, int32_t layer,
                     const std::vector<int32_t>& lengths, const void* k, const void* v,
                     void* stream) {
   const Entry entry(*this, "append()");
-  tables_.check_layer(layer, "append()");
-  tables_.check_batch(seqs, lengths, "append()");
+  check_layer(layer, "append()");
+  check_batch(seqs, lengths, "append()");
   if (planner_.is_step_batch(seqs, "append()")) return step_append(layer, lengths, k, v, stream);
   if (layer == 0) store_.tick();
   append_checked(seqs, layer, lengths, k, v, stream, true);

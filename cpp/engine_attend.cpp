@@ -7,21 +7,6 @@
 
 namespace pagedkv {
 
-void Engine::check_attend_args(const AttendArgs& args) const {
-  PKV_CHECK(args.num_q_heads > 0 && args.num_q_heads % cfg_.num_kv_heads == 0, ArgumentError,
-            "attend(): q has ", args.num_q_heads, " heads, which is not a multiple of num_kv_heads=",
-            cfg_.num_kv_heads);
-  PKV_CHECK(args.sink_tokens <= cfg_.sink_tokens, ArgumentError, "attend(): sink_tokens ",
-            args.sink_tokens, " exceeds the cache's ", cfg_.sink_tokens, " (only those are kept)");
-  if (args.sink_rope) {
-    const RopeView r = rope_view(args.sink_rope);
-    PKV_CHECK((r.style == kRopeNeox || r.style == kRopeGptj) && r.dim > 0 && r.dim % 2 == 0 &&
-                  r.dim <= cfg_.head_dim, ArgumentError, "attend(): the sink rotation needs style ",
-              kRopeNeox, " (neox) or ", kRopeGptj, " (gptj) and an even rotary_dim <= head_dim=",
-              cfg_.head_dim, ", got style ", r.style, " and rotary_dim ", r.dim);
-  }
-}
-
 void Engine::note_scope_use(SeqId seq, SequenceTable& t, int32_t len, int32_t n, int32_t window) {
   if (t.touched_step == store_.clock()) return;  // once per step, not once per layer
   t.touched_step = store_.clock();
@@ -36,8 +21,8 @@ void Engine::note_scope_use(SeqId seq, SequenceTable& t, int32_t len, int32_t n,
 void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
                     const std::vector<int32_t>& lengths, const AttendArgs& args) {
   const Entry entry(*this, "attend()");
-  tables_.check_layer(layer, "attend()");
-  tables_.check_batch(seqs, lengths, "attend()");
+  check_layer(layer, "attend()");
+  check_batch(seqs, lengths, "attend()");
   check_attend_args(args);
   const int32_t window = args.window < 0 ? cfg_.window : args.window;
   if (planner_.is_step_batch(seqs, "attend()")) return planner_.step_attend(layer, lengths, args);
@@ -128,8 +113,8 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
 int64_t Engine::blocks_needed(const std::vector<SeqId>& seqs, int32_t layer,
                               const std::vector<int32_t>& lengths, int32_t window) const {
   const Entry entry(*this, "blocks_needed()");
-  tables_.check_layer(layer, "attend()");
-  tables_.check_batch(seqs, lengths, "attend()");
+  check_layer(layer, "attend()");
+  check_batch(seqs, lengths, "attend()");
   if (window < 0) window = cfg_.window;
   int64_t total = 0;
   for (size_t i = 0; i < seqs.size(); ++i)
@@ -139,7 +124,7 @@ int64_t Engine::blocks_needed(const std::vector<SeqId>& seqs, int32_t layer,
 
 int32_t Engine::prepare(const std::vector<SeqId>& seqs, void* stream) {
   const Entry entry(*this, "prepare()");
-  tables_.check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "prepare()");
+  check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "prepare()");
   return planner_.plan_for(seqs, stream).max_blocks;
 }
 
@@ -151,17 +136,11 @@ void Engine::attend_range(SeqId seq, int32_t layer, int32_t position, int32_t ke
   const Entry entry(*this, "attend_range()");
   const SequenceTable& t = tables_.get(seq, "attend_range()");
   planner_.check_not_in_step(seq, "attend_range()");
-  tables_.check_layer(layer, "attend_range()");
+  check_layer(layer, "attend_range()");
+  check_range_args(t, seq, layer, position, key_begin, key_end);
   const int32_t bs = cfg_.block_size;
-  PKV_CHECK(0 <= key_begin && key_begin < key_end && key_end <= position + 1 &&
-                position < t.lens[size_t(layer)], ArgumentError, "attend_range(): keys [", key_begin, ", ",
-            key_end, ") are not a range the row at ", position, " sees");
   std::vector<BlockId> ids;
-  for (int32_t b = key_begin / bs; b < blocks_for(key_end, bs); ++b) {
-    PKV_CHECK(t.blocks[size_t(b)] != kNoBlock, ArgumentError, "attend_range(): keys of sequence ",
-              seq, " were dropped by the window (retain=False)");
-    ids.push_back(t.blocks[size_t(b)]);
-  }
+  for (int32_t b = key_begin / bs; b < blocks_for(key_end, bs); ++b) ids.push_back(t.blocks[size_t(b)]);
   if (store_.tiered()) {
     const KeepSet keep(ids.begin(), ids.end());
     store_.check_room(0, keep, "attend_range()");

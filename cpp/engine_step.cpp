@@ -35,12 +35,7 @@ int64_t Engine::step_blocks(const std::vector<SeqId>& seqs, int32_t tokens, std:
 bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t num_q_heads, void* stream) {
   const Entry entry(*this, "begin_step()");
   const char* what = "begin_step()";
-  PKV_CHECK(!seqs.empty(), ArgumentError, what, ": seqs is empty");
-  PKV_CHECK(tokens >= 1, ArgumentError, what, ": tokens must be >= 1, got ", tokens);
-  PKV_CHECK(num_q_heads >= 0 && num_q_heads % cfg_.num_kv_heads == 0, ArgumentError, what,
-            ": num_q_heads must be a positive multiple of num_kv_heads=", cfg_.num_kv_heads,
-            " (or 0: sized at the first attend), got ", num_q_heads);
-  tables_.check_batch(seqs, std::vector<int32_t>(seqs.size(), tokens), what);
+  check_step_args(seqs, tokens, num_q_heads);
   DecodeStep& step = planner_.step();
   const BlockPool& dev = store_.tier(Tier::device).slots();
   // Checks first, the previous step's pins not counted (it ends here); on a throw it stays open.

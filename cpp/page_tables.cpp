@@ -2,7 +2,6 @@
 #include "pagedkv/page_tables.h"
 
 #include <algorithm>
-#include <unordered_set>
 
 #include "pagedkv/attention_params.h"
 #include "pagedkv/block_store.h"
@@ -69,23 +68,6 @@ std::vector<SeqId> PageTables::ids() const {
   for (const auto& kv : tables_) out.push_back(kv.first);
   std::sort(out.begin(), out.end());
   return out;
-}
-
-void PageTables::check_layer(int32_t layer, const char* what) const {
-  PKV_CHECK(layer >= 0 && layer < cfg_.num_layers, LayerOutOfRange, what, ": layer ", layer,
-            " is out of range for a cache of ", cfg_.num_layers, " layers");
-}
-
-void PageTables::check_batch(const std::vector<SeqId>& seqs, const std::vector<int32_t>& lengths,
-                             const char* what) const {
-  PKV_CHECK(seqs.size() == lengths.size(), ArgumentError, what, ": lengths has ", lengths.size(),
-            " entries but seqs has ", seqs.size());
-  std::unordered_set<SeqId> seen;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    get(seqs[i], what);
-    PKV_CHECK(seen.insert(seqs[i]).second, ArgumentError, what, ": seqs lists sequence ", seqs[i], " twice");
-    PKV_CHECK(lengths[i] >= 0, ArgumentError, what, ": lengths[", i, "] is negative (", lengths[i], ")");
-  }
 }
 
 ScopeBlocks PageTables::scope(int32_t len, int32_t n, int32_t window) const {

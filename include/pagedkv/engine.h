@@ -123,8 +123,15 @@ class Engine {
   void step_append(int32_t layer, const std::vector<int32_t>& lengths, const void* k, const void* v, void* stream);
   // begin_step's checks: the blocks the step reads or writes now, and how many new ones it takes.
   int64_t step_blocks(const std::vector<SeqId>& seqs, int32_t tokens, std::vector<BlockId>& scope) const;
-  // Argument checks of attend() beyond the batch (one place, shared with attend's step path).
+  // -- argument checks (engine_checks.cpp: every check of a caller's argument, in one file) --
+  void check_layer(int32_t layer, const char* what) const;
+  // Known ids, none twice, lengths as many and non-negative.
+  void check_batch(const std::vector<SeqId>& seqs, const std::vector<int32_t>& lengths, const char* what) const;
   void check_attend_args(const AttendArgs& args) const;
+  void check_step_args(const std::vector<SeqId>& seqs, int32_t tokens, int32_t num_q_heads) const;
+  void check_range_args(const SequenceTable& t, SeqId seq, int32_t layer, int32_t position, int32_t key_begin,
+                        int32_t key_end) const;
+  void check_gather_args(const SequenceTable& t, SeqId seq, int32_t layer) const;
   // Reports the blocks rows [len - n, len) read to the policy, once per step (not per layer).
   void note_scope_use(SeqId seq, SequenceTable& t, int32_t len, int32_t n, int32_t window);
   void write_rows(const int32_t* slot_mapping, int32_t rows, int32_t layer, const void* k, const void* v,

@@ -43,11 +43,6 @@ class PageTables {
   // sequence made or freed): with the store's version, what plans are checked by.
   uint64_t version() const { return version_; }
 
-  // -- argument checks of every call that names a layer or a batch --
-  void check_layer(int32_t layer, const char* what) const;
-  // Known ids, none twice, lengths as many and non-negative.
-  void check_batch(const std::vector<SeqId>& seqs, const std::vector<int32_t>& lengths, const char* what) const;
-
   // -- scope: the one place the sink + window rule is walked --
   ScopeBlocks scope(int32_t len, int32_t n, int32_t window) const;
   // Calls f(b) for every logical block b < t.blocks.size() that rows [len - n, len) read with

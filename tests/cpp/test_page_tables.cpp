@@ -93,17 +93,14 @@ TEST(PageTables, VersionMovesWithBlockListsOnly) {
   f.check();
 }
 
-TEST(PageTables, UnknownIdsAndBadBatchesNameTheCall) {
+TEST(PageTables, UnknownIdsNameTheCall) {
   TablesFixture f(small_config(4, 16));
   const SeqId s = f.tables.add();
   EXPECT_THROW(f.tables.get(s + 1, "x()"), UnknownSequence);
-  EXPECT_THROW(f.tables.check_batch({s, s}, {1, 1}, "x()"), ArgumentError);
-  EXPECT_THROW(f.tables.check_batch({s}, {-1}, "x()"), ArgumentError);
-  EXPECT_THROW(f.tables.check_layer(3, "x()"), LayerOutOfRange);
   try {
-    f.tables.check_layer(7, "attend()");
-  } catch (const LayerOutOfRange& e) {
-    EXPECT_EQ(std::string(e.what()).rfind("attend(): layer 7", 0), 0u);
+    f.tables.get(s + 1, "attend()");
+  } catch (const UnknownSequence& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("attend(): unknown sequence id", 0), 0u);
     EXPECT_EQ(std::string(e.what()).find(".cpp:"), std::string::npos);
   }
 }
