@@ -74,12 +74,7 @@ PagedAttentionParams AttentionPlanner::step_params(const AttendArgs& args, int32
   return p;
 }
 
-void AttentionPlanner::step_attend(int32_t layer, const std::vector<int32_t>& lengths, const AttendArgs& args) {
-  PKV_CHECK(std::all_of(lengths.begin(), lengths.end(), [&](int32_t n) { return n == step_.tokens; }),
-            ArgumentError, "attend(): the open decode step takes ", step_.tokens, " rows per sequence");
-  PKV_CHECK(args.window < 0 || args.window == cfg_.window, ArgumentError,
-            "attend(): the open decode step was planned for the cache's window (", cfg_.window,
-            "), got window=", args.window);
+void AttentionPlanner::step_attend(int32_t layer, const AttendArgs& args) {
   PagedAttentionParams p = step_params(args, layer);
   set_sink_rope(p, args);
   p.block_table = step_.device_table;

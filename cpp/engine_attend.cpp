@@ -25,7 +25,13 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
   check_batch(seqs, lengths, "attend()");
   check_attend_args(args);
   const int32_t window = args.window < 0 ? cfg_.window : args.window;
-  if (planner_.is_step_batch(seqs, "attend()")) return planner_.step_attend(layer, lengths, args);
+  if (planner_.is_step_batch(seqs, "attend()")) {
+    check_step_rows(lengths, "attend()");
+    PKV_CHECK(args.window < 0 || args.window == cfg_.window, ArgumentError,
+              "attend(): the open decode step was planned for the cache's window (", cfg_.window,
+              "), got window=", args.window);
+    return planner_.step_attend(layer, args);
+  }
   std::vector<int32_t> kv_lens(seqs.size()), q_indptr(seqs.size() + 1, 0);
   int32_t max_q_len = 0;
   int64_t in_scope = 0;

@@ -2,6 +2,7 @@
 // and the argument, and says what was expected. (The Python layer, python/pagedkv/_checks.py,
 // checks first in Python's terms; the bindings check only what raw pointers need: dtype, device,
 // element counts, alignment.) Room checks are the block store's (check_room).
+#include <algorithm>
 #include <unordered_set>
 
 #include "pagedkv/engine.h"
@@ -67,6 +68,12 @@ void Engine::check_step_args(const std::vector<SeqId>& seqs, int32_t tokens, int
             ": num_q_heads must be a positive multiple of num_kv_heads=", cfg_.num_kv_heads,
             " (or 0: sized at the first attend), got ", num_q_heads);
   check_batch(seqs, std::vector<int32_t>(seqs.size(), tokens), what);
+}
+
+void Engine::check_step_rows(const std::vector<int32_t>& lengths, const char* what) const {
+  const int32_t tokens = planner_.step().tokens;
+  PKV_CHECK(std::all_of(lengths.begin(), lengths.end(), [&](int32_t n) { return n == tokens; }), ArgumentError,
+            what, ": the open decode step takes ", tokens, " rows per sequence");
 }
 
 }  // namespace pagedkv

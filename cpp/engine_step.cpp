@@ -135,8 +135,7 @@ void Engine::end_step() {
 void Engine::step_append(int32_t layer, const std::vector<int32_t>& lengths, const void* k, const void* v,
                          void* stream) {
   DecodeStep& step = planner_.step();
-  PKV_CHECK(std::all_of(lengths.begin(), lengths.end(), [&](int32_t n) { return n == step.tokens; }),
-            ArgumentError, "append(): the open decode step takes ", step.tokens, " rows per sequence");
+  check_step_rows(lengths, "append()");
   PKV_CHECK(!step.appended[size_t(layer)], ArgumentError, "append(): layer ", layer,
             " was already appended in this decode step (begin_step reserves one set of rows per layer)");
   step.appended[size_t(layer)] = 1;

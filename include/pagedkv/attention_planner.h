@@ -97,7 +97,8 @@ class AttentionPlanner {
   // the split-K scratch sized for num_q_heads (0: at the first attend).
   void build_step_table(const std::vector<SeqId>& seqs, int32_t tokens);
   void upload_step(int32_t num_q_heads, void* stream);
-  void step_attend(int32_t layer, const std::vector<int32_t>& lengths, const AttendArgs& args);
+  // One layer of the open step (the engine checked the call matches it).
+  void step_attend(int32_t layer, const AttendArgs& args);
 
  private:
   // The open step's attention params (batch, rows, table stride, the cache's window).

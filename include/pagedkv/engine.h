@@ -100,6 +100,8 @@ class Engine {
   // device-resident blocks.
   void check_invariants() const;
 
+ private:
+  friend struct EngineTestAccess;  // tests/cpp: corrupts state to prove check_invariants() sees it
   // One thread at a time (docs/DESIGN.md §5): every public call holds this for its duration, and a
   // second thread entering meanwhile gets ConcurrentUse (RuntimeError) instead of a torn engine.
   class Entry {
@@ -112,9 +114,6 @@ class Engine {
    private:
     const Engine& e_;
   };
-
- private:
-  friend struct EngineTestAccess;  // tests/cpp: corrupts state to prove check_invariants() sees it
 
   void append_checked(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
                       const void* k, const void* v, void* stream, bool drop);
@@ -132,6 +131,8 @@ class Engine {
   void check_range_args(const SequenceTable& t, SeqId seq, int32_t layer, int32_t position, int32_t key_begin,
                         int32_t key_end) const;
   void check_gather_args(const SequenceTable& t, SeqId seq, int32_t layer) const;
+  // append() and attend() of the open decode step's batch: its rows per sequence, its window.
+  void check_step_rows(const std::vector<int32_t>& lengths, const char* what) const;
   // Reports the blocks rows [len - n, len) read to the policy, once per step (not per layer).
   void note_scope_use(SeqId seq, SequenceTable& t, int32_t len, int32_t n, int32_t window);
   void write_rows(const int32_t* slot_mapping, int32_t rows, int32_t layer, const void* k, const void* v,
