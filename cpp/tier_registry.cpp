@@ -1,6 +1,8 @@
-// The tier registration point: name -> factory, the built-in tiers registered on first use.
+// The tier registration point (name -> factory, the built-in tiers registered on first use), and
+// what every tier shares.
 #include <map>
 #include <mutex>
+#include <vector>
 
 #include "pagedkv/errors.h"
 #include "pagedkv/tier.h"
@@ -20,6 +22,18 @@ Registry& registry() {
 }
 
 }  // namespace
+
+void TierStorage::read_slice(int32_t slot, size_t offset, size_t bytes, void* dst) const {
+  PKV_CHECK(offset + bytes <= block_bytes_, ArgumentError, "read_slice(): bytes [", offset, ", ", offset + bytes,
+            ") lie outside a block of ", block_bytes_);
+  if (data() != nullptr) {
+    std::memcpy(dst, block(slot) + offset, bytes);
+    return;
+  }
+  std::vector<char> whole(block_bytes_);
+  read_block(slot, whole.data());
+  std::memcpy(dst, whole.data() + offset, bytes);
+}
 
 void register_tier(const std::string& name, TierFactory factory) {
   Registry& r = registry();

@@ -6,6 +6,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -47,6 +48,10 @@ class TierStorage {
   // the slot's old bytes to the caller, who changes no location before these return.
   virtual void write_block(int32_t slot, const void* src) = 0;
   virtual void read_block(int32_t slot, void* dst) const = 0;
+  // `bytes` of a block from `offset` (one layer's slice: layer * bytes_per_block / num_layers) to
+  // host memory. Memory tiers read it in place; others read the block and cut the slice out, or
+  // override this with something cheaper.
+  virtual void read_slice(int32_t slot, size_t offset, size_t bytes, void* dst) const;
 
  private:
   BlockPool slots_;

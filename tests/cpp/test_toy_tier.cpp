@@ -98,6 +98,25 @@ TEST(ToyTier, IsRegisteredAndUnknownNamesAreRefused) {
   }
 }
 
+TEST(ToyTier, SlicesAndBlocksRoundTripThroughTheInterface) {
+  CacheConfig c = toy_config();
+  auto backend = make_cpu_backend(c);
+  const TierSpec spec{c, *backend, 4, size_t(c.block_bytes())};
+  for (const char* name : {"compressed_host", "host", "device"}) {
+    auto tier = make_tier(name, spec, "test");
+    std::vector<uint8_t> block(tier->bytes_per_block()), back(block.size()), slice(block.size() / 3);
+    for (size_t i = 0; i < block.size(); ++i) block[i] = uint8_t((i / 7) * 13);
+    const int32_t slot = tier->alloc_slot();
+    tier->write_block(slot, block.data());
+    tier->read_block(slot, back.data());
+    EXPECT_EQ(back, block) << name;
+    tier->read_slice(slot, slice.size(), slice.size(), slice.data());  // layer 1 of 3
+    EXPECT_TRUE(std::equal(slice.begin(), slice.end(), block.begin() + long(slice.size()))) << name;
+    tier->free_slot(slot);
+    EXPECT_EQ(tier->slots().num_free(), 4) << name;
+  }
+}
+
 TEST(ToyTier, RandomWalkMatchesModelAndUntieredEngine) {
   const CacheConfig c = toy_config();
   CacheConfig flat = small_config(4, 512);
