@@ -37,12 +37,12 @@ __global__ void merge_kernel(const T* outs, const float* lses, int32_t parts, in
   for (int32_t i = 0; i < parts; ++i) m = fmaxf(m, lses[int64_t(i) * rows_heads + rh]);
   float total = 0.f;
   if (m != -INFINITY)
-    for (int32_t i = 0; i < parts; ++i) total += __expf(lses[int64_t(i) * rows_heads + rh] - m);
+    for (int32_t i = 0; i < parts; ++i) total += expf(lses[int64_t(i) * rows_heads + rh] - m);
   for (int32_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
     float acc = 0.f;
     if (total > 0.f)
       for (int32_t i = 0; i < parts; ++i)
-        acc += __expf(lses[int64_t(i) * rows_heads + rh] - m) *
+        acc += expf(lses[int64_t(i) * rows_heads + rh] - m) *
                to_float(outs[(int64_t(i) * rows_heads + rh) * head_dim + d]);
     out[rh * head_dim + d] = from_float<T>(total > 0.f ? acc / total : 0.f);
   }
