@@ -1,7 +1,7 @@
-// Residency: which blocks sit on the device, and moving them between tiers. Evictions go device
-// -> pinned host on the copy engine's D2H stream; a full host tier spills its oldest blocks to
-// disk; misses come back disk -> host -> device. Every check that can fail runs in check_room()
-// before anything moves.
+// Residency, the block store's half that decides tiers: which blocks sit on the device, and moving
+// them. Evictions go device -> host through the backend (CUDA: its D2H stream); a full host tier
+// spills its oldest blocks to the cold tier (disk) on the I/O threads; misses come back
+// cold -> host -> device. Every check that can fail runs in check_room() before anything moves.
 #include <algorithm>
 #include <chrono>
 #include <exception>
@@ -115,7 +115,7 @@ void BlockStore::evict_to_host(const std::vector<BlockId>& victims, const KeepSe
     clean_copy_.erase(clean);
     clean_order_->on_leave(id);
     ++counters_.evictions;
-    }
+  }
   if (dirty.empty()) return;
   make_host_room(int64_t(dirty.size()), keep);
   std::vector<BlockCopy> copies;

@@ -14,8 +14,7 @@ SeqId PageTables::add() {
   SequenceTable t;
   t.lens.assign(size_t(cfg_.num_layers), 0);
   t.scope_start.assign(size_t(cfg_.num_layers), 0);
-  tables_.emplace(id, std::move(t));
-  ++version_;
+  tables_.emplace(id, std::move(t));  // (no block list changed: plans of other batches hold)
   return id;
 }
 

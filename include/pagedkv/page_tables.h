@@ -39,8 +39,8 @@ class PageTables {
   SequenceTable& at(SeqId seq) { return tables_.at(seq); }
   std::vector<SeqId> ids() const;  // sorted
   int64_t size() const { return int64_t(tables_.size()); }
-  // Bumps whenever a sequence's block list changes (a block added, copied, dropped, cut off, a
-  // sequence made or freed): with the store's version, what plans are checked by.
+  // Bumps whenever a sequence's block list changes (a block added, copied, dropped or cut off, a
+  // sequence forked or freed): with the store's version, what plans are checked by.
   uint64_t version() const { return version_; }
 
   // -- scope: the one place the sink + window rule is walked --
@@ -84,7 +84,6 @@ class PageTables {
   void check_invariants(std::unordered_map<BlockId, int32_t>& refs, const BlockStore& store) const;
 
  private:
-  friend struct EngineTestAccess;
   const CacheConfig& cfg_;
   std::unordered_map<SeqId, SequenceTable> tables_;
   SeqId next_seq_ = 0;
