@@ -101,6 +101,8 @@ TEST(PageTables, UnknownIdsNameTheCall) {
     f.tables.get(s + 1, "attend()");
   } catch (const UnknownSequence& e) {
     EXPECT_EQ(std::string(e.what()).rfind("attend(): unknown sequence id", 0), 0u);
+#ifdef NDEBUG  // release builds: no source location in what users read
     EXPECT_EQ(std::string(e.what()).find(".cpp:"), std::string::npos);
+#endif
   }
 }
