@@ -9,7 +9,7 @@
 
 #include "fence_state.h"
 #include "host_memory.h"
-#include "pagedkv/cuda_context.h"
+#include "cuda_context.h"
 #include "pagedkv/device_backend.h"
 #include "pagedkv/errors.h"
 #include "pagedkv/kernels.h"
