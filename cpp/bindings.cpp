@@ -11,11 +11,9 @@
 
 #include <optional>
 
+#include "pagedkv/device_backend.h"
 #include "pagedkv/engine.h"
 #include "pagedkv/errors.h"
-#ifdef PAGEDKV_WITH_CUDA
-#include "pagedkv/cuda_context.h"
-#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -34,7 +32,7 @@ nb::dlpack::dtype to_dlpack(DType d) {
 }
 
 // The data pointer of `a` after checking it matches the cache: dtype, device, element count.
-void* checked(const Engine& e, const Array& a, const char* name, int64_t elems, DType dtype) {
+void* checked(const Engine& e, const Array& a, const char* name, int64_t elems, DType dtype, bool vectors = true) {
   const CacheConfig& c = e.config();
   PKV_CHECK(a.dtype() == to_dlpack(dtype), TypeMismatch, name, " must be ", dtype_name(dtype));
   const int want_dev = c.on_cuda ? nb::device::cuda::value : nb::device::cpu::value;
@@ -43,7 +41,7 @@ void* checked(const Engine& e, const Array& a, const char* name, int64_t elems, 
   PKV_CHECK(int64_t(a.size()) == elems, ArgumentError, name, " has ", a.size(), " elements, expected ",
             elems);
   // The kernels read and write whole 16-byte vectors.
-  PKV_CHECK(!c.on_cuda || reinterpret_cast<uintptr_t>(a.data()) % 16 == 0, ArgumentError, name,
+  PKV_CHECK(!vectors || !c.on_cuda || reinterpret_cast<uintptr_t>(a.data()) % 16 == 0, ArgumentError, name,
             " must start on a 16-byte boundary (a view at an odd offset? pass a fresh tensor)");
   return a.data();
 }
@@ -120,20 +118,9 @@ void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
 NB_MODULE(_C, m) {
   register_exceptions(m);
 
-  m.def("cuda_available", [] {
-#ifdef PAGEDKV_WITH_CUDA
-    return cuda_device_present();
-#else
-    return false;
-#endif
-  }, "Whether this build has CUDA kernels and a GPU with a driver that can run them.");
-  m.def("built_with_cuda", [] {
-#ifdef PAGEDKV_WITH_CUDA
-    return true;
-#else
-    return false;
-#endif
-  });
+  m.def("cuda_available", [] { return cuda_usable(); },
+        "Whether this build has CUDA kernels and a GPU with a driver that can run them.");
+  m.def("built_with_cuda", [] { return built_with_cuda(); });
 
   nb::class_<Engine>(m, "Engine")
       .def("__init__",
@@ -142,7 +129,8 @@ NB_MODULE(_C, m) {
               int64_t disk_blocks, std::string disk_path, int32_t window, int32_t sink_tokens,
               bool retain, bool on_cuda, int32_t cuda_device, std::string policy,
               std::map<std::string, double> policy_params, double low_watermark,
-              double high_watermark) {
+              double high_watermark, int32_t staging, std::tuple<int, int, int> gather_shape,
+              int32_t copy_batch, std::string cold_tier) {
              CacheConfig c;
              c.num_layers = num_layers;
              c.num_kv_heads = num_kv_heads;
@@ -163,12 +151,22 @@ NB_MODULE(_C, m) {
              c.policy_params = std::move(policy_params);
              c.low_watermark = low_watermark;
              c.high_watermark = high_watermark;
+             PKV_CHECK(staging == 0 || staging == 1, ArgumentError, "staging code ", staging, " is unknown");
+             c.staging = Staging(staging);
+             c.gather_shape = {std::get<0>(gather_shape), std::get<1>(gather_shape), std::get<2>(gather_shape)};
+             PKV_CHECK(copy_batch >= 0 && copy_batch <= 2, ArgumentError, "copy_batch code ", copy_batch,
+                       " is unknown");
+             c.copy_batch = CopyBatch(copy_batch);
+             c.cold_tier = std::move(cold_tier);
              new (self) Engine(c);
            },
            "num_layers"_a, "num_kv_heads"_a, "head_dim"_a, "block_size"_a, "dtype"_a,
            "device_blocks"_a, "host_blocks"_a, "disk_blocks"_a, "disk_path"_a, "window"_a,
            "sink_tokens"_a, "retain"_a, "on_cuda"_a, "cuda_device"_a, "policy"_a,
-           "policy_params"_a, "low_watermark"_a, "high_watermark"_a)
+           "policy_params"_a, "low_watermark"_a, "high_watermark"_a, "staging"_a = 0,
+           "gather_shape"_a = std::make_tuple(GatherShape{}.unroll, GatherShape{}.threads,
+                                              GatherShape{}.ctas_per_sm),
+           "copy_batch"_a = 0, "cold_tier"_a = "disk")
       .def("add_sequence", &Engine::add_sequence)
       .def("fork", &Engine::fork, "seq"_a)
       .def("free", &Engine::free, "seq"_a)
@@ -210,6 +208,26 @@ NB_MODULE(_C, m) {
            "seqs"_a, "layer"_a, "lengths"_a, "q"_a.noconvert(), "out"_a.noconvert(),
            "lse"_a.noconvert().none(), "num_q_heads"_a, "scale"_a, "window"_a, "sinks"_a = -1,
            "stream"_a = 0, "sink_rope"_a.noconvert().none() = nb::none())
+      .def("merge_partials",
+           [](Engine& e, const Array& outs, const Array& lses, const Array& out, std::optional<Array> lse,
+              uintptr_t stream) {
+             // outs [parts, rows, heads, head_dim] (cache dtype), lses [parts, rows, heads] float32.
+             const CacheConfig& c = e.config();
+             PKV_CHECK(lses.ndim() >= 1 && lses.shape(0) >= 1, ArgumentError,
+                       "lses must be [parts, ...] with at least one part");
+             const int32_t parts = int32_t(lses.shape(0));
+             const int64_t rows_heads = int64_t(lses.size()) / parts;
+             const void* op = checked(e, outs, "outs", int64_t(parts) * rows_heads * c.head_dim, c.dtype, false);
+             const float* lp =
+                 static_cast<const float*>(checked(e, lses, "lses", int64_t(parts) * rows_heads, DType::f32, false));
+             // (the merge reads and writes single elements: views at any offset will do)
+             void* o = checked(e, out, "out", rows_heads * c.head_dim, c.dtype, false);
+             float* l = lse ? static_cast<float*>(checked(e, *lse, "lse", rows_heads, DType::f32, false)) : nullptr;
+             nb::gil_scoped_release release;
+             e.merge_partials(op, lp, parts, rows_heads, o, l, as_stream(stream));
+           },
+           "outs"_a.noconvert(), "lses"_a.noconvert(), "out"_a.noconvert(), "lse"_a.noconvert().none(),
+           "stream"_a)
       .def("blocks_needed", &Engine::blocks_needed, "seqs"_a, "layer"_a, "lengths"_a, "window"_a)
       .def("attend_range",
            [](Engine& e, SeqId seq, int32_t layer, int32_t position, int32_t key_begin,
@@ -235,28 +253,33 @@ NB_MODULE(_C, m) {
              const int64_t elems = int64_t(e.seq_len(seq, layer)) * c.num_kv_heads * c.head_dim;
              void* kp = checked(e, k_out, "k_out", elems, c.dtype);
              void* vp = checked(e, v_out, "v_out", elems, c.dtype);
+             nb::gil_scoped_release release;
              e.gather(seq, layer, kp, vp, as_stream(stream));
            },
            "seq"_a, "layer"_a, "k_out"_a.noconvert(), "v_out"_a.noconvert(), "stream"_a)
       .def("prepare",
            [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
+             nb::gil_scoped_release release;
              return e.prepare(seqs, as_stream(stream));
            },
            "seqs"_a, "stream"_a)
       .def("begin_step",
            [](Engine& e, const std::vector<SeqId>& seqs, int32_t tokens, int32_t num_q_heads, uintptr_t stream) {
+             nb::gil_scoped_release release;
              return e.begin_step(seqs, tokens, num_q_heads, as_stream(stream));
            },
            "seqs"_a, "tokens"_a, "num_q_heads"_a, "stream"_a)
-      .def("end_step", &Engine::end_step)
+      .def("end_step", &Engine::end_step, nb::call_guard<nb::gil_scoped_release>())
       .def("step_open", &Engine::step_open)
       .def("prefetch",
            [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
+             nb::gil_scoped_release release;
              e.prefetch(seqs, as_stream(stream));
            },
            "seqs"_a, "stream"_a)
       .def("offload",
            [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
+             nb::gil_scoped_release release;
              e.offload(seqs, as_stream(stream));
            },
            "seqs"_a, "stream"_a)
@@ -270,7 +293,7 @@ NB_MODULE(_C, m) {
            "seq"_a)
       .def("stats", [](const Engine& e) { return stats_dict(e.stats()); })
       .def("sequences", &Engine::sequences)
-      .def("check_invariants", &Engine::check_invariants)
+      .def("check_invariants", &Engine::check_invariants, nb::call_guard<nb::gil_scoped_release>())
       .def("num_sms", &Engine::num_sms)
       .def("pool",
            [](const Engine& e) {

@@ -14,6 +14,7 @@ BlockId BlockDirectory::create(BlockLoc loc) {
     entries_.emplace_back();
   }
   entries_[size_t(id)] = Entry{loc, 1};
+  ++version_;
   return id;
 }
 
@@ -28,6 +29,7 @@ bool BlockDirectory::release(BlockId id) {
   if (--e.refcount > 0) return false;
   e.loc = BlockLoc{};
   free_ids_.push_back(id);
+  ++version_;
   return true;
 }
 

@@ -6,8 +6,7 @@
 
 namespace pagedkv {
 
-BlockPool::BlockPool(int64_t num_slots, TierMemory memory)
-    : taken_(size_t(num_slots), 0), memory_(std::move(memory)) {
+BlockPool::BlockPool(int64_t num_slots) : taken_(size_t(num_slots), 0) {
   free_slots_.reserve(size_t(num_slots));
   for (int64_t s = num_slots - 1; s >= 0; --s) free_slots_.push_back(int32_t(s));
 }

@@ -20,6 +20,18 @@ void validate_config(const CacheConfig& c) {
   PKV_CHECK(c.sink_tokens >= 0, ArgumentError, "sink_tokens must be >= 0, got ", c.sink_tokens);
   PKV_CHECK(c.sink_tokens == 0 || c.window > 0, ArgumentError,
             "sink_tokens needs a window: sink tokens are the keys kept outside the window");
+  PKV_CHECK(c.disk_blocks == 0 || c.host_blocks > 0, ArgumentError,
+            "disk_blocks: the disk tier is staged through pinned host memory; give host_blocks > 0");
+  const GatherShape& g = c.gather_shape;
+  PKV_CHECK(g.unroll == 2 || g.unroll == 4 || g.unroll == 8 || g.unroll == 16, ArgumentError,
+            "gather_shape: unroll must be 2, 4, 8 or 16, got ", g.unroll);
+  PKV_CHECK(g.threads >= 32 && g.threads <= 1024 && g.threads % 32 == 0, ArgumentError,
+            "gather_shape: threads must be a multiple of 32 in 32..1024, got ", g.threads);
+  PKV_CHECK(g.ctas_per_sm >= 1, ArgumentError, "gather_shape: ctas_per_sm must be >= 1, got ", g.ctas_per_sm);
+  PKV_CHECK(c.staging == Staging::kernel || c.staging == Staging::dma, ArgumentError,
+            "staging: expected kernel or dma");
+  PKV_CHECK(c.copy_batch == CopyBatch::batch || c.copy_batch == CopyBatch::overlap ||
+                c.copy_batch == CopyBatch::off, ArgumentError, "copy_batch: expected batch, overlap or off");
 }
 
 }  // namespace pagedkv

@@ -16,7 +16,7 @@ CpuCopyWorker::~CpuCopyWorker() {
 }
 
 Fence CpuCopyWorker::submit(std::function<void()> job) {
-  auto fence = std::make_shared<FenceState>();
+  auto fence = std::make_shared<CpuFence>();
   {
     std::lock_guard<std::mutex> lock(mutex_);
     jobs_.emplace_back(std::move(job), fence);
@@ -27,7 +27,7 @@ Fence CpuCopyWorker::submit(std::function<void()> job) {
 
 void CpuCopyWorker::run() {
   for (;;) {
-    std::pair<std::function<void()>, Fence> item;
+    std::pair<std::function<void()>, std::shared_ptr<CpuFence>> item;
     {
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, [&] { return stopping_ || !jobs_.empty(); });

@@ -8,7 +8,7 @@
 #include <mutex>
 #include <thread>
 
-#include "pagedkv/fence.h"
+#include "fence_state.h"
 
 namespace pagedkv {
 
@@ -26,7 +26,7 @@ class CpuCopyWorker {
   void run();
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::deque<std::pair<std::function<void()>, Fence>> jobs_;
+  std::deque<std::pair<std::function<void()>, std::shared_ptr<CpuFence>>> jobs_;
   bool stopping_ = false;
   std::thread thread_;
 };

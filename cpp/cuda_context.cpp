@@ -1,4 +1,4 @@
-#include "pagedkv/cuda_context.h"
+#include "cuda_context.h"
 
 #include <algorithm>
 #include <cstring>

@@ -1,4 +1,4 @@
-// The slots of one tier: which are free, which are taken, and the memory behind them.
+// The slots of one tier: which are free, which are taken, and which wait for a copy still reading.
 #pragma once
 #include <cstdint>
 #include <deque>
@@ -6,14 +6,13 @@
 #include <vector>
 
 #include "pagedkv/fence.h"
-#include "pagedkv/tier_memory.h"
 
 namespace pagedkv {
 
 class BlockPool {
  public:
   BlockPool() = default;
-  BlockPool(int64_t num_slots, TierMemory memory);
+  explicit BlockPool(int64_t num_slots);
 
   // Takes a free slot. Throws OutOfBlocks when none is left (callers check num_free() first).
   // A slot still being read by an asynchronous copy comes with that copy's fence in `*wait`:
@@ -33,13 +32,10 @@ class BlockPool {
   // Every free slot, fenced ones included.
   std::vector<int32_t> free_slots() const;
 
-  void* data() const { return memory_.data(); }
-
  private:
   std::vector<int32_t> free_slots_;  // stack; lowest slot on top so pools fill from 0
   std::deque<std::pair<int32_t, Fence>> fenced_;  // free once their fence passes, oldest first
   std::vector<uint8_t> taken_;       // [capacity] 1 while a block occupies the slot
-  TierMemory memory_;
 };
 
 }  // namespace pagedkv

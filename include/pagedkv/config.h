@@ -3,10 +3,19 @@
 #include <cstdint>
 #include <string>
 
+#include "pagedkv/gather_shape.h"
 #include "pagedkv/policy.h"
 #include "pagedkv/types.h"
 
 namespace pagedkv {
+
+// How attend() moves this layer's slices of off-device blocks into the staging buffer when a scope
+// is larger than the device tier (CUDA): `kernel` = SM loads over the link from the mapped host
+// tier, on the compute stream; `dma` = 2-D copies on the copy engine.
+enum class Staging : int32_t { kernel = 0, dma = 1 };
+// How a batch of block copies reaches the driver (CUDA 13+): `batch` = one cudaMemcpyBatchAsync,
+// `overlap` = the same with cudaMemcpyFlagPreferOverlapWithCompute, `off` = a cudaMemcpyAsync each.
+enum class CopyBatch : int32_t { batch = 0, overlap = 1, off = 2 };
 
 struct CacheConfig {
   int32_t num_layers = 0;
@@ -29,6 +38,14 @@ struct CacheConfig {
   double high_watermark = 0.0;
   bool on_cuda = false;     // the device tier is GPU memory
   int32_t cuda_device = 0;
+  // Tuning choices benches compare; every default is the fast one. Python: PagedKV(staging=,
+  // gather_shape=, copy_batch=). They change speed only, never results.
+  Staging staging = Staging::kernel;
+  GatherShape gather_shape;         // the staging kernel's shape (Staging::kernel)
+  CopyBatch copy_batch = CopyBatch::batch;
+  // Which registered tier implementation holds the coldest level (tier.h): "disk" (a file of block
+  // slots) unless a test or an extension registers another.
+  std::string cold_tier = "disk";
 
   // Elements of one [block_size][head_dim] tile, and bytes of one whole block (all layers, K and V).
   int64_t tile_elems() const { return int64_t(block_size) * head_dim; }

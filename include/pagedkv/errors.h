@@ -19,6 +19,8 @@ struct LayerOutOfRange : Error { using Error::Error; };
 struct OutOfBlocks : Error { using Error::Error; };
 struct CudaError : Error { using Error::Error; };
 struct InternalError : Error { using Error::Error; };
+// A second thread entered an engine while another was inside it (docs/DESIGN.md §5).
+struct ConcurrentUse : Error { using Error::Error; };
 
 namespace detail {
 // Messages are built without iostreams: a stream's locale machinery crashed inside the module
@@ -40,14 +42,22 @@ std::string concat(const Args&... args) {
 }
 template <typename E, typename... Args>
 [[noreturn]] void raise(const char* file, int line, const Args&... args) {
-  // The message comes first so that Python users read it first; the location follows.
+  // The message is for the user: what was wrong and what was expected. The source location is
+  // for us, so only debug builds append it (release builds, the wheel, never show a path).
+#ifndef NDEBUG
   throw E(concat(args..., " [", file, ":", line, "]"));
+#else
+  (void)file;
+  (void)line;
+  throw E(concat(args...));
+#endif
 }
 }  // namespace detail
 
 }  // namespace pagedkv
 
-// PKV_CHECK(cond, ExcType, message parts...): throws ExcType with the parts and file:line.
+// PKV_CHECK(cond, ExcType, message parts...): throws ExcType with the parts (and, in debug builds,
+// file:line).
 #define PKV_CHECK(cond, Exc, ...)                                                \
   do {                                                                           \
     if (!(cond)) ::pagedkv::detail::raise<::pagedkv::Exc>(__FILE__, __LINE__, __VA_ARGS__); \

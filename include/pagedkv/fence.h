@@ -1,11 +1,12 @@
-// A fence: the point on a CUDA stream after which some memory may be read or reused. Empty
-// (nullptr) means "already done", which is all CPU builds and the CPU tiers ever see.
+// A fence: the point on a stream after which some memory may be read or reused. Empty (nullptr)
+// means "already done". The device backend makes them: CPU fences are set by its copy worker
+// thread, CUDA fences are events (cpp/fence_state.h).
 #pragma once
 #include <memory>
 
 namespace pagedkv {
 
-struct FenceState;  // copy_engine.cpp: owns a cudaEvent_t
+struct FenceState;  // cpp/fence_state.h
 using Fence = std::shared_ptr<FenceState>;
 
 // Non-blocking: whether the work before the fence has finished.

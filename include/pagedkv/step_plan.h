@@ -50,10 +50,10 @@ struct StagedPlan {
   }
 };
 
-// A decode step planned once for every layer (Engine::begin_step): the rows it reserved, the blocks
-// it pins on the device, and the metadata its kernels read. On CUDA the metadata lives in device
-// buffers whose addresses a captured graph holds; the fields after `pinned` say where they were,
-// so the next begin_step can tell whether a capture still holds.
+// A decode step planned once for every layer (Engine::begin_step): the rows it reserved and the
+// metadata its kernels read (the blocks it pins are the store's: BlockStore::pin). On CUDA the
+// metadata lives in device buffers whose addresses a captured graph holds; the device_* fields
+// say where they were, so the next begin_step can tell whether a capture still holds.
 struct DecodeStep {
   bool open = false;
   std::vector<SeqId> seqs;
@@ -63,7 +63,6 @@ struct DecodeStep {
   std::vector<int32_t> meta;          // kv_lens [S], q_indptr [S + 1], slot mapping [S * tokens]
   std::vector<int32_t> block_table;   // [S, stride] device slots, -1 outside the scope
   std::vector<uint8_t> appended;      // [num_layers] append() of that layer ran in this step
-  std::unordered_set<BlockId> pinned; // every block the step reads or writes: never evicted
   const int32_t* device_meta = nullptr;   // meta's device copy
   const int32_t* device_table = nullptr;  // block_table's device copy
   const void* workspace = nullptr;        // the split-K scratch the step's attention calls used

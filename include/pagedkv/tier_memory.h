@@ -1,32 +1,32 @@
-// One tier's backing memory: a single allocation holding `num_blocks` blocks back to back.
+// One memory tier's backing memory: a single allocation holding `num_blocks` blocks back to back,
+// allocated and freed by the cache's device backend.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 
-namespace pagedkv {
+#include "pagedkv/device_backend.h"
 
-enum class MemoryKind { host, pinned_host, cuda_device };
+namespace pagedkv {
 
 class TierMemory {
  public:
-  TierMemory() = default;
-  TierMemory(MemoryKind kind, size_t bytes, int cuda_device);
-  ~TierMemory();
+  TierMemory(DeviceBackend& backend, MemoryKind kind, size_t bytes)
+      : backend_(backend), kind_(kind), data_(bytes ? backend.allocate(kind, bytes) : nullptr), bytes_(bytes) {}
+  ~TierMemory() {
+    if (data_) backend_.deallocate(kind_, data_);
+  }
   TierMemory(const TierMemory&) = delete;
   TierMemory& operator=(const TierMemory&) = delete;
-  TierMemory(TierMemory&& o) noexcept;
-  TierMemory& operator=(TierMemory&& o) noexcept;
 
   void* data() const { return data_; }
   size_t bytes() const { return bytes_; }
   MemoryKind kind() const { return kind_; }
 
  private:
-  void release() noexcept;
-  MemoryKind kind_ = MemoryKind::host;
-  void* data_ = nullptr;
-  size_t bytes_ = 0;
-  int cuda_device_ = 0;
+  DeviceBackend& backend_;
+  MemoryKind kind_;
+  void* data_;
+  size_t bytes_;
 };
 
 }  // namespace pagedkv

@@ -140,3 +140,32 @@ def check_constructor(num_layers, num_kv_heads, head_dim, block_size, dtype, dev
         rope.dim(head_dim)
 
     return device
+
+
+STAGING_CODES = {"kernel": 0, "dma": 1}
+COPY_BATCH_CODES = {"batch": 0, "overlap": 1, "off": 2}
+GATHER_SHAPE_DEFAULT = (8, 512, 4)
+
+
+def check_tuning(staging, gather_shape, copy_batch) -> tuple[int, tuple[int, int, int], int]:
+    """The tuning arguments of PagedKV() as the engine's codes; each failure names its argument."""
+    if staging not in STAGING_CODES:
+        raise ValueError(f"PagedKV(): staging must be 'kernel' or 'dma', got {staging!r}")
+    if copy_batch not in COPY_BATCH_CODES:
+        raise ValueError(f"PagedKV(): copy_batch must be 'batch', 'overlap' or 'off', got {copy_batch!r}")
+    if gather_shape is None:
+        shape = GATHER_SHAPE_DEFAULT
+    else:
+        if (not isinstance(gather_shape, (tuple, list)) or len(gather_shape) != 3
+                or any(isinstance(x, bool) or not isinstance(x, int) for x in gather_shape)):
+            raise ValueError("PagedKV(): gather_shape must be None or a tuple of three ints "
+                             f"(unroll, threads, ctas_per_sm), got {gather_shape!r}")
+        shape = tuple(gather_shape)
+        unroll, threads, ctas = shape
+        if unroll not in (2, 4, 8, 16):
+            raise ValueError(f"PagedKV(): gather_shape unroll must be 2, 4, 8 or 16, got {unroll}")
+        if not (32 <= threads <= 1024 and threads % 32 == 0):
+            raise ValueError(f"PagedKV(): gather_shape threads must be a multiple of 32 in 32..1024, got {threads}")
+        if ctas < 1:
+            raise ValueError(f"PagedKV(): gather_shape ctas_per_sm must be >= 1, got {ctas}")
+    return STAGING_CODES[staging], shape, COPY_BATCH_CODES[copy_batch]

@@ -7,7 +7,7 @@ import torch
 
 from . import _C
 from .policies import resolve as _resolve_policy
-from ._checks import DTYPE_CODES, check_constructor, check_tensor, int_list, split_lengths
+from ._checks import DTYPE_CODES, check_constructor, check_tensor, check_tuning, int_list, split_lengths
 
 
 class PagedKV:
@@ -15,16 +15,31 @@ class PagedKV:
 
     The device pool is `kv.pool`, a zero-copy tensor of shape
     [device_blocks, num_layers, 2, num_kv_heads, block_size, head_dim].
+
+    Tuning (speed only, never results; the defaults are the fast choices):
+      staging="kernel" | "dma": how an attend whose scope exceeds the device tier brings this
+        layer's slices of host blocks to the GPU: SM loads over the link from the mapped host
+        tier ("kernel"), or 2-D copies on the copy engine ("dma").
+      gather_shape=None | (unroll, threads, ctas_per_sm): the shape of that staging kernel
+        (unroll 2, 4, 8 or 16; threads a multiple of 32 up to 1024); None = (8, 512, 4).
+      copy_batch="batch" | "overlap" | "off": block copies between tiers go to the driver as one
+        cudaMemcpyBatchAsync ("batch"), the same hinting overlap with compute ("overlap"), or one
+        cudaMemcpyAsync each ("off").
+
+    Threads: one engine serves one thread at a time; a second thread calling into a cache while
+    another is inside it gets RuntimeError. Calls that move data release the GIL.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float16, device="cuda", device_blocks: int | None = None,
                  host_blocks: int = 0, disk_blocks: int = 0, disk_path=None, policy="lru",
                  window: int | None = None, sink_tokens: int = 0, retain: bool = True,
-                 rope=None, positions: str = "original", watermarks=(0.02, 0.05)):
+                 rope=None, positions: str = "original", watermarks=(0.02, 0.05),
+                 staging: str = "kernel", gather_shape=None, copy_batch: str = "batch"):
         device = check_constructor(num_layers, num_kv_heads, head_dim, block_size, dtype, device,
                                     device_blocks, host_blocks, disk_blocks, disk_path, window,
                                     sink_tokens, retain, rope, positions)
+        staging_code, shape, copy_batch_code = check_tuning(staging, gather_shape, copy_batch)
         policy_name, policy_params = _resolve_policy(policy)
         low, high = self._watermarks(watermarks)
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
@@ -33,6 +48,7 @@ class PagedKV:
         self.window, self.sink_tokens, self.retain = window, sink_tokens, retain
         self.policy = policy
         self.rope, self.positions = rope, positions
+        self.staging, self.gather_shape, self.copy_batch = staging, gather_shape, copy_batch
         # StreamingLLM positions: the kernels turn each row's query for its sinks (streaming.py).
         self._sink_rope = None
         if positions == "cache":
@@ -46,7 +62,8 @@ class PagedKV:
             window=window or 0, sink_tokens=sink_tokens, retain=retain,
             on_cuda=device.type == "cuda", cuda_device=device.index or 0, policy=policy_name,
             policy_params=policy_params, low_watermark=low if host_blocks else 0.0,
-            high_watermark=high if host_blocks else 0.0)
+            high_watermark=high if host_blocks else 0.0, staging=staging_code, gather_shape=shape,
+            copy_batch=copy_batch_code)
         self._pool = None
 
     # -- sequences -------------------------------------------------------------------------

@@ -1,18 +1,18 @@
 """Attention over more blocks than the device tier holds: each query row reads its keys in
-ranges of at most half the device tier, the blocks of each range brought up in turn, and the
-partial results merge by log-sum-exp (exact up to float32 rounding of the merge)."""
+ranges of at most half the device tier, the blocks of each range brought up in turn. Each range
+is a partial attention result (out, lse) of the engine's attend_range, and the engine's
+merge_partials combines them by log-sum-exp (float32 accumulation, rounded once to the cache's
+dtype): the same seam as every other attention path in the C++ core (attention_planner.h)."""
 from __future__ import annotations
 
 import torch
 
 
-def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """outs[i] [..., hq, D] over key set i with lses[i] [..., hq] (natural log) -> the float32
-    output over all the keys, and its lse."""
-    stacked = torch.stack(lses)                          # [parts, ..., hq]
-    total = torch.logsumexp(stacked, dim=0)
-    weights = torch.exp(stacked - total)[..., None]      # [parts, ..., hq, 1]
-    return (weights * torch.stack([o.float() for o in outs])).sum(0), total
+def merge(engine, outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor,
+          lse: torch.Tensor | None, stream: int) -> None:
+    """outs[i] [rows, hq, D] (the cache's dtype) over key set i with lses[i] [rows, hq] (float32,
+    natural log) -> out [rows, hq, D] over all the keys, and lse [rows, hq] when given."""
+    engine.merge_partials(torch.stack(outs), torch.stack(lses), out, lse, stream)
 
 
 def key_ranges(begin: int, end: int, chunk_tokens: int, block_size: int) -> list[tuple[int, int]]:
@@ -50,8 +50,6 @@ def attend(kv, seqs: list[int], layer: int, q: torch.Tensor, lengths: list[int],
                 engine.attend_range(seq, layer, pos, k0, k1, q_row, o, part_lse, hq, scale, stream)
                 parts.append(o)
                 lses.append(part_lse)
-            merged, total = _merge(parts, lses)
-            out[row] = merged[0].to(q.dtype)
-            lse[row] = total[0]
+            merge(engine, parts, lses, out[row:row + 1], lse[row:row + 1], stream)
             row += 1
     return (out, lse) if return_lse else out

@@ -5,13 +5,15 @@
 
 #include "pagedkv/block_directory.h"
 #include "pagedkv/block_pool.h"
+#include "pagedkv/device_backend.h"
+#include "pagedkv/tier_memory.h"
 #include "pagedkv/errors.h"
 #include "../../cpp/fence_state.h"
 
 using namespace pagedkv;
 
 TEST(BlockPool, AllocatesEverySlotOnceThenThrows) {
-  BlockPool pool(5, TierMemory(MemoryKind::host, 5 * 64, 0));
+  BlockPool pool(5);
   std::set<int32_t> seen;
   for (int i = 0; i < 5; ++i) seen.insert(pool.allocate());
   EXPECT_EQ(seen, (std::set<int32_t>{0, 1, 2, 3, 4}));
@@ -21,7 +23,7 @@ TEST(BlockPool, AllocatesEverySlotOnceThenThrows) {
 }
 
 TEST(BlockPool, ReleaseReturnsSlotAndRejectsDoubleRelease) {
-  BlockPool pool(3, TierMemory(MemoryKind::host, 3 * 64, 0));
+  BlockPool pool(3);
   int32_t a = pool.allocate();
   int32_t b = pool.allocate();
   pool.release(a);
@@ -36,11 +38,11 @@ TEST(BlockPool, ReleaseReturnsSlotAndRejectsDoubleRelease) {
 // Slots given back behind fences (evictions still reading them) come back in the order they were
 // given: blocks that went down together return to one run of slots, and their copies merge.
 TEST(BlockPool, FencedSlotsComeBackInReleaseOrder) {
-  BlockPool pool(6, TierMemory(MemoryKind::host, 6 * 64, 0));
+  BlockPool pool(6);
   std::vector<int32_t> slots;
   for (int i = 0; i < 6; ++i) slots.push_back(pool.allocate());
-  auto passed = std::make_shared<FenceState>();
-  passed->done = true;
+  auto passed = std::make_shared<CpuFence>();
+  passed->signal();
   for (int i = 1; i < 5; ++i) pool.release_after(slots[size_t(i)], passed);
   std::vector<int32_t> again;
   for (int i = 1; i < 5; ++i) again.push_back(pool.allocate());
@@ -49,9 +51,10 @@ TEST(BlockPool, FencedSlotsComeBackInReleaseOrder) {
 }
 
 TEST(BlockPool, MemoryIsAlignedAndSized) {
-  BlockPool pool(4, TierMemory(MemoryKind::host, 4 * 1000, 0));
-  ASSERT_NE(pool.data(), nullptr);
-  EXPECT_EQ(reinterpret_cast<uintptr_t>(pool.data()) % 256, 0u);
+  auto backend = make_cpu_backend(CacheConfig{});
+  TierMemory memory(*backend, MemoryKind::host, 4 * 1000);
+  ASSERT_NE(memory.data(), nullptr);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(memory.data()) % 256, 0u);
 }
 
 TEST(BlockDirectory, RefcountsAndRecycling) {

@@ -8,8 +8,8 @@ namespace pagedkv {
 
 struct EngineTestAccess {
   static SequenceTable& table(Engine& e, SeqId s) { return e.tables_.at(s); }
-  static BlockDirectory& directory(Engine& e) { return e.directory_; }
-  static BlockPool& pool(Engine& e) { return e.pool(Tier::device); }
+  static BlockDirectory& directory(Engine& e) { return e.store_.directory_; }
+  static BlockPool& pool(Engine& e) { return e.store_.tier(Tier::device).slots(); }
 };
 
 }  // namespace pagedkv

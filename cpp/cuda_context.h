@@ -1,6 +1,6 @@
 // The engine's CUDA-side state: device properties, grow-only device buffers for per-call metadata
 // and split-K scratch, and a pinned staging ring for host -> device metadata copies.
-// Only CUDA builds compile this; the engine reaches it through a pointer.
+// Private to the CUDA backend (backend_cuda.cpp); only CUDA builds compile it.
 #pragma once
 #include <cuda_runtime_api.h>
 

@@ -1,16 +1,19 @@
-// Residency: which blocks sit on the device, and moving them between tiers. Evictions go device
-// -> pinned host on the copy engine's D2H stream; a full host tier spills its oldest blocks to
-// disk; misses come back disk -> host -> device. Every check that can fail runs in check_room()
-// before anything moves.
+// Residency, the block store's half that decides tiers: which blocks sit on the device, and moving
+// them. Evictions go device -> host through the backend (CUDA: its D2H stream); a full host tier
+// spills its oldest blocks to the cold tier (disk) on the I/O threads; misses come back
+// cold -> host -> device. Every check that can fail runs in check_room() before anything moves.
 #include <algorithm>
 #include <chrono>
 #include <exception>
 
 #include "io_pool.h"
-#include "pagedkv/engine.h"
+#include "pagedkv/block_store.h"
 #include "pagedkv/errors.h"
 
 namespace pagedkv {
+
+Fence take_fence(std::unordered_map<BlockId, Fence>& fences, BlockId id);  // block_store.cpp
+
 namespace {
 
 struct WaitClock {  // adds the wall time of a scope to a counter
@@ -24,17 +27,16 @@ struct WaitClock {  // adds the wall time of a scope to a counter
 
 }  // namespace
 
-void Engine::check_room(int64_t fresh, const KeepSet& keep, const char* what) const {
-  const BlockPool& dev = pool(Tier::device);
+void BlockStore::check_room(int64_t fresh, const KeepSet& keep, const char* what) const {
+  const BlockPool& dev = tier(Tier::device).slots();
   int64_t kept_host = 0, kept_disk = 0;
   for (BlockId id : keep) {
-    const Tier t = directory_.loc(id).tier;
+    const Tier t = loc(id).tier;
     kept_host += t == Tier::host;
     kept_disk += t == Tier::disk;
   }
   int64_t at_once = int64_t(keep.size()) + fresh;
-  if (decode_.open)  // an open decode step's blocks stay on the device too
-    for (BlockId id : decode_.pinned) at_once += keep.count(id) == 0;
+  for (BlockId id : pinned_) at_once += keep.count(id) == 0;  // an open step's blocks stay too
   PKV_CHECK(at_once <= dev.capacity(), OutOfBlocks, what, ": needs ", at_once,
             " blocks on the device at once but the device tier holds ", dev.capacity());
   const int64_t deficit = std::max<int64_t>(0, fresh + kept_host + kept_disk - dev.num_free());
@@ -42,8 +44,8 @@ void Engine::check_room(int64_t fresh, const KeepSet& keep, const char* what) co
   // Blocks only move between tiers, so the new ones need free slots somewhere, and the moves
   // need one free host slot to rotate through: evict one, bring one up, repeat. A full host tier
   // makes that slot by spilling a block nobody needs now to a free disk slot.
-  const BlockPool& host = pool(Tier::host);
-  const BlockPool& disk = pool(Tier::disk);
+  const BlockPool& host = tier(Tier::host).slots();
+  const BlockPool& disk = tier(Tier::disk).slots();
   const int64_t clean = int64_t(clean_copy_.size());  // host slots that can be given up at once
   PKV_CHECK(dev.num_free() + host.num_free() + clean + disk.num_free() >= fresh, OutOfBlocks, what, ": needs ",
             fresh, " new blocks but every tier is full (device ", dev.capacity(), ", host ",
@@ -58,23 +60,23 @@ void Engine::check_room(int64_t fresh, const KeepSet& keep, const char* what) co
 
 // How many device blocks can go down right now: free host slots, plus host blocks outside
 // `keep` that can spill to free disk slots.
-int64_t Engine::eviction_room(const KeepSet& keep) const {
-  const BlockPool& host = pool(Tier::host);
+int64_t BlockStore::eviction_room(const KeepSet& keep) const {
+  const BlockPool& host = tier(Tier::host).slots();
   int64_t kept_host = 0;
-  for (BlockId id : keep) kept_host += directory_.loc(id).tier == Tier::host;
+  for (BlockId id : keep) kept_host += loc(id).tier == Tier::host;
   return host.num_free() + int64_t(clean_copy_.size()) +
-         std::min(pool(Tier::disk).num_free(), host_resident() - kept_host);
+         std::min(tier(Tier::disk).slots().num_free(), host_resident() - kept_host);
 }
 
-void Engine::make_device_room(int64_t n, const KeepSet& keep, void* stream) {
-  BlockPool& dev = pool(Tier::device);
+void BlockStore::make_device_room(int64_t n, const KeepSet& keep, void* stream) {
+  BlockPool& dev = tier(Tier::device).slots();
   while (dev.num_free() < n) {
     const int64_t need = std::min(n - dev.num_free(), eviction_room(keep));
     PKV_CHECK(need > 0, InternalError, "no room below the device for ", n - dev.num_free(), " blocks");
     // Shared blocks serve several sequences: they go only when nothing else can.
     // (Blocks an open decode step reads or writes stay, like `keep`.)
     std::vector<BlockId> victims = policy_->victims(need, [&](BlockId id) {
-      return keep.count(id) != 0 || pinned(id) || directory_.refcount(id) > 1;
+      return keep.count(id) != 0 || pinned(id) || refcount(id) > 1;
     });
     if (int64_t(victims.size()) < need) {
       KeepSet chosen(victims.begin(), victims.end());
@@ -91,17 +93,17 @@ void Engine::make_device_room(int64_t n, const KeepSet& keep, void* stream) {
 
 // Block `id` now lives in host slot `host_slot`: its device slot is free once `device_free` has
 // passed, and the host bytes are complete once `host_ready` has.
-void Engine::land_on_host(BlockId id, int32_t host_slot, Fence device_free, const Fence& host_ready) {
-  pool(Tier::device).release_after(directory_.loc(id).slot, std::move(device_free));
+void BlockStore::land_on_host(BlockId id, int32_t host_slot, Fence device_free, const Fence& host_ready) {
+  tier(Tier::device).free_slot(loc(id).slot, std::move(device_free));
   directory_.set_loc(id, {Tier::host, host_slot});
   if (host_ready) host_ready_[id] = host_ready;
   policy_->on_leave(id);
-  host_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
+  host_order_->on_arrive(id, BlockUse{-1, 0, 0, clock_});
 }
 
-void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& keep, void* stream) {
+void BlockStore::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& keep, void* stream) {
   if (victims.empty()) return;
-  BlockPool& host = pool(Tier::host);
+  TierStorage& host = tier(Tier::host);
   std::vector<BlockId> dirty;
   for (BlockId id : victims) {  // unchanged since fetched: the host copy is already there
     auto clean = clean_copy_.find(id);
@@ -113,7 +115,6 @@ void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& k
     clean_copy_.erase(clean);
     clean_order_->on_leave(id);
     ++counters_.evictions;
-    ++version_;
   }
   if (dirty.empty()) return;
   make_host_room(int64_t(dirty.size()), keep);
@@ -122,16 +123,16 @@ void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& k
   std::vector<int32_t> host_slots;
   for (BlockId id : dirty) {
     Fence w;
-    const int32_t slot = host.allocate(&w);
+    const int32_t slot = host.alloc_slot(&w);
     if (w) waits.push_back(std::move(w));
     if (Fence landing = take_fence(device_ready_, id)) waits.push_back(std::move(landing));  // a prefetch
     host_slots.push_back(slot);
-    copies.push_back({slot_ptr({Tier::host, slot}), slot_ptr(directory_.loc(id))});
+    copies.push_back({slot_ptr({Tier::host, slot}), slot_ptr(loc(id))});
   }
   Fence landed;
   {
     WaitClock clock(counters_.transfer_wait_s);  // CPU copies are synchronous; CUDA ones return at once
-    landed = copies_->to_host(copies, waits, stream);
+    landed = backend_.to_host(copies, waits, stream);
   }
   const int64_t bytes = cfg_.block_bytes();
   for (size_t i = 0; i < dirty.size(); ++i) {
@@ -140,36 +141,27 @@ void Engine::evict_to_host(const std::vector<BlockId>& victims, const KeepSet& k
   counters_.evictions += int64_t(dirty.size());
   counters_.blocks_to_host += int64_t(dirty.size());
   counters_.bytes_to_host += int64_t(dirty.size()) * bytes;
-  ++version_;
 }
 
-void Engine::drop_clean_copy(BlockId id) {
-  auto it = clean_copy_.find(id);
-  if (it == clean_copy_.end()) return;
-  pool(Tier::host).release_after(it->second.host_slot, std::move(it->second.read_by));
-  clean_copy_.erase(it);
-  clean_order_->on_leave(id);
-}
-
-void Engine::make_host_room(int64_t want_free, const KeepSet& keep) {
-  const BlockPool& host = pool(Tier::host);
+void BlockStore::make_host_room(int64_t want_free, const KeepSet& keep) {
+  const BlockPool& host = tier(Tier::host).slots();
   if (host.num_free() >= want_free) return;
   for (BlockId id : clean_order_->victims(want_free - host.num_free(), [](BlockId) { return false; }))
     drop_clean_copy(id);
-  if (host.num_free() < want_free) spill_host_to_disk(want_free - host.num_free(), keep);
+  if (host.num_free() < want_free) spill_host_to_cold(want_free - host.num_free(), keep);
 }
 
 // The victims' writes run on the I/O threads together. A block whose write fails stays on the
 // host, whole; the others are committed, and then the first failure is rethrown.
-void Engine::spill_host_to_disk(int64_t n, const KeepSet& keep) {
+void BlockStore::spill_host_to_cold(int64_t n, const KeepSet& keep) {
   std::vector<BlockId> victims = host_order_->victims(n, [&](BlockId id) { return keep.count(id) != 0; });
-  PKV_CHECK(int64_t(victims.size()) == n && pool(Tier::disk).num_free() >= n, OutOfBlocks,
+  PKV_CHECK(int64_t(victims.size()) == n && tier(Tier::disk).slots().num_free() >= n, OutOfBlocks,
             "the host tier is full and the disk tier cannot take ", n, " more blocks");
   std::vector<int32_t> slots;
   std::vector<const char*> from;
   for (BlockId id : victims) {
-    slots.push_back(pool(Tier::disk).allocate());
-    from.push_back(slot_ptr(directory_.loc(id)));
+    slots.push_back(tier(Tier::disk).alloc_slot());
+    from.push_back(slot_ptr(loc(id)));
     auto ready = host_ready_.find(id);
     WaitClock clock(counters_.transfer_wait_s);
     if (ready != host_ready_.end()) fence_wait_host(ready->second);  // its eviction has landed
@@ -177,43 +169,43 @@ void Engine::spill_host_to_disk(int64_t n, const KeepSet& keep) {
   std::vector<std::exception_ptr> errors;
   {
     WaitClock clock(counters_.transfer_wait_s);
-    errors = io_->run(victims.size(), [&](size_t i) { disk_.write(slots[i], from[i]); });
+    TierStorage& cold = tier(Tier::disk);
+    errors = io_->run(victims.size(), [&](size_t i) { cold.write_block(slots[i], from[i]); });
   }
   std::exception_ptr first;
   for (size_t i = 0; i < victims.size(); ++i) {
     const BlockId id = victims[i];
     if (errors[i]) {
-      pool(Tier::disk).release(slots[i]);  // the block stays on the host, intact
+      tier(Tier::disk).free_slot(slots[i]);  // the block stays on the host, intact
       if (!first) first = errors[i];
       continue;
     }
-    pool(Tier::host).release_after(directory_.loc(id).slot, host_slot_fence(id));
+    tier(Tier::host).free_slot(loc(id).slot, host_slot_fence(id));
     host_order_->on_leave(id);
     directory_.set_loc(id, {Tier::disk, slots[i]});
     ++counters_.blocks_to_disk;
     counters_.bytes_to_disk += cfg_.block_bytes();
   }
-  ++version_;
   if (first) std::rethrow_exception(first);
 }
 
-void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream, bool prefetch) {
+void BlockStore::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep, void* stream, bool prefetch) {
   std::vector<BlockId> misses;
   for (BlockId id : ids)
-    if (directory_.loc(id).tier != Tier::device) misses.push_back(id);
+    if (loc(id).tier != Tier::device) misses.push_back(id);
   std::sort(misses.begin(), misses.end());
   misses.erase(std::unique(misses.begin(), misses.end()), misses.end());
   // Host-resident misses first: bringing them up frees host slots for the rest to rotate through.
   std::stable_partition(misses.begin(), misses.end(),
-                        [&](BlockId id) { return directory_.loc(id).tier == Tier::host; });
+                        [&](BlockId id) { return loc(id).tier == Tier::host; });
   size_t done = 0;
   while (done < misses.size()) {
     const int64_t left = int64_t(misses.size() - done);
-    if (pool(Tier::device).num_free() == 0) make_device_room(std::min(left, eviction_room(keep)), keep, stream);
+    if (tier(Tier::device).slots().num_free() == 0) make_device_room(std::min(left, eviction_room(keep)), keep, stream);
     // A batch's disk blocks pass through host slots: no more at once than the host tier holds.
-    const size_t take = size_t(std::min({left, pool(Tier::device).num_free(), std::max<int64_t>(pool(Tier::host).capacity(), 1)}));
+    const size_t take = size_t(std::min({left, tier(Tier::device).slots().num_free(), std::max<int64_t>(tier(Tier::host).capacity(), 1)}));
     std::vector<BlockId> batch(misses.begin() + long(done), misses.begin() + long(done + take));
-    disk_to_host(batch, keep);
+    cold_to_host(batch, keep);
     host_to_device(batch, stream, prefetch);
     done += take;
   }
@@ -221,20 +213,20 @@ void Engine::make_resident(const std::vector<BlockId>& ids, const KeepSet& keep,
 
 // Reads the blocks of `ids` that are on disk into host slots, on the I/O threads together. A
 // block whose read fails stays on disk; the others are committed, then the failure is rethrown.
-void Engine::disk_to_host(const std::vector<BlockId>& ids, const KeepSet& keep) {
+void BlockStore::cold_to_host(const std::vector<BlockId>& ids, const KeepSet& keep) {
   std::vector<BlockId> want;
   KeepSet seen;
   for (BlockId id : ids)
-    if (directory_.loc(id).tier == Tier::disk && seen.insert(id).second) want.push_back(id);
+    if (loc(id).tier == Tier::disk && seen.insert(id).second) want.push_back(id);
   if (want.empty()) return;
-  BlockPool& host = pool(Tier::host);
+  TierStorage& host = tier(Tier::host);
   make_host_room(int64_t(want.size()), keep);
   std::vector<int32_t> slots, disk_slots;
   std::vector<char*> to;
   for (size_t i = 0; i < want.size(); ++i) {
     Fence w;
-    slots.push_back(host.allocate(&w));
-    disk_slots.push_back(directory_.loc(want[i]).slot);
+    slots.push_back(host.alloc_slot(&w));
+    disk_slots.push_back(loc(want[i]).slot);
     to.push_back(slot_ptr({Tier::host, slots.back()}));
     WaitClock clock(counters_.transfer_wait_s);
     fence_wait_host(w);  // a copy may still read a slot given back with a fence
@@ -242,116 +234,122 @@ void Engine::disk_to_host(const std::vector<BlockId>& ids, const KeepSet& keep) 
   std::vector<std::exception_ptr> errors;
   {
     WaitClock clock(counters_.transfer_wait_s);
-    errors = io_->run(want.size(), [&](size_t i) { disk_.read(disk_slots[i], to[i]); });
+    const TierStorage& cold = tier(Tier::disk);
+    errors = io_->run(want.size(), [&](size_t i) { cold.read_block(disk_slots[i], to[i]); });
   }
   std::exception_ptr first;
   for (size_t i = 0; i < want.size(); ++i) {
     if (errors[i]) {
-      host.release(slots[i]);  // the block stays on disk
+      host.free_slot(slots[i]);  // the block stays on disk
       if (!first) first = errors[i];
       continue;
     }
-    pool(Tier::disk).release(disk_slots[i]);
+    tier(Tier::disk).free_slot(disk_slots[i]);
     directory_.set_loc(want[i], {Tier::host, slots[i]});
-    host_order_->on_arrive(want[i], BlockUse{-1, 0, 0, step_});
+    host_order_->on_arrive(want[i], BlockUse{-1, 0, 0, clock_});
     ++counters_.blocks_from_disk;
     counters_.bytes_from_disk += cfg_.block_bytes();
   }
-  ++version_;
   if (first) std::rethrow_exception(first);
 }
 
-void Engine::host_to_device(const std::vector<BlockId>& ids, void* stream, bool prefetch) {
+void BlockStore::host_to_device(const std::vector<BlockId>& ids, void* stream, bool prefetch) {
   std::vector<BlockCopy> copies;
   std::vector<Fence> waits;
   std::vector<int32_t> device_slots;
   for (BlockId id : ids) {
     Fence w;
-    const int32_t slot = pool(Tier::device).allocate(&w);
+    const int32_t slot = tier(Tier::device).alloc_slot(&w);
     if (w) waits.push_back(std::move(w));
     auto ready = host_ready_.find(id);
     if (ready != host_ready_.end()) waits.push_back(ready->second);
     device_slots.push_back(slot);
-    copies.push_back({slot_ptr({Tier::device, slot}), slot_ptr(directory_.loc(id))});
+    copies.push_back({slot_ptr({Tier::device, slot}), slot_ptr(loc(id))});
   }
   Fence landed;
   {
     WaitClock clock(counters_.transfer_wait_s);
-    landed = copies_->to_device(copies, waits, stream, !prefetch);
+    landed = backend_.to_device(copies, waits, stream, !prefetch);
   }
   if (prefetch && landed && !ids.empty()) ++landing_epoch_;
   for (size_t i = 0; i < ids.size(); ++i) {
     const BlockId id = ids[i];
     if (prefetch && landed) device_ready_[id] = landed;
-    clean_copy_[id] = CleanCopy{directory_.loc(id).slot, landed};  // the host bytes stay valid
-    clean_order_->on_arrive(id, BlockUse{-1, 0, 0, step_});
+    clean_copy_[id] = CleanCopy{loc(id).slot, landed};  // the host bytes stay valid
+    clean_order_->on_arrive(id, BlockUse{-1, 0, 0, clock_});
     host_ready_.erase(id);
     host_read_by_.erase(id);  // the fetch reads the slot after any staging copy (same stream)
     host_order_->on_leave(id);
     directory_.set_loc(id, {Tier::device, device_slots[i]});
-    policy_->on_arrive(id, BlockUse{-1, 0, 1, step_});
+    policy_->on_arrive(id, BlockUse{-1, 0, 1, clock_});
   }
   counters_.device_misses += int64_t(ids.size());
   counters_.blocks_from_host += int64_t(ids.size());
   counters_.bytes_from_host += int64_t(ids.size()) * cfg_.block_bytes();
-  ++version_;
 }
 
 // Keeps free device blocks above the low watermark: when they fall below it, the policy's
 // victims go down until the high watermark is free. The copies are asynchronous, so by the time
 // an append needs the slots their evictions have long landed.
-void Engine::offload_to_watermark(void* stream) {
+void BlockStore::offload_to_watermark(void* stream) {
   if (!tiered() || cfg_.low_watermark <= 0) return;
-  BlockPool& dev = pool(Tier::device);
+  BlockPool& dev = tier(Tier::device).slots();
   const int64_t cap = dev.capacity();
   if (dev.num_free() >= int64_t(cfg_.low_watermark * double(cap))) return;
   int64_t n = int64_t(cfg_.high_watermark * double(cap)) - dev.num_free();
   n = std::min(n, eviction_room(KeepSet{}));
-  if (decode_.open) n = std::min(n, dev.num_used() - int64_t(decode_.pinned.size()));  // those stay
+  n = std::min(n, dev.num_used() - int64_t(pinned_.size()));  // an open step's blocks stay
   if (n <= 0) return;
   make_device_room(dev.num_free() + n, KeepSet{}, stream);
 }
 
-void Engine::note_use(const SequenceTable& t, SeqId seq, int32_t logical) {
-  const BlockId id = t.blocks[size_t(logical)];
-  if (id != kNoBlock && directory_.loc(id).tier == Tier::device)
-    policy_->on_use(id, BlockUse{seq, logical, int32_t(t.blocks.size()), step_});
+// Blocks of one prefetch share its fence: each distinct fence is waited for once.
+void BlockStore::await(const std::vector<BlockId>& ids, void* stream) {
+  const void* last = nullptr;
+  for (BlockId id : ids) {
+    if (device_ready_.empty()) return;
+    auto it = device_ready_.find(id);
+    if (it == device_ready_.end()) continue;
+    if (it->second.get() != last) {
+      last = it->second.get();
+      backend_.order_after(it->second, stream);
+    }
+    device_ready_.erase(it);
+  }
 }
 
-void Engine::offload(const std::vector<SeqId>& seqs, void* stream) {
-  check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "offload()");
-  PKV_CHECK(tiered(), ArgumentError, "offload(): the cache has no host tier (host_blocks=0)");
-  for (SeqId s : seqs) check_not_in_step(s, "offload()");
-  KeepSet seen;
-  std::vector<BlockId> victims;
-  for (SeqId s : seqs)  // (a block it shares with the open decode step stays for the step)
-    for (BlockId id : tables_.at(s).blocks)
-      if (id != kNoBlock && directory_.loc(id).tier == Tier::device && !pinned(id) && seen.insert(id).second)
-        victims.push_back(id);
+}  // namespace pagedkv
+
+namespace pagedkv {
+
+int64_t BlockStore::room_below_device() const {
+  // Host blocks spill to the cold tier as the host tier fills, so the room is every free slot below.
+  return tier(Tier::host).slots().num_free() + int64_t(clean_copy_.size()) + tier(Tier::disk).slots().num_free();
+}
+
+void BlockStore::offload(const std::vector<BlockId>& victims, void* stream) {
   const KeepSet none;
-  // Host blocks spill to disk as the host tier fills, so the room is every free slot below.
-  const int64_t room = pool(Tier::host).num_free() + int64_t(clean_copy_.size()) + pool(Tier::disk).num_free();
-  PKV_CHECK(int64_t(victims.size()) <= room, OutOfBlocks, "offload(): ", victims.size(),
+  PKV_CHECK(int64_t(victims.size()) <= room_below_device(), OutOfBlocks, "offload(): ", victims.size(),
             " blocks do not fit in the host and disk tiers");
   for (size_t done = 0; done < victims.size();) {  // as many per batch as the host tier takes
     const size_t n = size_t(std::min<int64_t>(int64_t(victims.size() - done), eviction_room(none)));
-    evict_to_host(std::vector<BlockId>(victims.begin() + long(done), victims.begin() + long(done + n)),
-                  none, stream);
+    evict_to_host(std::vector<BlockId>(victims.begin() + long(done), victims.begin() + long(done + n)), none, stream);
     done += n;
   }
 }
 
-void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
-  check_batch(seqs, std::vector<int32_t>(seqs.size(), 0), "prefetch()");
-  KeepSet keep, check;
+}  // namespace pagedkv
+
+namespace pagedkv {
+
+void BlockStore::prefetch(const std::vector<BlockId>& ids, void* stream) {
+  KeepSet check;
   std::vector<BlockId> want;
-  for (SeqId s : seqs)
-    for (BlockId id : tables_.at(s).blocks) {
-      if (id == kNoBlock || !keep.insert(id).second) continue;
-      if (directory_.loc(id).tier == Tier::device) check.insert(id); else want.push_back(id);
-    }
+  for (BlockId id : ids) {
+    if (loc(id).tier == Tier::device) check.insert(id); else want.push_back(id);
+  }
   // As many as fit without evicting blocks of these same sequences; a prefetch is a hint.
-  const BlockPool& dev = pool(Tier::device);
+  const BlockPool& dev = tier(Tier::device).slots();
   const int64_t fits = dev.num_free() + dev.num_used() - int64_t(check.size());
   if (int64_t(want.size()) > fits) want.resize(size_t(std::max<int64_t>(fits, 0)));
   if (want.empty()) return;
@@ -362,21 +360,6 @@ void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
     check_room(0, check, "prefetch()");
     make_resident(want, check, stream, /*prefetch=*/true);
   } catch (const OutOfBlocks&) {
-  }
-}
-
-// Blocks of one prefetch share its fence: each distinct fence is waited for once.
-void Engine::await_blocks(const std::vector<BlockId>& ids, void* stream) {
-  const void* last = nullptr;
-  for (BlockId id : ids) {
-    if (device_ready_.empty()) return;
-    auto it = device_ready_.find(id);
-    if (it == device_ready_.end()) continue;
-    if (it->second.get() != last) {
-      last = it->second.get();
-      copies_->order_after(it->second, stream);
-    }
-    device_ready_.erase(it);
   }
 }
 

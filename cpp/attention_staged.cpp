@@ -6,21 +6,19 @@
 #include <unordered_map>
 #include <unordered_set>
 
-#include "pagedkv/engine.h"
+#include "pagedkv/attention_planner.h"
+#include "pagedkv/block_store.h"
+#include "pagedkv/page_tables.h"
 #include "pagedkv/errors.h"
-#ifdef PAGEDKV_WITH_CUDA
-#include "pagedkv/cuda_context.h"
-#include "pagedkv/kernels.h"
-#endif
 
 namespace pagedkv {
 
-void Engine::build_staged_plan(const std::vector<SeqId>& seqs, const std::vector<BlockId>& needed,
+void AttentionPlanner::build_staged_plan(const std::vector<SeqId>& seqs, const std::vector<BlockId>& needed,
                                const std::vector<int32_t>& kv_lens, const std::vector<int32_t>& lengths,
                                int32_t window) {
   const KeepSet keep(needed.begin(), needed.end());
-  disk_to_host(needed, keep);  // the disk ones come up to the host first
-  StagedPlan& sp = staged_plan_;
+  store_.cold_to_host(needed, keep);  // the cold ones come up to the host first
+  StagedPlan& sp = staged_;
   sp.order.clear();
   sp.host_slots.clear();
   sp.waits.clear();
@@ -28,12 +26,12 @@ void Engine::build_staged_plan(const std::vector<SeqId>& seqs, const std::vector
   std::unordered_map<BlockId, int32_t> index;
   std::unordered_set<const void*> fences;  // distinct ones: thousands of blocks share a few
   for (BlockId id : needed) {
-    const BlockLoc loc = directory_.loc(id);
+    const BlockLoc loc = store_.loc(id);
     if (loc.tier != Tier::host || !index.emplace(id, int32_t(sp.order.size())).second) continue;
     sp.order.push_back(id);
     sp.host_slots.push_back(loc.slot);
-    auto ready = host_ready_.find(id);
-    if (ready != host_ready_.end() && fences.insert(ready->second.get()).second) sp.waits.push_back(ready->second);
+    const Fence* ready = store_.host_landing(id);
+    if (ready && fences.insert(ready->get()).second) sp.waits.push_back(*ready);
   }
   int32_t max_blocks = 1;
   for (SeqId s : seqs) max_blocks = std::max(max_blocks, int32_t(tables_.at(s).blocks.size()));
@@ -43,7 +41,7 @@ void Engine::build_staged_plan(const std::vector<SeqId>& seqs, const std::vector
     for (size_t b = 0; b < blocks.size(); ++b) {
       if (blocks[b] == kNoBlock) continue;
       auto it = index.find(blocks[b]);
-      const BlockLoc loc = directory_.loc(blocks[b]);
+      const BlockLoc loc = store_.loc(blocks[b]);
       if (it != index.end()) sp.tables[i * size_t(max_blocks) + b] = staged_entry(it->second);
       else if (loc.tier == Tier::device) sp.tables[i * size_t(max_blocks) + b] = loc.slot;
     }
@@ -51,47 +49,34 @@ void Engine::build_staged_plan(const std::vector<SeqId>& seqs, const std::vector
   // One cell for every slot this plan reads: each call stores its copy's fence there, and a host
   // slot released later waits for the latest.
   sp.last_read = std::make_shared<Fence>();
-  if (cfg_.on_cuda)
-    for (BlockId id : sp.order) host_read_by_[id] = sp.last_read;
+  if (backend_.on_cuda()) store_.note_host_readers(sp.order, sp.last_read);
   sp.seqs = seqs;
   sp.kv_lens = kv_lens;
   sp.lengths = lengths;
   sp.window = window;
-  sp.version = version_;  // after the disk reads above
+  sp.version = version();  // after the cold reads above
 }
 
-void Engine::run_staged(int32_t layer, PagedAttentionParams& p, const std::vector<int32_t>& kv_lens,
+void AttentionPlanner::run_staged(int32_t layer, PagedAttentionParams& p, const std::vector<int32_t>& kv_lens,
                         const std::vector<int32_t>& q_indptr, void* stream) {
-  StagedPlan& sp = staged_plan_;
+  StagedPlan& sp = staged_;
   const size_t slice = size_t(cfg_.block_bytes() / cfg_.num_layers), block = size_t(cfg_.block_bytes());
   const size_t n = sp.order.size();
-  char* staging = nullptr;
-#ifdef PAGEDKV_WITH_CUDA
-  if (cfg_.on_cuda) staging = static_cast<char*>(cuda_->staging.reserve(std::max<size_t>(n, 1) * slice));
-#endif
-  if (!cfg_.on_cuda) {
-    staging_cpu_.resize(std::max<size_t>(n, 1) * slice);
-    staging = staging_cpu_.data();
-  }
+  char* staging = static_cast<char*>(backend_.staging(std::max<size_t>(n, 1) * slice));
   Fence landed;
-#ifdef PAGEDKV_WITH_CUDA
-  if (cfg_.on_cuda && stage_by_kernel_ && n > 0) {  // SM loads over the link, on the compute stream
-    auto st = static_cast<cudaStream_t>(stream);
+  if (backend_.on_cuda() && cfg_.staging == Staging::kernel && n > 0) {  // SM loads over the link, on the compute stream
     if (!sp.waited || sp.waited_stream != stream) {  // evictions still writing a slot (once per stream)
-      for (const Fence& w : sp.waits) copies_->order_after(w, stream);
+      for (const Fence& w : sp.waits) backend_.order_after(w, stream);
       sp.waited = true;
       sp.waited_stream = stream;
     }
-    const int32_t* slots = cuda_->staged_slots.send(*cuda_, sp.host_slots, st);
-    PKV_CUDA(cuda::gather_from_mapped_host(staging, host_mapped_, slots, int64_t(n), int64_t(slice),
-                                           int64_t(block), int64_t(layer) * int64_t(slice), cuda_->num_sms(),
-                                           st, gather_shape_));
-    landed = copies_->mark(stream);
+    if (backend_.gather_slices(staging, store_.host_mapped(), sp.host_slots, int64_t(slice), int64_t(block),
+                               int64_t(layer) * int64_t(slice), cfg_.gather_shape, stream))
+      landed = backend_.mark(stream);
   }
-#endif
   if (!landed && n > 0) {  // copies: a run of blocks in consecutive host slots is one 2-D copy
     std::vector<SliceRun> runs;
-    const char* host = static_cast<const char*>(pool(Tier::host).data()) + size_t(layer) * slice;
+    const char* host = static_cast<const char*>(store_.tier(Tier::host).data()) + size_t(layer) * slice;
     for (size_t i = 0; i < n; ++i) {
       const char* src = host + size_t(sp.host_slots[i]) * block;
       if (!runs.empty() && static_cast<const char*>(runs.back().src) + runs.back().count * block == src)
@@ -99,17 +84,17 @@ void Engine::run_staged(int32_t layer, PagedAttentionParams& p, const std::vecto
       else
         runs.push_back({staging + i * slice, src, slice, block, 1});
     }
-    landed = copies_->slices_to_device(runs, sp.waits, stream);
+    landed = backend_.slices_to_device(runs, sp.waits, stream);
     sp.waits.clear();  // the copy engine's stream now runs after them, for every later call too
   }
-  if (sp.last_read && landed && cfg_.on_cuda) *sp.last_read = landed;
-  counters_.slices_staged += int64_t(n);
-  counters_.bytes_staged += int64_t(n * slice);
-  if (layer == 0) counters_.device_misses += int64_t(n);
+  if (sp.last_read && landed && backend_.on_cuda()) *sp.last_read = landed;
+  TransferCounters& counters = store_.counters();
+  counters.slices_staged += int64_t(n);
+  counters.bytes_staged += int64_t(n * slice);
+  if (layer == 0) counters.device_misses += int64_t(n);
   const size_t es = dtype_size(cfg_.dtype);
   p.staged_offset = (reinterpret_cast<intptr_t>(staging) - reinterpret_cast<intptr_t>(p.pool)) / intptr_t(es);
   run_with_tables(p, sp.tables, kv_lens, q_indptr, stream);
-  offload_to_watermark(stream);
 }
 
 }  // namespace pagedkv
