@@ -30,7 +30,7 @@ if has tests; then
   ctest --test-dir build/py --output-on-failure -j8 > "$OUT/ctest.log" 2>&1; echo "ctest rc=$?"; tail -3 "$OUT/ctest.log"
   grep -E "checked|FAIL" "$OUT/ctest.log" | head -5
   for tool in memcheck racecheck; do  # the kernels under compute-sanitizer, a representative sweep
-    timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 build/py/pagedkv_cuda_check --quick \
+    timeout ${SAN_TIMEOUT:-200} compute-sanitizer --tool $tool --error-exitcode 9 build/py/pagedkv_cuda_check --quick \
       > "$OUT/sanitizer-$tool.log" 2>&1; echo "compute-sanitizer $tool rc=$?"; tail -2 "$OUT/sanitizer-$tool.log"
   done
   timeout ${PYTEST_TIMEOUT:-240} python3 -m pytest tests/python -q -k "${PYTEST_K:-cuda}" -p no:cacheprovider > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"
