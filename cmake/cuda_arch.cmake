@@ -33,4 +33,9 @@ set(CMAKE_CUDA_STANDARD 17)
 set(CMAKE_CUDA_STANDARD_REQUIRED ON)
 find_package(CUDAToolkit REQUIRED)
 set(PAGEDKV_WITH_CUDA ON)
+# The tensor-core prefill kernel exists only in sm_90a code: without that target, paged_attention
+# must never pick it (an sm_90 build would run its empty body).
+if(NOT "90a" IN_LIST CMAKE_CUDA_ARCHITECTURES)
+  add_compile_definitions(PAGEDKV_NO_SM90A=1)
+endif()
 message(STATUS "pagedkv: CUDA ${CMAKE_CUDA_COMPILER_VERSION} for architectures ${CMAKE_CUDA_ARCHITECTURES}")

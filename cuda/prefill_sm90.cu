@@ -59,6 +59,10 @@ bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
 }  // namespace
 
 bool prefill_sm90_supports(const PagedAttentionParams& p, int variant) {
+#ifdef PAGEDKV_NO_SM90A
+  (void)p, (void)variant;
+  return false;
+#endif
   if (rotates_sinks(p) || !(p.scale > 0.f) || p.num_kv_heads > 65535 || p.num_seqs > 65535) return false;
   int dev = 0, major = 0, minor = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||

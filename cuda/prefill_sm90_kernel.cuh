@@ -364,6 +364,8 @@ __global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttenti
     regs_alloc<S::kConsumerRegs>();
     if (wg - 1 < consumers) prefill_consumer<T, HD, PINGPONG>(p, w, wg - 1, consumers == 2, sQ, sK0, sV0, full, empty);
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // not sm_90a code: the host never launches this (prefill_sm90_supports); never run empty
 #endif
 }
 
