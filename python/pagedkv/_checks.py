@@ -29,11 +29,19 @@ def bounded_int(value, name: str, where: str, low: int = 0, high: int = INT32_MA
     return value
 
 
+def _tensor_ints(t: torch.Tensor, name: str, where: str):
+    """The values of an integer tensor as Python ints (a tensor without data, on "meta", has none)."""
+    if t.device.type == "meta" or t.dtype.is_complex:
+        raise TypeError(f"{where}: {name} must be ints or an integer tensor with data, got a "
+                        f"{t.dtype} tensor on {t.device}")
+    return t.tolist()
+
+
 def seq_id(value, where: str) -> int:
     """A sequence id: any int; one outside int64 can name no sequence (KeyError)."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point \
             and value.dtype != torch.bool:
-        value = int(value)
+        value = _tensor_ints(value, "seq", where)
     if not is_int(value):
         raise TypeError(f"{where}: seq must be an int sequence id, got {type(value).__name__}")
     if value not in _SEQ_ID_RANGE:
@@ -82,7 +90,7 @@ def int_list(value, name: str, where: str) -> list[int]:
         if value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
             raise TypeError(f"{where}: {name} must be a 1-D integer tensor, got "
                             f"{value.dtype} of shape {tuple(value.shape)}")
-        return [int(x) for x in value.tolist()]
+        return [int(x) for x in _tensor_ints(value, name, where)]
     if isinstance(value, int) and not isinstance(value, bool):
         raise TypeError(f"{where}: {name} must be a list of ints or a 1-D integer tensor, got int "
                         f"(wrap a single id in a list: [{value}])")
@@ -92,8 +100,9 @@ def int_list(value, name: str, where: str) -> list[int]:
     out = []
     for i, x in enumerate(value):
         if isinstance(x, bool) or not isinstance(x, int):
-            if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.dtype.is_floating_point:
-                x = int(x)
+            if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.dtype.is_floating_point \
+                    and x.dtype != torch.bool:
+                x = _tensor_ints(x, f"{name}[{i}]", where)
             else:
                 raise TypeError(f"{where}: {name}[{i}] must be an int, got {type(x).__name__}")
         out.append(int(x))

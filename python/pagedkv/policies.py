@@ -72,6 +72,6 @@ def resolve(policy) -> tuple[str, dict]:
             raise ValueError(f"PagedKV(): policy must be one of {tuple(_BY_NAME)} or a policy object, got {policy!r}")
         policy = _BY_NAME[policy]()
     if not isinstance(policy, _Policy):
-        raise TypeError(f"PagedKV(): policy must be a name or pagedkv.policies.LRU/Window/Hybrid, "
+        raise TypeError(f"PagedKV(): policy must be a name or pagedkv.policies.LRU, Window or Hybrid object, "
                         f"got {type(policy).__name__}")
     return policy.name, policy.params()
