@@ -207,7 +207,7 @@ def check_constructor(num_layers, num_kv_heads, head_dim, block_size, dtype, dev
     if not isinstance(retain, bool):
         raise TypeError(f"PagedKV(): retain must be a bool, got {type(retain).__name__}")
     if disk_blocks and not host_blocks:
-        raise ValueError("PagedKV(): disk_blocks needs host_blocks > 0 (disk I/O is staged "
+        raise ValueError("PagedKV(): disk_blocks needs host_blocks > 0 (disk reads and writes are staged "
                          "through the pinned host tier)")
     if disk_blocks and disk_path is None:
         raise ValueError("PagedKV(): disk_blocks > 0 needs disk_path, a directory for the file")
