@@ -167,10 +167,12 @@ NB_MODULE(_C, m) {
            "gather_shape"_a = std::make_tuple(GatherShape{}.unroll, GatherShape{}.threads,
                                               GatherShape{}.ctas_per_sm),
            "copy_batch"_a = 0, "cold_tier"_a = "disk")
-      .def("add_sequence", &Engine::add_sequence)
-      .def("fork", &Engine::fork, "seq"_a)
-      .def("free", &Engine::free, "seq"_a)
-      .def("truncate", &Engine::truncate, "seq"_a, "tokens"_a)
+      // Every call below releases the GIL before it enters the engine, so a thread waiting for the
+      // engine's lock (another thread is inside) never holds up the rest of Python.
+      .def("add_sequence", &Engine::add_sequence, nb::call_guard<nb::gil_scoped_release>())
+      .def("fork", &Engine::fork, "seq"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("free", &Engine::free, "seq"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("truncate", &Engine::truncate, "seq"_a, "tokens"_a, nb::call_guard<nb::gil_scoped_release>())
       .def("append",
            [](Engine& e, const std::vector<SeqId>& seqs, int32_t layer,
               const std::vector<int32_t>& lengths, const Array& k, const Array& v, uintptr_t stream) {
@@ -228,7 +230,8 @@ NB_MODULE(_C, m) {
            },
            "outs"_a.noconvert(), "lses"_a.noconvert(), "out"_a.noconvert(), "lse"_a.noconvert().none(),
            "stream"_a)
-      .def("blocks_needed", &Engine::blocks_needed, "seqs"_a, "layer"_a, "lengths"_a, "window"_a)
+      .def("blocks_needed", &Engine::blocks_needed, "seqs"_a, "layer"_a, "lengths"_a, "window"_a,
+           nb::call_guard<nb::gil_scoped_release>())
       .def("attend_range",
            [](Engine& e, SeqId seq, int32_t layer, int32_t position, int32_t key_begin,
               int32_t key_end, const Array& q, const Array& out, const Array& lse, int32_t num_q_heads,
@@ -250,11 +253,16 @@ NB_MODULE(_C, m) {
            [](Engine& e, SeqId seq, int32_t layer, const Array& k_out, const Array& v_out,
               uintptr_t stream) {
              const CacheConfig& c = e.config();
-             const int64_t elems = int64_t(e.seq_len(seq, layer)) * c.num_kv_heads * c.head_dim;
+             // k_out, v_out: [rows, num_kv_heads, head_dim]; the engine checks rows == seq_len
+             // under its lock (another thread may append between two calls).
+             PKV_CHECK(k_out.ndim() >= 1 && k_out.shape(0) < (size_t(1) << 31), ArgumentError,
+                       "gather(): k_out must be [seq_len, num_kv_heads, head_dim]");
+             const int32_t rows = int32_t(k_out.shape(0));
+             const int64_t elems = int64_t(rows) * c.num_kv_heads * c.head_dim;
              void* kp = checked(e, k_out, "k_out", elems, c.dtype);
              void* vp = checked(e, v_out, "v_out", elems, c.dtype);
              nb::gil_scoped_release release;
-             e.gather(seq, layer, kp, vp, as_stream(stream));
+             e.gather(seq, layer, kp, vp, as_stream(stream), rows);
            },
            "seq"_a, "layer"_a, "k_out"_a.noconvert(), "v_out"_a.noconvert(), "stream"_a)
       .def("prepare",
@@ -270,7 +278,7 @@ NB_MODULE(_C, m) {
            },
            "seqs"_a, "tokens"_a, "num_q_heads"_a, "stream"_a)
       .def("end_step", &Engine::end_step, nb::call_guard<nb::gil_scoped_release>())
-      .def("step_open", &Engine::step_open)
+      .def("step_open", &Engine::step_open, nb::call_guard<nb::gil_scoped_release>())
       .def("prefetch",
            [](Engine& e, const std::vector<SeqId>& seqs, uintptr_t stream) {
              nb::gil_scoped_release release;
@@ -283,16 +291,31 @@ NB_MODULE(_C, m) {
              e.offload(seqs, as_stream(stream));
            },
            "seqs"_a, "stream"_a)
-      .def("seq_len", &Engine::seq_len, "seq"_a, "layer"_a)
+      .def("seq_len",
+           [](const Engine& e, SeqId seq, int32_t layer, const std::string& what) {
+             nb::gil_scoped_release release;
+             return e.seq_len(seq, layer, what.c_str());
+           },
+           "seq"_a, "layer"_a, "what"_a = "seq_len()")
+      .def("written_len", &Engine::written_len, "seq"_a, "layer"_a, nb::call_guard<nb::gil_scoped_release>())
       .def("block_table",
            [](const Engine& e, SeqId seq) {
              std::vector<std::tuple<std::string, int32_t>> out;
+             nb::gil_scoped_release release;
              for (const BlockLoc& l : e.block_table(seq)) out.emplace_back(tier_name(l.tier), l.slot);
              return out;
            },
            "seq"_a)
-      .def("stats", [](const Engine& e) { return stats_dict(e.stats()); })
-      .def("sequences", &Engine::sequences)
+      .def("stats",
+           [](const Engine& e) {
+             Stats s;
+             {
+               nb::gil_scoped_release release;
+               s = e.stats();
+             }
+             return stats_dict(s);
+           })
+      .def("sequences", &Engine::sequences, nb::call_guard<nb::gil_scoped_release>())
       .def("check_invariants", &Engine::check_invariants, nb::call_guard<nb::gil_scoped_release>())
       .def("num_sms", &Engine::num_sms)
       .def("pool",

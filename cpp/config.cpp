@@ -16,6 +16,14 @@ void validate_config(const CacheConfig& c) {
             "device_blocks must be below 2^31, got ", c.device_blocks);
   PKV_CHECK(c.host_blocks >= 0, ArgumentError, "host_blocks must be >= 0, got ", c.host_blocks);
   PKV_CHECK(c.disk_blocks >= 0, ArgumentError, "disk_blocks must be >= 0, got ", c.disk_blocks);
+  // Slots and block ids are int32: every tier, and all of them together, below 2^31 blocks.
+  PKV_CHECK(c.host_blocks < (int64_t(1) << 31), ArgumentError, "host_blocks must be below 2^31, got ",
+            c.host_blocks);
+  PKV_CHECK(c.disk_blocks < (int64_t(1) << 31), ArgumentError, "disk_blocks must be below 2^31, got ",
+            c.disk_blocks);
+  PKV_CHECK(c.device_blocks + c.host_blocks + c.disk_blocks < (int64_t(1) << 31), ArgumentError,
+            "device_blocks + host_blocks + disk_blocks must be below 2^31 (block ids are int32), got ",
+            c.device_blocks + c.host_blocks + c.disk_blocks);
   PKV_CHECK(c.window >= 0, ArgumentError, "window must be positive or None, got ", c.window);
   PKV_CHECK(c.sink_tokens >= 0, ArgumentError, "sink_tokens must be >= 0, got ", c.sink_tokens);
   PKV_CHECK(c.sink_tokens == 0 || c.window > 0, ArgumentError,

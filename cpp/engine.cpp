@@ -25,12 +25,6 @@ Engine::Engine(const CacheConfig& cfg)
 
 Engine::~Engine() = default;
 
-Engine::Entry::Entry(const Engine& e, const char* what) : e_(e) {
-  PKV_CHECK(!e.busy_.exchange(true, std::memory_order_acquire), ConcurrentUse, what,
-            ": this engine is in use by another thread; an engine serves one thread at a time "
-            "(give each thread its own PagedKV, or hold a lock around every call)");
-}
-
 SeqId Engine::add_sequence() {
   const Entry entry(*this, "add_sequence()");
   return tables_.add();
@@ -82,12 +76,13 @@ void Engine::prefetch(const std::vector<SeqId>& seqs, void* stream) {
   store_.prefetch(ids, stream);
 }
 
-void Engine::gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream) {
+void Engine::gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream, int32_t rows) {
   const Entry entry(*this, "gather()");
   const SequenceTable& t = tables_.get(seq, "gather()");
   check_layer(layer, "gather()");
-  check_gather_args(t, seq, layer);
-  store_.read_layer(t.blocks, t.lens[size_t(layer)], layer, k_out, v_out, stream);
+  const int32_t len = written_rows(seq, t, layer);
+  check_gather_args(t, seq, layer, len, rows);
+  store_.read_layer(t.blocks, len, layer, k_out, v_out, stream);
 }
 
 void Engine::merge_partials(const void* outs, const float* lses, int32_t parts, int64_t rows_heads, void* out,
@@ -97,11 +92,18 @@ void Engine::merge_partials(const void* outs, const float* lses, int32_t parts, 
   planner_.merge_partials(outs, lses, parts, rows_heads, out, lse, stream);
 }
 
-int32_t Engine::seq_len(SeqId seq, int32_t layer) const {
-  const Entry entry(*this, "seq_len()");
-  const SequenceTable& t = tables_.get(seq, "seq_len()");
-  check_layer(layer, "seq_len()");
+int32_t Engine::seq_len(SeqId seq, int32_t layer, const char* what) const {
+  const Entry entry(*this, what);
+  const SequenceTable& t = tables_.get(seq, what);
+  check_layer(layer, what);
   return t.lens[size_t(layer)];
+}
+
+int32_t Engine::written_len(SeqId seq, int32_t layer) const {
+  const Entry entry(*this, "gather()");
+  const SequenceTable& t = tables_.get(seq, "gather()");
+  check_layer(layer, "gather()");
+  return written_rows(seq, t, layer);
 }
 
 std::vector<BlockLoc> Engine::block_table(SeqId seq) const {

@@ -3,6 +3,7 @@
 // checks first in Python's terms; the bindings check only what raw pointers need: dtype, device,
 // element counts, alignment.) Room checks are the block store's (check_room).
 #include <algorithm>
+#include <cmath>
 #include <unordered_set>
 
 #include "pagedkv/engine.h"
@@ -31,6 +32,9 @@ void Engine::check_attend_args(const AttendArgs& args) const {
   PKV_CHECK(args.num_q_heads > 0 && args.num_q_heads % cfg_.num_kv_heads == 0, ArgumentError,
             "attend(): q has ", args.num_q_heads, " heads, which is not a multiple of num_kv_heads=",
             cfg_.num_kv_heads);
+  // (scale <= 0 asks for the default 1/sqrt(head_dim), attention_planner.cpp)
+  PKV_CHECK(std::isfinite(args.scale), ArgumentError, "attend(): scale must be finite as float32, got ",
+            double(args.scale));
   PKV_CHECK(args.sink_tokens <= cfg_.sink_tokens, ArgumentError, "attend(): sink_tokens ",
             args.sink_tokens, " exceeds the cache's ", cfg_.sink_tokens, " (only those are kept)");
   if (args.sink_rope) {
@@ -53,8 +57,9 @@ void Engine::check_range_args(const SequenceTable& t, SeqId seq, int32_t layer, 
               seq, " were dropped by the window (retain=False)");
 }
 
-void Engine::check_gather_args(const SequenceTable& t, SeqId seq, int32_t layer) const {
-  const int32_t len = t.lens[size_t(layer)];
+void Engine::check_gather_args(const SequenceTable& t, SeqId seq, int32_t layer, int32_t len, int32_t rows) const {
+  PKV_CHECK(rows < 0 || rows == len, ArgumentError, "gather(): k_out and v_out hold ", rows,
+            " rows but layer ", layer, " of sequence ", seq, " holds ", len);
   for (int32_t b = 0; b < blocks_for(len, cfg_.block_size); ++b)
     PKV_CHECK(t.blocks[size_t(b)] != kNoBlock, ArgumentError, "gather(): sequence ", seq,
               " has dropped blocks (window with retain=False): its oldest keys are gone");

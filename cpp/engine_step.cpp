@@ -48,6 +48,11 @@ bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t 
   step.open = false;
   try {
     fresh = step_blocks(seqs, tokens, scope);
+    // The open step's rows must all be written before the next step reserves more (end_step()
+    // gives back unwritten ones).
+    for (size_t layer = 0; was_open && layer < step.appended.size(); ++layer)
+      PKV_CHECK(step.appended[layer], ArgumentError, what, ": layer ", layer, " of the open decode step was never "
+                "appended; append every layer's rows, or call end_step() to give the unwritten rows back");
     if (!store_.tiered()) {
       PKV_CHECK(fresh <= dev.num_free(), OutOfBlocks, what, ": needs ", fresh,
                 " free blocks but the device tier has ", dev.num_free(), " of ", dev.capacity());
@@ -126,10 +131,43 @@ bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t 
 
 void Engine::end_step() {
   const Entry entry(*this, "end_step()");
+  close_step();
+}
+
+// Ends the open step (none open: nothing to do). Rows it reserved in a layer that append() never
+// wrote are given back: that layer's length returns to where the step began, and blocks past
+// every layer's end return to the pool, so seq_len and gather never count rows holding no data.
+void Engine::close_step() {
   DecodeStep& step = planner_.step();
+  if (!step.open) return;
   step.open = false;
   step.members.clear();
   store_.unpin_all();
+  if (std::all_of(step.appended.begin(), step.appended.end(), [](uint8_t a) { return a != 0; })) return;
+  for (size_t i = 0; i < step.seqs.size(); ++i) {
+    SequenceTable& t = tables_.at(step.seqs[i]);  // (members cannot be freed while the step is open)
+    const int32_t begun = step.meta[i] - step.tokens;
+    for (size_t layer = 0; layer < t.lens.size(); ++layer)
+      if (!step.appended[layer]) {
+        t.lens[layer] = std::min(t.lens[layer], begun);
+        t.scope_start[layer] = std::min(t.scope_start[layer], begun);
+      }
+    tables_.truncate(step.seqs[i], t.max_len(), store_);
+  }
+}
+
+// The rows of `layer` of `seq` that hold data: seq_len less rows the open step reserved there and
+// append() has not written yet.
+int32_t Engine::written_rows(SeqId seq, const SequenceTable& t, int32_t layer) const {
+  const DecodeStep& step = planner_.step();
+  const int32_t len = t.lens[size_t(layer)];
+  if (step.open && !step.appended[size_t(layer)] && step.members.count(seq)) return len - step.tokens;
+  return len;
+}
+
+bool Engine::step_open() const {
+  const Entry entry(*this, "step_open()");
+  return planner_.step().open;
 }
 
 void Engine::step_append(int32_t layer, const std::vector<int32_t>& lengths, const void* k, const void* v,

@@ -7,9 +7,9 @@
 // Every public call validates everything and checks for room before it changes anything, so a
 // throw leaves the engine exactly as it was.
 #pragma once
-#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "pagedkv/attention_planner.h"
@@ -67,9 +67,13 @@ class Engine {
   // needs; 0 sizes it at the step's first attend.
   bool begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t num_q_heads, void* stream);
   // Closes the open step (its blocks may move again). Call it after the step's kernels were
-  // enqueued: later moves are ordered after them on the stream they are given.
+  // enqueued: later moves are ordered after them on the stream they are given. Rows the step
+  // reserved in a layer that append() never wrote are given back (that layer's length returns to
+  // where the step began; blocks past every layer's end are freed). Without an open step it does
+  // nothing, like closing a closed file. (begin_step() over an open step with a layer never
+  // appended raises ArgumentError and changes nothing.)
   void end_step();
-  bool step_open() const { return planner_.step().open; }
+  bool step_open() const;
   // Starts bringing every block of these sequences to the device (as far as it fits), so a later
   // attend finds them there.
   void prefetch(const std::vector<SeqId>& seqs, void* stream);
@@ -78,7 +82,9 @@ class Engine {
   void offload(const std::vector<SeqId>& seqs, void* stream);
   // Copies the stored K/V of one layer into k_out, v_out: [seq_len, num_kv_heads, head_dim],
   // from whichever tier each block is in.
-  void gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream);
+  // `rows` >= 0: the rows k_out and v_out hold, checked against seq_len under the engine's lock
+  // (a caller that sized them by an earlier seq_len() learns if another thread appended since).
+  void gather(SeqId seq, int32_t layer, void* k_out, void* v_out, void* stream, int32_t rows = -1);
 
   // Merges `parts` partial attention results over disjoint key sets by log-sum-exp:
   // outs [parts, rows_heads, head_dim] (cfg.dtype), lses [parts, rows_heads] float32 ->
@@ -86,7 +92,11 @@ class Engine {
   void merge_partials(const void* outs, const float* lses, int32_t parts, int64_t rows_heads, void* out,
                       float* lse, void* stream);
 
-  int32_t seq_len(SeqId seq, int32_t layer) const;
+  // `what` names the call in errors (gather() asks seq_len() to size its output).
+  int32_t seq_len(SeqId seq, int32_t layer, const char* what = "seq_len()") const;
+  // The rows gather() returns: seq_len less rows the open decode step reserved in this layer and
+  // append() has not written yet (seq_len counts those from begin_step on; they hold no data).
+  int32_t written_len(SeqId seq, int32_t layer) const;
   std::vector<BlockLoc> block_table(SeqId seq) const;
   Stats stats() const;
   std::vector<SeqId> sequences() const;
@@ -102,23 +112,23 @@ class Engine {
 
  private:
   friend struct EngineTestAccess;  // tests/cpp: corrupts state to prove check_invariants() sees it
-  // One thread at a time (docs/DESIGN.md §5): every public call holds this for its duration, and a
-  // second thread entering meanwhile gets ConcurrentUse (RuntimeError) instead of a torn engine.
+  // Every public call holds the engine's mutex for its duration (docs/DESIGN.md §5): calls from
+  // several threads run one after another, each seeing and leaving the engine whole. (No public
+  // call makes another one: the mutex is not recursive.)
   class Entry {
    public:
-    Entry(const Engine& e, const char* what);
-    ~Entry() { e_.busy_.store(false, std::memory_order_release); }
-    Entry(const Entry&) = delete;
-    Entry& operator=(const Entry&) = delete;
+    Entry(const Engine& e, const char* /*what*/) : lock_(e.mutex_) {}
 
    private:
-    const Engine& e_;
+    std::lock_guard<std::mutex> lock_;
   };
 
   void append_checked(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
                       const void* k, const void* v, void* stream, bool drop);
   void append_in_pieces(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
                         const void* k, const void* v, int64_t fresh, void* stream);
+  void close_step();
+  int32_t written_rows(SeqId seq, const SequenceTable& t, int32_t layer) const;
   void step_append(int32_t layer, const std::vector<int32_t>& lengths, const void* k, const void* v, void* stream);
   // begin_step's checks: the blocks the step reads or writes now, and how many new ones it takes.
   int64_t step_blocks(const std::vector<SeqId>& seqs, int32_t tokens, std::vector<BlockId>& scope) const;
@@ -130,7 +140,7 @@ class Engine {
   void check_step_args(const std::vector<SeqId>& seqs, int32_t tokens, int32_t num_q_heads) const;
   void check_range_args(const SequenceTable& t, SeqId seq, int32_t layer, int32_t position, int32_t key_begin,
                         int32_t key_end) const;
-  void check_gather_args(const SequenceTable& t, SeqId seq, int32_t layer) const;
+  void check_gather_args(const SequenceTable& t, SeqId seq, int32_t layer, int32_t len, int32_t rows) const;
   // append() and attend() of the open decode step's batch: its rows per sequence, its window.
   void check_step_rows(const std::vector<int32_t>& lengths, const char* what) const;
   // Reports the blocks rows [len - n, len) read to the policy, once per step (not per layer).
@@ -143,7 +153,7 @@ class Engine {
   BlockStore store_;
   PageTables tables_;
   AttentionPlanner planner_;
-  mutable std::atomic<bool> busy_{false};  // a public call is running (Entry)
+  mutable std::mutex mutex_;  // held by every public call (Entry)
 };
 
 }  // namespace pagedkv

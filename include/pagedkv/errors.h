@@ -19,8 +19,6 @@ struct LayerOutOfRange : Error { using Error::Error; };
 struct OutOfBlocks : Error { using Error::Error; };
 struct CudaError : Error { using Error::Error; };
 struct InternalError : Error { using Error::Error; };
-// A second thread entered an engine while another was inside it (docs/DESIGN.md §5).
-struct ConcurrentUse : Error { using Error::Error; };
 
 namespace detail {
 // Messages are built without iostreams: a stream's locale machinery crashed inside the module

@@ -1,9 +1,85 @@
 """Argument checks at the Python boundary: each failure names the argument and what was expected."""
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+INT32_MAX = 2**31 - 1  # lengths, tokens, slots and block ids are int32 in the engine
+_SEQ_ID_RANGE = range(-2**63, 2**63)  # sequence ids are int64
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def bounded_int(value, name: str, where: str, low: int = 0, high: int = INT32_MAX) -> int:
+    """An int in [low, high] (TypeError for a non-int, ValueError out of range)."""
+    if not is_int(value):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{where}: {name} must be >= {low}, got {value}")
+    if value > high:
+        raise ValueError(f"{where}: {name} must be <= {high}" + (" (below 2^31)" if high == INT32_MAX else "")
+                         + f", got {value}")
+    return value
+
+
+def _tensor_ints(t: torch.Tensor, name: str, where: str):
+    """The values of an integer tensor as Python ints (a tensor without data, on "meta", has none)."""
+    if t.device.type == "meta" or t.dtype.is_complex:
+        raise TypeError(f"{where}: {name} must be ints or an integer tensor with data, got a "
+                        f"{t.dtype} tensor on {t.device}")
+    return t.tolist()
+
+
+def seq_id(value, where: str) -> int:
+    """A sequence id: any int; one outside int64 can name no sequence (KeyError)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point \
+            and value.dtype != torch.bool:
+        value = _tensor_ints(value, "seq", where)
+    if not is_int(value):
+        raise TypeError(f"{where}: seq must be an int sequence id, got {type(value).__name__}")
+    if value not in _SEQ_ID_RANGE:
+        raise KeyError(f"{where}: unknown sequence id {value}")
+    return value
+
+
+def seq_list(value, where: str) -> list[int]:
+    """`seqs`: a list of sequence ids; one outside int64 is unknown (KeyError)."""
+    out = int_list(value, "seqs", where)
+    for x in out:
+        if x not in _SEQ_ID_RANGE:
+            raise KeyError(f"{where}: unknown sequence id {x}")
+    return out
+
+
+def check_bool(value, name: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_scale(scale, default: float, where: str) -> float:
+    """The softmax scale: None (the default) or a real number that is positive and finite once
+    rounded to float32, which is what the kernels use."""
+    if scale is None:
+        return default
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{where}: scale must be a float or None, got {type(scale).__name__}")
+    try:
+        value = float(scale)
+    except OverflowError:  # an int too large for a double
+        raise ValueError(f"{where}: scale must be finite as float32, got {scale!r}") from None
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"{where}: scale must be finite as float32 (|scale| <= {_FLOAT32_MAX:.6g}), got {scale!r}")
+    if not torch.tensor(value, dtype=torch.float32).item() > 0:
+        raise ValueError(f"{where}: scale must be > 0 as float32, got {scale!r}")
+    return value
 
 
 def int_list(value, name: str, where: str) -> list[int]:
@@ -14,7 +90,7 @@ def int_list(value, name: str, where: str) -> list[int]:
         if value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
             raise TypeError(f"{where}: {name} must be a 1-D integer tensor, got "
                             f"{value.dtype} of shape {tuple(value.shape)}")
-        return [int(x) for x in value.tolist()]
+        return [int(x) for x in _tensor_ints(value, name, where)]
     if isinstance(value, int) and not isinstance(value, bool):
         raise TypeError(f"{where}: {name} must be a list of ints or a 1-D integer tensor, got int "
                         f"(wrap a single id in a list: [{value}])")
@@ -24,8 +100,9 @@ def int_list(value, name: str, where: str) -> list[int]:
     out = []
     for i, x in enumerate(value):
         if isinstance(x, bool) or not isinstance(x, int):
-            if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.dtype.is_floating_point:
-                x = int(x)
+            if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.dtype.is_floating_point \
+                    and x.dtype != torch.bool:
+                x = _tensor_ints(x, f"{name}[{i}]", where)
             else:
                 raise TypeError(f"{where}: {name}[{i}] must be an int, got {type(x).__name__}")
         out.append(int(x))
@@ -49,6 +126,8 @@ def split_lengths(lengths, seqs: list[int], rows: int, where: str) -> list[int]:
     for i, n in enumerate(out):
         if n < 0:
             raise ValueError(f"{where}: lengths[{i}] is negative ({n})")
+        if n > INT32_MAX:
+            raise ValueError(f"{where}: lengths[{i}] must be below 2^31, got {n}")
     if sum(out) != rows:
         raise ValueError(f"{where}: lengths sum to {sum(out)} but there are {rows} rows")
     return out
@@ -79,6 +158,8 @@ def positive_int(value, name: str, allow_zero: bool = False) -> int:
         raise TypeError(f"PagedKV(): {name} must be an int, got {type(value).__name__}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"PagedKV(): {name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
+    if value > INT32_MAX:
+        raise ValueError(f"PagedKV(): {name} must be below 2^31, got {value}")
     return value
 
 
@@ -95,6 +176,11 @@ def check_constructor(num_layers, num_kv_heads, head_dim, block_size, dtype, dev
     positive_int(host_blocks, "host_blocks", allow_zero=True)
     positive_int(disk_blocks, "disk_blocks", allow_zero=True)
     positive_int(sink_tokens, "sink_tokens", allow_zero=True)
+    if device_blocks + host_blocks + disk_blocks > INT32_MAX:
+        raise ValueError("PagedKV(): device_blocks + host_blocks + disk_blocks must be below 2^31 "
+                         f"(block ids are int32), got {device_blocks + host_blocks + disk_blocks}")
+    if disk_path is not None and not isinstance(disk_path, (str, os.PathLike)):
+        raise TypeError(f"PagedKV(): disk_path must be a str or os.PathLike directory, got {type(disk_path).__name__}")
     if dtype not in DTYPE_CODES:
         raise TypeError(f"PagedKV(): dtype must be torch.float32, float16 or bfloat16, got {dtype}")
     try:
@@ -121,7 +207,7 @@ def check_constructor(num_layers, num_kv_heads, head_dim, block_size, dtype, dev
     if not isinstance(retain, bool):
         raise TypeError(f"PagedKV(): retain must be a bool, got {type(retain).__name__}")
     if disk_blocks and not host_blocks:
-        raise ValueError("PagedKV(): disk_blocks needs host_blocks > 0 (disk I/O is staged "
+        raise ValueError("PagedKV(): disk_blocks needs host_blocks > 0 (disk reads and writes are staged "
                          "through the pinned host tier)")
     if disk_blocks and disk_path is None:
         raise ValueError("PagedKV(): disk_blocks > 0 needs disk_path, a directory for the file")

@@ -1,13 +1,28 @@
 """PagedKV: the public Python API of DESIGN.md §4 over the C++ engine."""
 from __future__ import annotations
 
+import functools
 import math
+import threading
 
 import torch
 
 from . import _C
 from .policies import resolve as _resolve_policy
-from ._checks import DTYPE_CODES, check_constructor, check_tensor, check_tuning, int_list, split_lengths
+from ._checks import (DTYPE_CODES, INT32_MAX, bounded_int, check_bool, check_constructor, check_scale,
+                      check_tensor, check_tuning, seq_id, seq_list, split_lengths)
+
+
+def _serialised(method):
+    """Runs `method` holding the cache's lock: calls from several threads take turns, whole.
+    (A thread waiting for the lock does not hold the GIL.)"""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
 
 
 class PagedKV:
@@ -26,8 +41,9 @@ class PagedKV:
         cudaMemcpyBatchAsync ("batch"), the same hinting overlap with compute ("overlap"), or one
         cudaMemcpyAsync each ("off").
 
-    Threads: one engine serves one thread at a time; a second thread calling into a cache while
-    another is inside it gets RuntimeError. Calls that move data release the GIL.
+    Threads: a cache may be shared by threads. Each public call holds the cache's lock for its
+    duration, so calls from several threads run one after another, each whole (a thread waits for
+    the lock without holding the GIL); calls that move data release the GIL. docs/DESIGN.md §5.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int = 16,
@@ -65,30 +81,36 @@ class PagedKV:
             high_watermark=high if host_blocks else 0.0, staging=staging_code, gather_shape=shape,
             copy_batch=copy_batch_code)
         self._pool = None
+        self._lock = threading.RLock()
 
     # -- sequences -------------------------------------------------------------------------
+    @_serialised
     def add_sequence(self) -> int:
         return self._engine.add_sequence()
 
+    @_serialised
     def fork(self, seq: int) -> int:
         """A new sequence sharing every block of `seq`; a write into a shared block copies it."""
-        return self._engine.fork(self._seq_id(seq, "fork()"))
+        return self._engine.fork(seq_id(seq, "fork()"))
 
+    @_serialised
     def free(self, seq: int) -> None:
-        self._engine.free(self._seq_id(seq, "free()"))
+        self._engine.free(seq_id(seq, "free()"))
 
+    @_serialised
     def truncate(self, seq: int, tokens: int) -> None:
         """Keeps the first `tokens` tokens of every layer of `seq` (speculative decoding's
         rejected drafts, transformers' crop); blocks past the end return to the pool."""
-        if isinstance(tokens, bool) or not isinstance(tokens, int):
-            raise TypeError(f"truncate(): tokens must be an int, got {type(tokens).__name__}")
-        self._engine.truncate(self._seq_id(seq, "truncate()"), tokens)
+        seq = seq_id(seq, "truncate()")
+        tokens = bounded_int(tokens, "tokens", "truncate()")
+        self._engine.truncate(seq, tokens)
 
     # -- data ------------------------------------------------------------------------------
+    @_serialised
     def append(self, seqs, layer: int, k: torch.Tensor, v: torch.Tensor, lengths=None) -> None:
         """Writes rows of K and V ([N, num_kv_heads, head_dim]); rows of seqs[i] are consecutive."""
         where = "append()"
-        seq_list = int_list(seqs, "seqs", where)
+        seqs = seq_list(seqs, where)
         layer = self._layer(layer, where)
         tail = (self.num_kv_heads, self.head_dim)
         check_tensor(k, "k", where, self.dtype, self.device, 3, tail)
@@ -97,16 +119,17 @@ class PagedKV:
             raise ValueError(f"{where}: v has {v.shape[0]} rows but k has {k.shape[0]}")
         self._contiguous(k, "k", where)
         self._contiguous(v, "v", where)
-        lens = split_lengths(lengths, seq_list, k.shape[0], where)
-        self._engine.append(seq_list, layer, lens, k, v, self._stream())
+        lens = split_lengths(lengths, seqs, k.shape[0], where)
+        self._engine.append(seqs, layer, lens, k, v, self._stream())
 
+    @_serialised
     def attend(self, seqs, layer: int, q: torch.Tensor, lengths=None, scale: float | None = None,
                return_lse: bool = False, window: int | None = None):
         """Causal attention of q ([N, num_q_heads, head_dim], the newest lengths[i] tokens of
         seqs[i]) over the cache. Returns out [N, num_q_heads, head_dim] (and lse [N, num_q_heads],
         float32, natural log, with return_lse)."""
         where = "attend()"
-        seq_list = int_list(seqs, "seqs", where)
+        seqs = seq_list(seqs, where)
         layer = self._layer(layer, where)
         check_tensor(q, "q", where, self.dtype, self.device, 3)
         if q.shape[2] != self.head_dim:
@@ -116,13 +139,9 @@ class PagedKV:
             raise ValueError(f"{where}: q has {hq} heads; num_q_heads must be a positive multiple "
                              f"of num_kv_heads={self.num_kv_heads}")
         self._contiguous(q, "q", where)
-        lens = split_lengths(lengths, seq_list, q.shape[0], where)
-        if scale is None:
-            scale = 1.0 / math.sqrt(self.head_dim)
-        elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-            raise TypeError(f"{where}: scale must be a float, got {type(scale).__name__}")
-        elif not (scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"{where}: scale must be a positive finite number, got {scale!r}")
+        lens = split_lengths(lengths, seqs, q.shape[0], where)
+        scale = check_scale(scale, 1.0 / math.sqrt(self.head_dim), where)
+        return_lse = check_bool(return_lse, "return_lse", where)
         win = self._window_arg(window, where)
         # StreamingLLM positions: sinks scored as if right before the window, in the same call.
         sink_rope = self._sink_rope if win != 0 else None
@@ -130,22 +149,24 @@ class PagedKV:
         # them through range by range. Up to that, the engine stages the off-device ones itself.
         # (Not with sink rotation: the ranges' kernel calls would not know the rows' windows.)
         if sink_rope is None and self.disk_blocks and not self._engine.step_open() and (
-                self._engine.blocks_needed(seq_list, layer, lens, win) > self.device_blocks + self.host_blocks):
+                self._engine.blocks_needed(seqs, layer, lens, win) > self.device_blocks + self.host_blocks):
             from . import passthrough
 
             w = (self.window or 0) if win < 0 else win
-            return passthrough.attend(self, seq_list, layer, q, lens, float(scale), w, return_lse)
+            return passthrough.attend(self, seqs, layer, q, lens, float(scale), w, return_lse)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
-        self._engine.attend(seq_list, layer, lens, q, out, lse, hq, float(scale), win, -1, self._stream(),
+        self._engine.attend(seqs, layer, lens, q, out, lse, hq, float(scale), win, -1, self._stream(),
                             sink_rope=sink_rope)
         return (out, lse) if return_lse else out
 
+    @_serialised
     def prepare(self, seqs) -> None:
         """Builds the block table of this batch now (attend() otherwise does it at its first
         call of a step); later calls with the same batch and no block change reuse it."""
-        self._engine.prepare(int_list(seqs, "seqs", "prepare()"), self._stream())
+        self._engine.prepare(seq_list(seqs, "prepare()"), self._stream())
 
+    @_serialised
     def begin_step(self, seqs, tokens: int = 1, num_q_heads: int | None = None) -> bool:
         """Plans one decode step of `seqs` for every layer at once: reserves `tokens` rows of each
         sequence in every layer (seq_len counts them from here), brings every block the step
@@ -165,41 +186,49 @@ class PagedKV:
         Returns True when something a captured graph holds changed (the batch size, `tokens`, a
         buffer's address, the block-table stride, which grows 64 blocks at a time). Give
         `num_q_heads` before a capture: it sizes the split-K scratch. Each layer's rows must be
-        appended once per step; the reserved rows hold no data until then.
+        appended once per step; the reserved rows hold no data until then, gather() leaves them
+        out, and end_step() gives back the rows of a layer never appended (its seq_len returns to
+        where the step began); begin_step() while such a layer is left raises ValueError.
         """
         where = "begin_step()"
-        seq_list = int_list(seqs, "seqs", where)
-        if isinstance(tokens, bool) or not isinstance(tokens, int):
-            raise TypeError(f"{where}: tokens must be an int, got {type(tokens).__name__}")
+        seqs = seq_list(seqs, where)
+        tokens = bounded_int(tokens, "tokens", where, low=1)
         if num_q_heads is not None and (isinstance(num_q_heads, bool) or not isinstance(num_q_heads, int)):
             raise TypeError(f"{where}: num_q_heads must be an int or None, got {type(num_q_heads).__name__}")
-        if num_q_heads is not None and (num_q_heads <= 0 or num_q_heads % self.num_kv_heads):
+        if num_q_heads is not None and (not 0 < num_q_heads <= INT32_MAX or num_q_heads % self.num_kv_heads):
             raise ValueError(f"{where}: num_q_heads must be a positive multiple of num_kv_heads="
-                             f"{self.num_kv_heads}, got {num_q_heads}")
-        return self._engine.begin_step(seq_list, tokens, num_q_heads or 0, self._stream())
+                             f"{self.num_kv_heads} below 2^31, got {num_q_heads}")
+        return self._engine.begin_step(seqs, tokens, num_q_heads or 0, self._stream())
 
+    @_serialised
     def end_step(self) -> None:
         """Closes the open decode step: its blocks may move again. Call it after the step's kernels
-        were enqueued (moves are ordered after them on the current stream)."""
+        were enqueued (moves are ordered after them on the current stream). Rows the step reserved
+        in a layer never appended are given back. Without an open step it does nothing (like
+        closing a closed file), so `finally: kv.end_step()` is always safe."""
         self._engine.end_step()
 
+    @_serialised
     def prefetch(self, seqs) -> None:
         """Starts moving the blocks of `seqs` up to the device (as many as fit without evicting
         their own blocks), so that a later attend finds them there. Host-to-device copies are
         asynchronous (a later read waits for them on the device); blocks on disk are read back
         to the host first, synchronously."""
-        self._engine.prefetch(int_list(seqs, "seqs", "prefetch()"), self._stream())
+        self._engine.prefetch(seq_list(seqs, "prefetch()"), self._stream())
 
+    @_serialised
     def offload(self, seqs) -> None:
         """Moves every device block of `seqs` down to the host tier now (a session going idle),
         making room for others before anyone needs it. Asynchronous on CUDA."""
-        self._engine.offload(int_list(seqs, "seqs", "offload()"), self._stream())
+        self._engine.offload(seq_list(seqs, "offload()"), self._stream())
 
+    @_serialised
     def gather(self, seq: int, layer: int = 0):
-        """(k, v), each [seq_len, num_kv_heads, head_dim]: the stored KV of one layer of `seq`."""
-        seq = self._seq_id(seq, "gather()")
+        """(k, v), each [seq_len, num_kv_heads, head_dim]: the stored KV of one layer of `seq`
+        (in an open decode step, a layer not yet appended leaves out the rows reserved for it)."""
+        seq = seq_id(seq, "gather()")
         layer = self._layer(layer, "gather()")
-        n = self._engine.seq_len(seq, layer)
+        n = self._engine.written_len(seq, layer)
         k = torch.empty((n, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=self.device)
         v = torch.empty_like(k)
         if n:
@@ -207,23 +236,29 @@ class PagedKV:
         return k, v
 
     # -- inspection ------------------------------------------------------------------------
+    @_serialised
     def seq_len(self, seq: int, layer: int = 0) -> int:
-        return self._engine.seq_len(self._seq_id(seq, "seq_len()"), self._layer(layer, "seq_len()"))
+        return self._engine.seq_len(seq_id(seq, "seq_len()"), self._layer(layer, "seq_len()"))
 
+    @_serialised
     def block_table(self, seq: int) -> list[tuple[str, int]]:
-        return [tuple(x) for x in self._engine.block_table(self._seq_id(seq, "block_table()"))]
+        return [tuple(x) for x in self._engine.block_table(seq_id(seq, "block_table()"))]
 
+    @_serialised
     def stats(self) -> dict:
         return self._engine.stats()
 
+    @_serialised
     def sequences(self) -> list[int]:
         return list(self._engine.sequences())
 
+    @_serialised
     def check_invariants(self) -> None:
         """Raises RuntimeError naming the first broken engine invariant."""
         self._engine.check_invariants()
 
     @property
+    @_serialised
     def pool(self) -> torch.Tensor:
         """The device tier, zero-copy: [device_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]."""
         if self._pool is None:
@@ -261,14 +296,6 @@ class PagedKV:
         return layer
 
     @staticmethod
-    def _seq_id(seq, where: str) -> int:
-        if isinstance(seq, torch.Tensor) and seq.dim() == 0 and not seq.dtype.is_floating_point:
-            seq = int(seq)
-        if isinstance(seq, bool) or not isinstance(seq, int):
-            raise TypeError(f"{where}: seq must be an int sequence id, got {type(seq).__name__}")
-        return seq
-
-    @staticmethod
     def _watermarks(w) -> tuple[float, float]:
         try:
             low, high = (float(x) for x in w)
@@ -288,6 +315,6 @@ class PagedKV:
             return -1
         if isinstance(window, bool) or not isinstance(window, int):
             raise TypeError(f"{where}: window must be an int or None, got {type(window).__name__}")
-        if window < 0:
-            raise ValueError(f"{where}: window must be a non-negative int (0 = full causal), got {window!r}")
+        if not 0 <= window <= INT32_MAX:
+            raise ValueError(f"{where}: window must be in 0..2^31-1 (0 = full causal), got {window!r}")
         return window

@@ -18,6 +18,19 @@ DEVICES = ["cpu"] + (["cuda"] if CUDA_USABLE else [])
 NO_CUDA_REASON = "needs torch with CUDA and a CUDA build of pagedkv (pagedkv.cuda_available())"
 
 
+def pytest_addoption(parser):
+    # Longer runs of the bounded CI tests, chosen on the command line (never the environment).
+    parser.addoption("--stress-trials", type=int, default=3,
+                     help="trials of test_thread_stress.py (threads x tiers x operations)")
+    parser.addoption("--fuzz-examples", type=int, default=None,
+                     help="hypothesis examples per test of test_fuzz_inputs.py (default: its CI bound)")
+
+
+@pytest.fixture
+def stress_trials(request):
+    return request.config.getoption("--stress-trials")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a GPU and a CUDA build of pagedkv")
 

@@ -178,10 +178,15 @@ def test_begin_step_says_when_a_capture_must_be_redone(gen):
         for layer in range(LAYERS):
             kv.append(seqs, layer, row, row)
     assert flags[0] and sum(flags) == 2, [i for i, f in enumerate(flags) if f]
-    assert not kv.begin_step(seqs[::-1])    # other sequences in a batch of the same size: it holds
-    assert kv.begin_step(seqs[:1])          # another batch size
-    assert kv.begin_step(seqs[::-1]) and not kv.begin_step(seqs[::-1])  # back; then the same again
-    assert kv.begin_step(seqs, tokens=2)    # another number of rows
+
+    def again(batch, **kw):  # the previous step's rows given back unwritten (end_step), then a step
+        kv.end_step()
+        return kv.begin_step(batch, **kw)
+
+    assert not again(seqs[::-1])    # other sequences in a batch of the same size: it holds
+    assert again(seqs[:1])          # another batch size
+    assert again(seqs[::-1]) and not again(seqs[::-1])  # back; then the same again
+    assert again(seqs, tokens=2)    # another number of rows
 
 
 def test_a_step_may_hold_the_device_past_the_watermarks(device, gen):
