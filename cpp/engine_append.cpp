@@ -78,7 +78,8 @@ void Engine::append_in_pieces(const std::vector<SeqId>& seqs, int32_t layer,
   const BlockPool& dev = store_.tier(Tier::device).slots();
   const BlockPool& host = store_.tier(Tier::host).slots();
   const BlockPool& disk = store_.tier(Tier::disk).slots();
-  PKV_CHECK(fresh <= dev.num_free() + host.num_free() + disk.num_free(), OutOfBlocks, "append(): needs ",
+  // (A clean copy's host slot counts: the device block it mirrors can go down without it.)
+  PKV_CHECK(fresh <= dev.num_free() + store_.room_below_device(), OutOfBlocks, "append(): needs ",
             fresh, " new blocks but every tier is full (device ", dev.capacity(), ", host ",
             host.capacity(), ", disk ", disk.capacity(), ")");
   PKV_CHECK(dev.capacity() >= 2 && (host.num_free() > 0 || (disk.num_free() > 0 && host.num_used() > 0)),

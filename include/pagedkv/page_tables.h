@@ -29,6 +29,8 @@ class PageTables {
   SeqId fork(SeqId parent, BlockStore& store);
   void free(SeqId seq, BlockStore& store);
   // Keeps the first `tokens` tokens of every layer; blocks past the new end go back.
+  // With a window and retain=False, a cut whose next row would read or write a dropped block
+  // throws ArgumentError and changes nothing.
   void truncate(SeqId seq, int32_t tokens, BlockStore& store);
 
   // Throws UnknownSequence naming `what` (the public call).
@@ -84,6 +86,7 @@ class PageTables {
   void check_invariants(std::unordered_map<BlockId, int32_t>& refs, const BlockStore& store) const;
 
  private:
+  void check_truncate_reach(SeqId seq, const SequenceTable& t, int32_t tokens) const;
   const CacheConfig& cfg_;
   std::unordered_map<SeqId, SequenceTable> tables_;
   SeqId next_seq_ = 0;
