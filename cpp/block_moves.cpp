@@ -219,13 +219,15 @@ void BlockStore::make_resident(const std::vector<BlockId>& ids, const KeepSet& k
       make_device_room(std::min(left, cold_next ? std::max<int64_t>(room / 2, 1) : room), keep, stream);
     }
     // A batch's disk blocks pass through host slots: no more at once than the host tier holds,
-    // nor than it can free right now (a host tier almost full passes them one by one).
+    // nor than it can free right now (a host tier almost full passes them one by one). Host
+    // blocks go up in batches of their own first: the clean copies they leave are host room.
     const size_t most = size_t(std::min({left, tier(Tier::device).slots().num_free(), std::max<int64_t>(tier(Tier::host).capacity(), 1)}));
     const int64_t host_room = std::max<int64_t>(eviction_room(keep), 1);
+    const bool host_batch = loc(misses[done]).tier == Tier::host;
     size_t take = 0;
     for (int64_t cold = 0; take < most; ++take) {
       const bool on_disk = loc(misses[done + take]).tier == Tier::disk;
-      if (on_disk && cold == host_room) break;
+      if (on_disk && (host_batch || cold == host_room)) break;
       cold += on_disk;
     }
     std::vector<BlockId> batch(misses.begin() + long(done), misses.begin() + long(done + take));

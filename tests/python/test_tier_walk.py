@@ -32,18 +32,19 @@ MAX_SEQS = 5
 
 from hypothesis import Phase
 PHASES = [Phase.explicit, Phase.generate]
-ops_run = {"rules": 0, "out_of_blocks": 0}
+ops_run = {"rules": 0, "out_of_blocks": 0, "rotation_only": 0, "refused": 0, "dropped_seen": 0}
 
 
 class TierWalk(RuleBasedStateMachine):
     @initialize(block_size=st.sampled_from([1, 3, 4]), device_blocks=st.integers(3, 6),
                 host_blocks=st.integers(1, 4), disk_blocks=st.integers(2, 16),
-                scope=st.sampled_from([(None, 0), (5, 0), (7, 2)]), seed=st.integers(0, 2**31))
+                scope=st.sampled_from([(None, 0, True), (5, 0, True), (7, 2, True), (3, 1, False), (4, 0, False)]),
+                seed=st.integers(0, 2**31))
     def make(self, block_size, device_blocks, host_blocks, disk_blocks, scope, seed):
         self.dir = tempfile.mkdtemp(prefix="pagedkv-walk-")
-        self.bs, self.window, self.sinks = block_size, scope[0], scope[1]
+        self.bs, (self.window, self.sinks, self.retain) = block_size, scope
         self.capacity = device_blocks + host_blocks + disk_blocks
-        kw = dict(window=self.window, sink_tokens=self.sinks) if self.window else {}
+        kw = dict(window=self.window, sink_tokens=self.sinks, retain=self.retain) if self.window else {}
         self.kv = pagedkv.PagedKV(num_layers=LAYERS, num_kv_heads=H, head_dim=D, block_size=block_size,
                                   dtype=DTYPE, device="cpu", device_blocks=device_blocks,
                                   host_blocks=host_blocks, disk_blocks=disk_blocks, disk_path=self.dir, **kw)
@@ -68,14 +69,30 @@ class TierWalk(RuleBasedStateMachine):
         lens = [self._len(seq, l) for l in range(LAYERS)]
         old, have = lens[layer], len(tables[seq])
         need = -(-max(max(lens), old + n) // self.bs)
-        shared = {e for s, t in tables.items() if s != seq for e in t}
+        shared = {e for s, t in tables.items() if s != seq for e in t if e[0] != "dropped"}
         copies = sum(1 for b in range(old // self.bs, min(need, have)) if tables[seq][b] in shared)
         return max(0, need - have) + copies
 
     def _may_run_out(self, fresh) -> bool:
         """Blocks come up from disk through the host tier and go down the same way, so a move
         needs free slots below the device to rotate through, beside room for what it creates."""
-        return fresh + ROTATION_SLOTS > self._free_slots(self._tables()) or self._room_below() < ROTATION_SLOTS
+        if fresh + ROTATION_SLOTS > self._free_slots(self._tables()):
+            return "full"
+        return "rotation" if self._room_below() < ROTATION_SLOTS else ""
+
+    @staticmethod
+    def _ran_out(reason):
+        ops_run["out_of_blocks"] += 1
+        ops_run["rotation_only"] += reason == "rotation"
+
+    def _dropped(self, seq, first_key, end_key) -> bool:
+        """Whether a window without retention dropped a block holding keys [first_key, end_key)."""
+        table = self.kv.block_table(seq)
+        return any(table[b][0] == "dropped" for b in range(first_key // self.bs, -(-end_key // self.bs)))
+
+    def _reach(self, pos):
+        """Keys [first, pos] a row at `pos` sees besides its sinks."""
+        return max(0, pos - self.window + 1) if self.window else 0
 
     def _len(self, seq, layer):
         return self.model[seq][layer][0].shape[0]
@@ -99,11 +116,12 @@ class TierWalk(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.model)))
         k, v = self._rows(n), self._rows(n)
         allowed = self._may_run_out(self._fresh(self._tables(), seq, layer, n))
+        before = (self.kv.stats(), self._tables())
         try:
             self.kv.append([seq], layer, k, v)
-        except pagedkv.OutOfBlocksError:
-            assert allowed, "append() ran out of blocks with room in the tiers"
-            ops_run["out_of_blocks"] += 1
+        except pagedkv.OutOfBlocksError as e:
+            assert allowed, f"append() ran out of blocks with room in the tiers: {e}; {seq=} {layer=} {n=} {before}"
+            self._ran_out(allowed)
             return
         old_k, old_v = self.model[seq][layer]
         self.model[seq][layer] = (torch.cat([old_k, k]), torch.cat([old_v, v]))
@@ -119,12 +137,19 @@ class TierWalk(RuleBasedStateMachine):
         lengths = [data.draw(st.integers(1, min(rows, self._len(s, layer)))) for s in seqs]
         q = torch.randn((sum(lengths), HQ, D), generator=self.gen, dtype=DTYPE)
         allowed = self._may_run_out(0)
+        gone = any(self._dropped(s, self._reach(self._len(s, layer) - n), self._len(s, layer))
+                   for s, n in zip(seqs, lengths))
         try:
             out, lse = self.kv.attend(seqs, layer, q, lengths=lengths, return_lse=True)
+        except ValueError as e:  # rows reaching keys a window without retention dropped
+            assert gone and "dropped" in str(e), e
+            ops_run["refused"] += 1
+            return
         except pagedkv.OutOfBlocksError:
             assert allowed, "attend() ran out of blocks with room in the tiers"
-            ops_run["out_of_blocks"] += 1
+            self._ran_out(allowed)
             return
+        assert not gone, "attend() read keys the window dropped"
         row = 0
         for s, n in zip(seqs, lengths):
             ref, ref_lse = attention_ref(q[row:row + n], *self.model[s][layer], window=self.window,
@@ -153,7 +178,17 @@ class TierWalk(RuleBasedStateMachine):
     def truncate(self, data, tokens):
         ops_run["rules"] += 1
         seq = data.draw(st.sampled_from(sorted(self.model)))
-        self.kv.truncate(seq, tokens)
+        longest = max(self._len(seq, l) for l in range(LAYERS))
+        refuse = tokens < longest and self._dropped(seq, self._reach(tokens), tokens)
+        table = self.kv.block_table(seq)
+        try:
+            self.kv.truncate(seq, tokens)
+        except ValueError as e:  # the next row would reach keys the window dropped (issue 18)
+            assert refuse and "dropped" in str(e), e
+            assert self.kv.block_table(seq) == table
+            ops_run["refused"] += 1
+            return
+        assert not refuse, "truncate() accepted a cut into dropped keys"
         self.model[seq] = [(k[:tokens], v[:tokens]) for k, v in self.model[seq]]
 
     @precondition(lambda self: self.model)
@@ -164,8 +199,9 @@ class TierWalk(RuleBasedStateMachine):
         try:
             self.kv.offload(seqs)
         except pagedkv.OutOfBlocksError:  # more device blocks than free host and disk slots
-            assert self._may_run_out(0) or self._device_blocks(seqs) > self._room_below()
-            ops_run["out_of_blocks"] += 1
+            allowed = self._may_run_out(0) or "full" * (self._device_blocks(seqs) > self._room_below())
+            assert allowed
+            self._ran_out(allowed)
 
     @precondition(lambda self: self.model)
     @rule(data=st.data())
@@ -189,8 +225,14 @@ class TierWalk(RuleBasedStateMachine):
         self.kv.check_invariants()
         assert sorted(self.kv.sequences()) == sorted(self.model)
         for s, layers in self.model.items():
+            dropped = any(e[0] == "dropped" for e in self.kv.block_table(s))
             for layer, (k, v) in enumerate(layers):
                 assert self.kv.seq_len(s, layer) == k.shape[0]
+                if dropped:
+                    ops_run["dropped_seen"] += 1
+                    with pytest.raises(ValueError):
+                        self.kv.gather(s, layer)
+                    continue
                 got_k, got_v = self.kv.gather(s, layer)
                 assert_bits_equal(got_k, k, f"gather k of sequence {s} layer {layer}")
                 assert_bits_equal(got_v, v, f"gather v of sequence {s} layer {layer}")
@@ -203,4 +245,6 @@ def test_tier_walk(request):
         max_examples=examples, stateful_step_count=50, deadline=None, derandomize=examples <= 60,
         suppress_health_check=list(HealthCheck), database=None, phases=PHASES))
     print(f"\ntier walk: {examples} examples, {ops_run['rules'] - before['rules']} rules run, "
-          f"{ops_run['out_of_blocks'] - before['out_of_blocks']} allowed OutOfBlocksError")
+          f"{ops_run['out_of_blocks'] - before['out_of_blocks']} allowed OutOfBlocksError "
+          f"({ops_run['rotation_only'] - before['rotation_only']} of them for want of rotation slots only), "
+          f"{ops_run['refused'] - before['refused']} ValueErrors for dropped keys")
