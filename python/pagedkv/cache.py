@@ -79,7 +79,9 @@ class PagedKV:
 
     def truncate(self, seq: int, tokens: int) -> None:
         """Keeps the first `tokens` tokens of every layer of `seq` (speculative decoding's
-        rejected drafts, transformers' crop); blocks past the end return to the pool."""
+        rejected drafts, transformers' crop); blocks past the end return to the pool. With a
+        window and retain=False, a cut whose next row would read or write keys the window already
+        dropped raises ValueError and changes nothing."""
         if isinstance(tokens, bool) or not isinstance(tokens, int):
             raise TypeError(f"truncate(): tokens must be an int, got {type(tokens).__name__}")
         self._engine.truncate(self._seq_id(seq, "truncate()"), tokens)
