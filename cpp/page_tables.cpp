@@ -52,6 +52,17 @@ void PageTables::truncate(SeqId seq, int32_t tokens, BlockStore& store) {
   t.drop_cursor = std::min(t.drop_cursor, int32_t(keep));
 }
 
+void PageTables::cut_layer(SeqId seq, int32_t layer, int32_t len, int32_t scope_start, BlockStore& store) {
+  SequenceTable& t = at(seq);
+  t.lens[size_t(layer)] = len;
+  t.scope_start[size_t(layer)] = scope_start;
+  const size_t keep = size_t(blocks_for(t.max_len(), cfg_.block_size));
+  for (size_t b = keep; b < t.blocks.size(); ++b)
+    if (t.blocks[b] != kNoBlock) store.release(t.blocks[b]);
+  if (t.blocks.size() > keep) t.blocks.resize(keep);
+  ++version_;  // (copies of shared blocks made meanwhile stay: they hold the same keys)
+}
+
 // A window without retention drops keys for good: a cut that leaves the next row (at `tokens`)
 // reading or writing a dropped block would leave a sequence no append or attend could serve, so
 // it is refused before anything changes.

@@ -33,6 +33,10 @@ class PageTables {
   // throws ArgumentError and changes nothing.
   void truncate(SeqId seq, int32_t tokens, BlockStore& store);
 
+  // Takes back an append to one layer that failed half way: its length and scope start as they
+  // were, blocks no layer reaches any more released.
+  void cut_layer(SeqId seq, int32_t layer, int32_t len, int32_t scope_start, BlockStore& store);
+
   // Throws UnknownSequence naming `what` (the public call).
   const SequenceTable& get(SeqId seq, const char* what) const;
   SequenceTable& get(SeqId seq, const char* what);

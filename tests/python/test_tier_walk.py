@@ -174,11 +174,12 @@ class TierWalk(RuleBasedStateMachine):
         del self.model[seq]
 
     @precondition(lambda self: self.model)
-    @rule(data=st.data(), tokens=st.integers(0, 30))
-    def truncate(self, data, tokens):
+    @rule(data=st.data())
+    def truncate(self, data):
         ops_run["rules"] += 1
         seq = data.draw(st.sampled_from(sorted(self.model)))
         longest = max(self._len(seq, l) for l in range(LAYERS))
+        tokens = data.draw(st.integers(0, longest + 2))
         refuse = tokens < longest and self._dropped(seq, self._reach(tokens), tokens)
         table = self.kv.block_table(seq)
         try:
