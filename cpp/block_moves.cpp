@@ -243,7 +243,9 @@ void BlockStore::make_resident(const std::vector<BlockId>& ids, const KeepSet& k
 void BlockStore::step_aside(const std::vector<BlockId>& misses, size_t done) {
   for (size_t i = misses.size(); i-- > done;)
     if (loc(misses[i]).tier == Tier::host) return write_to_cold({misses[i]});
-  PKV_FAIL(InternalError, "no room below the device and no host block to move aside");
+  PKV_FAIL(OutOfBlocks, "every host and disk slot is taken: there is no room to move blocks through (device ",
+           tier(Tier::device).capacity(), ", host ", tier(Tier::host).capacity(), ", disk ",
+           tier(Tier::disk).capacity(), ")");
 }
 
 // Reads the blocks of `ids` that are on disk into host slots, on the I/O threads together. A
