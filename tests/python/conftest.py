@@ -60,5 +60,5 @@ def rng(seed):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--tier-walk-examples", type=int, default=40,
+    parser.addoption("--tier-walk-examples", type=int, default=100,
                      help="examples of the stateful tier walk (test_tier_walk.py), up to 50 rules each")

@@ -8,8 +8,11 @@ OutOfBlocksError is allowed only when the model says the call cannot be served: 
 creates (new ones and copies of shared ones), with the two slots a move rotates blocks through,
 exceed the free slots of all tiers together.
 
-Bounded for CI. A longer walk: `pytest tests/python/test_tier_walk.py --tier-walk-examples=2000 -s`
-(each example runs up to 50 rules; the number of rules run is printed).
+Bounded for CI: 100 examples, the same ones every run (derandomized; ~4,000 rules, ~5 s; the
+engine before issue 18's fixes fails within 80). A longer, random walk:
+`pytest tests/python/test_tier_walk.py --tier-walk-examples=1400 -s` (each example runs up to 50
+rules, ~56,000 in all; the number run is printed). Failing examples are not shrunk (that takes
+minutes over this many rules); hypothesis prints the whole run.
 """
 import math
 import shutil
@@ -243,7 +246,7 @@ def test_tier_walk(request):
     examples = request.config.getoption("--tier-walk-examples")
     before = dict(ops_run)
     run_state_machine_as_test(TierWalk, settings=settings(
-        max_examples=examples, stateful_step_count=50, deadline=None, derandomize=examples <= 60,
+        max_examples=examples, stateful_step_count=50, deadline=None, derandomize=examples <= 200,
         suppress_health_check=list(HealthCheck), database=None, phases=PHASES))
     print(f"\ntier walk: {examples} examples, {ops_run['rules'] - before['rules']} rules run, "
           f"{ops_run['out_of_blocks'] - before['out_of_blocks']} allowed OutOfBlocksError "
