@@ -51,8 +51,10 @@ void BlockStore::check_room(int64_t fresh, const KeepSet& keep, const char* what
             fresh, " new blocks but every tier is full (device ", dev.capacity(), ", host ",
             host.capacity(), ", disk ", disk.capacity(), ")");
   // (Kept host blocks going up first leave clean copies, which give their slots up.)
+  // (A host tier holding only kept blocks lets one of them step aside to the disk tier and come
+  // back through the slot it left, which takes a second free disk slot: make_resident.)
   PKV_CHECK(host.num_free() + clean > 0 || (disk.num_free() > 0 && host_resident() > kept_host) ||
-                (kept_host > 0 && dev.num_free() > 0), OutOfBlocks,
+                (kept_host > 0 && dev.num_free() > 0) || (kept_host > 0 && disk.num_free() > 1), OutOfBlocks,
             what, ": needs ", deficit, " device blocks freed but the host tier is full",
             disk.capacity() ? " and so is the disk tier" : " and there is no disk tier",
             " (device ", dev.capacity(), ", host ", host.capacity(), ", disk ", disk.capacity(), ")");
@@ -155,7 +157,14 @@ void BlockStore::make_host_room(int64_t want_free, const KeepSet& keep) {
 // host, whole; the others are committed, and then the first failure is rethrown.
 void BlockStore::spill_host_to_cold(int64_t n, const KeepSet& keep) {
   std::vector<BlockId> victims = host_order_->victims(n, [&](BlockId id) { return keep.count(id) != 0; });
-  PKV_CHECK(int64_t(victims.size()) == n && tier(Tier::disk).slots().num_free() >= n, OutOfBlocks,
+  PKV_CHECK(int64_t(victims.size()) == n, OutOfBlocks, "the host tier is full and the disk tier cannot take ",
+            n, " more blocks");
+  write_to_cold(victims);
+}
+
+void BlockStore::write_to_cold(const std::vector<BlockId>& victims) {
+  const int64_t n = int64_t(victims.size());
+  PKV_CHECK(tier(Tier::disk).slots().num_free() >= n, OutOfBlocks,
             "the host tier is full and the disk tier cannot take ", n, " more blocks");
   std::vector<int32_t> slots;
   std::vector<const char*> from;
@@ -201,14 +210,42 @@ void BlockStore::make_resident(const std::vector<BlockId>& ids, const KeepSet& k
   size_t done = 0;
   while (done < misses.size()) {
     const int64_t left = int64_t(misses.size() - done);
-    if (tier(Tier::device).slots().num_free() == 0) make_device_room(std::min(left, eviction_room(keep)), keep, stream);
-    // A batch's disk blocks pass through host slots: no more at once than the host tier holds.
-    const size_t take = size_t(std::min({left, tier(Tier::device).slots().num_free(), std::max<int64_t>(tier(Tier::host).capacity(), 1)}));
+    if (tier(Tier::device).slots().num_free() == 0) {
+      if (eviction_room(keep) == 0) step_aside(misses, done);
+      // A block coming up from disk needs a host slot of the same room the evictions take:
+      // leave it half.
+      const int64_t room = eviction_room(keep);
+      const bool cold_next = loc(misses[done]).tier == Tier::disk;
+      make_device_room(std::min(left, cold_next ? std::max<int64_t>(room / 2, 1) : room), keep, stream);
+    }
+    // A batch's disk blocks pass through host slots: no more at once than the host tier holds,
+    // nor than it can free right now (a host tier almost full passes them one by one). Host
+    // blocks go up in batches of their own first: the clean copies they leave are host room.
+    const size_t most = size_t(std::min({left, tier(Tier::device).slots().num_free(), std::max<int64_t>(tier(Tier::host).capacity(), 1)}));
+    const int64_t host_room = std::max<int64_t>(eviction_room(keep), 1);
+    const bool host_batch = loc(misses[done]).tier == Tier::host;
+    size_t take = 0;
+    for (int64_t cold = 0; take < most; ++take) {
+      const bool on_disk = loc(misses[done + take]).tier == Tier::disk;
+      if (on_disk && (host_batch || cold == host_room)) break;
+      cold += on_disk;
+    }
     std::vector<BlockId> batch(misses.begin() + long(done), misses.begin() + long(done + take));
     cold_to_host(batch, keep);
     host_to_device(batch, stream, prefetch);
     done += take;
   }
+}
+
+// The device is full, and so is the host tier, with blocks this very move brings up: the last
+// host-resident one of misses[done..] steps aside to the disk tier, so that a device block can go
+// down into its slot; it comes back up later in the same move, like any block on disk.
+void BlockStore::step_aside(const std::vector<BlockId>& misses, size_t done) {
+  for (size_t i = misses.size(); i-- > done;)
+    if (loc(misses[i]).tier == Tier::host) return write_to_cold({misses[i]});
+  PKV_FAIL(OutOfBlocks, "every host and disk slot is taken: there is no room to move blocks through (device ",
+           tier(Tier::device).capacity(), ", host ", tier(Tier::host).capacity(), ", disk ",
+           tier(Tier::disk).capacity(), ")");
 }
 
 // Reads the blocks of `ids` that are on disk into host slots, on the I/O threads together. A

@@ -1,6 +1,7 @@
 // append(): reserve slots (blocks written must be on the device; new blocks; copy-on-write of
 // shared ones), write the rows, then let a window without retention drop what no query can see.
 #include <algorithm>
+#include <array>
 #include <unordered_map>
 
 #include "pagedkv/engine.h"
@@ -78,7 +79,8 @@ void Engine::append_in_pieces(const std::vector<SeqId>& seqs, int32_t layer,
   const BlockPool& dev = store_.tier(Tier::device).slots();
   const BlockPool& host = store_.tier(Tier::host).slots();
   const BlockPool& disk = store_.tier(Tier::disk).slots();
-  PKV_CHECK(fresh <= dev.num_free() + host.num_free() + disk.num_free(), OutOfBlocks, "append(): needs ",
+  // (A clean copy's host slot counts: the device block it mirrors can go down without it.)
+  PKV_CHECK(fresh <= dev.num_free() + store_.room_below_device(), OutOfBlocks, "append(): needs ",
             fresh, " new blocks but every tier is full (device ", dev.capacity(), ", host ",
             host.capacity(), ", disk ", disk.capacity(), ")");
   PKV_CHECK(dev.capacity() >= 2 && (host.num_free() > 0 || (disk.num_free() > 0 && host.num_used() > 0)),
@@ -87,20 +89,29 @@ void Engine::append_in_pieces(const std::vector<SeqId>& seqs, int32_t layer,
   const int32_t bs = cfg_.block_size;
   const int64_t piece_blocks = dev.capacity() / 2;  // room for a copy-on-write source beside its copy
   const size_t row_bytes = size_t(cfg_.num_kv_heads) * size_t(cfg_.head_dim) * dtype_size(cfg_.dtype);
+  // The room check above is conservative, not exact: a piece that still runs out takes back
+  // every row this call appended (blocks may have changed tier), so the call changes nothing.
+  std::vector<std::array<int32_t, 2>> undo;  // [len, scope_start] of layer `layer` of seqs[i]
   size_t row = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    SequenceTable& t = tables_.at(seqs[i]);
-    const int32_t first_row = t.lens[size_t(layer)];
-    for (int32_t done = 0; done < lengths[i];) {
-      const int32_t off = t.lens[size_t(layer)] % bs;
-      const int32_t m = int32_t(std::min<int64_t>(lengths[i] - done, piece_blocks * bs - off));
-      const size_t at = (row + size_t(done)) * row_bytes;
-      append_checked({seqs[i]}, layer, {m}, static_cast<const char*>(k) + at,
-                     static_cast<const char*>(v) + at, stream, false);
-      done += m;
+  try {
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      SequenceTable& t = tables_.at(seqs[i]);
+      const int32_t first_row = t.lens[size_t(layer)];
+      undo.push_back({first_row, t.scope_start[size_t(layer)]});
+      for (int32_t done = 0; done < lengths[i];) {
+        const int32_t off = t.lens[size_t(layer)] % bs;
+        const int32_t m = int32_t(std::min<int64_t>(lengths[i] - done, piece_blocks * bs - off));
+        const size_t at = (row + size_t(done)) * row_bytes;
+        append_checked({seqs[i]}, layer, {m}, static_cast<const char*>(k) + at,
+                       static_cast<const char*>(v) + at, stream, false);
+        done += m;
+      }
+      if (lengths[i] > 0) t.scope_start[size_t(layer)] = first_row;  // every row keeps its own window
+      row += size_t(lengths[i]);
     }
-    if (lengths[i] > 0) t.scope_start[size_t(layer)] = first_row;  // every row keeps its own window
-    row += size_t(lengths[i]);
+  } catch (...) {
+    for (size_t i = 0; i < undo.size(); ++i) tables_.cut_layer(seqs[i], layer, undo[i][0], undo[i][1], store_);
+    throw;
   }
   if (cfg_.windowed() && !cfg_.retain)
     for (SeqId s : seqs) tables_.drop_out_of_scope(tables_.at(s), store_);

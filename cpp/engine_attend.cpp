@@ -71,11 +71,19 @@ void Engine::attend(const std::vector<SeqId>& seqs, int32_t layer,
       const int64_t cap = store_.tier(Tier::device).capacity();
       staged = int64_t(keep.size()) > cap - int64_t(cfg_.high_watermark * double(cap));
       if (staged) {
-        int64_t off_device = 0;
-        for (BlockId id : keep) off_device += store_.loc(id).tier != Tier::device;
+        // Every staged block is read from a host slot, the cold ones brought up to one first.
+        // When they cannot all be there at once this throws before anything moves, and
+        // PagedKV.attend passes the scope through in ranges instead (passthrough.py).
+        int64_t off_device = 0, cold = 0;
+        for (BlockId id : keep) {
+          off_device += store_.loc(id).tier != Tier::device;
+          cold += store_.loc(id).tier == Tier::disk;
+        }
         PKV_CHECK(off_device <= store_.tier(Tier::host).capacity(), OutOfBlocks, "attend(): ", off_device,
                   " blocks in scope are off the device tier (", cap, " blocks) and the host tier holds only ",
                   store_.tier(Tier::host).capacity());
+        PKV_CHECK(cold <= store_.eviction_room(keep), OutOfBlocks, "attend(): ", cold, " blocks in scope are on "
+                  "the disk tier and the host tier has room for only ", store_.eviction_room(keep), " of them");
       } else {
         store_.check_room(0, keep, "attend()");
         const int64_t misses_before = store_.counters().device_misses;

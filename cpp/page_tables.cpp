@@ -39,6 +39,7 @@ void PageTables::free(SeqId seq, BlockStore& store) {
 void PageTables::truncate(SeqId seq, int32_t tokens, BlockStore& store) {
   SequenceTable& t = get(seq, "truncate()");
   PKV_CHECK(tokens >= 0, ArgumentError, "truncate(): tokens must be >= 0, got ", tokens);
+  check_truncate_reach(seq, t, tokens);
   for (int32_t& n : t.lens) n = std::min(n, tokens);
   for (int32_t& s : t.scope_start) s = std::min(s, tokens);
   const size_t keep = size_t(blocks_for(t.max_len(), cfg_.block_size));
@@ -49,6 +50,30 @@ void PageTables::truncate(SeqId seq, int32_t tokens, BlockStore& store) {
     ++version_;
   }
   t.drop_cursor = std::min(t.drop_cursor, int32_t(keep));
+}
+
+void PageTables::cut_layer(SeqId seq, int32_t layer, int32_t len, int32_t scope_start, BlockStore& store) {
+  SequenceTable& t = at(seq);
+  t.lens[size_t(layer)] = len;
+  t.scope_start[size_t(layer)] = scope_start;
+  const size_t keep = size_t(blocks_for(t.max_len(), cfg_.block_size));
+  for (size_t b = keep; b < t.blocks.size(); ++b)
+    if (t.blocks[b] != kNoBlock) store.release(t.blocks[b]);
+  if (t.blocks.size() > keep) t.blocks.resize(keep);
+  ++version_;  // (copies of shared blocks made meanwhile stay: they hold the same keys)
+}
+
+// A window without retention drops keys for good: a cut that leaves the next row (at `tokens`)
+// reading or writing a dropped block would leave a sequence no append or attend could serve, so
+// it is refused before anything changes.
+void PageTables::check_truncate_reach(SeqId seq, const SequenceTable& t, int32_t tokens) const {
+  if (!cfg_.windowed() || cfg_.retain || tokens >= t.max_len()) return;
+  const int32_t bs = cfg_.block_size, first = window_start(tokens, cfg_.window) / bs;
+  for (int32_t b = first; b < std::min(blocks_for(tokens, bs), int32_t(t.blocks.size())); ++b)
+    PKV_CHECK(t.blocks[size_t(b)] != kNoBlock, ArgumentError, "truncate(): keeping ", tokens,
+              " tokens of sequence ", seq, " would end in keys the window already dropped (window=",
+              cfg_.window, ", retain=False: keys ", int64_t(b) * bs, "..", int64_t(b + 1) * bs - 1,
+              " are gone): the next row could neither be appended nor attend");
 }
 
 const SequenceTable& PageTables::get(SeqId seq, const char* what) const {

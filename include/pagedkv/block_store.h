@@ -71,6 +71,9 @@ class BlockStore {
   void prefetch(const std::vector<BlockId>& ids, void* stream);
   // Moves these device blocks to the host tier now, in batches the host tier can take.
   void offload(const std::vector<BlockId>& victims, void* stream);
+  // Host slots that can be made free without moving a block of `keep`: free ones, clean copies,
+  // and host blocks outside `keep` that can spill to free cold slots.
+  int64_t eviction_room(const KeepSet& keep) const;
   // Host and cold slots free for offload(), clean copies counted.
   int64_t room_below_device() const;
   // Keeps free device blocks above the low watermark (proactive offload).
@@ -123,11 +126,13 @@ class BlockStore {
   // outside `keep` spill to the cold tier.
   void make_host_room(int64_t want_free, const KeepSet& keep);
   void spill_host_to_cold(int64_t n, const KeepSet& keep);
+  // Writes these host blocks to free cold slots (a block whose write fails stays on the host).
+  void write_to_cold(const std::vector<BlockId>& victims);
+  void step_aside(const std::vector<BlockId>& misses, size_t done);
   void host_to_device(const std::vector<BlockId>& ids, void* stream, bool prefetch);
   int64_t host_resident() const {
     return tier(Tier::host).slots().num_used() - int64_t(clean_copy_.size());
   }
-  int64_t eviction_room(const KeepSet& keep) const;
   // Releases a host slot, after any staging copy that still reads it.
   Fence host_slot_fence(BlockId id);
 

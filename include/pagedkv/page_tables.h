@@ -29,7 +29,13 @@ class PageTables {
   SeqId fork(SeqId parent, BlockStore& store);
   void free(SeqId seq, BlockStore& store);
   // Keeps the first `tokens` tokens of every layer; blocks past the new end go back.
+  // With a window and retain=False, a cut whose next row would read or write a dropped block
+  // throws ArgumentError and changes nothing.
   void truncate(SeqId seq, int32_t tokens, BlockStore& store);
+
+  // Takes back an append to one layer that failed half way: its length and scope start as they
+  // were, blocks no layer reaches any more released.
+  void cut_layer(SeqId seq, int32_t layer, int32_t len, int32_t scope_start, BlockStore& store);
 
   // Throws UnknownSequence naming `what` (the public call).
   const SequenceTable& get(SeqId seq, const char* what) const;
@@ -84,6 +90,7 @@ class PageTables {
   void check_invariants(std::unordered_map<BlockId, int32_t>& refs, const BlockStore& store) const;
 
  private:
+  void check_truncate_reach(SeqId seq, const SequenceTable& t, int32_t tokens) const;
   const CacheConfig& cfg_;
   std::unordered_map<SeqId, SequenceTable> tables_;
   SeqId next_seq_ = 0;

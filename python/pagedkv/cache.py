@@ -100,7 +100,9 @@ class PagedKV:
     @_serialised
     def truncate(self, seq: int, tokens: int) -> None:
         """Keeps the first `tokens` tokens of every layer of `seq` (speculative decoding's
-        rejected drafts, transformers' crop); blocks past the end return to the pool."""
+        rejected drafts, transformers' crop); blocks past the end return to the pool. With a
+        window and retain=False, a cut whose next row would read or write keys the window already
+        dropped raises ValueError and changes nothing."""
         seq = seq_id(seq, "truncate()")
         tokens = bounded_int(tokens, "tokens", "truncate()")
         self._engine.truncate(seq, tokens)
@@ -148,17 +150,28 @@ class PagedKV:
         # More blocks in scope than the device and host tiers hold together (some on disk): pass
         # them through range by range. Up to that, the engine stages the off-device ones itself.
         # (Not with sink rotation: the ranges' kernel calls would not know the rows' windows.)
-        if sink_rope is None and self.disk_blocks and not self._engine.step_open() and (
+        # The same when the engine finds it cannot stage them all through the host tier at once
+        # (it says so before moving anything).
+        can_pass = sink_rope is None and self.disk_blocks and not self._engine.step_open()
+        if can_pass and (
                 self._engine.blocks_needed(seqs, layer, lens, win) > self.device_blocks + self.host_blocks):
-            from . import passthrough
-
-            w = (self.window or 0) if win < 0 else win
-            return passthrough.attend(self, seqs, layer, q, lens, float(scale), w, return_lse)
+            return self._pass_through(seqs, layer, q, lens, scale, win, return_lse)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
-        self._engine.attend(seqs, layer, lens, q, out, lse, hq, float(scale), win, -1, self._stream(),
-                            sink_rope=sink_rope)
+        try:
+            self._engine.attend(seqs, layer, lens, q, out, lse, hq, float(scale), win, -1, self._stream(),
+                                sink_rope=sink_rope)
+        except _C.OutOfBlocksError:
+            if not can_pass:
+                raise
+            return self._pass_through(seqs, layer, q, lens, scale, win, return_lse)
         return (out, lse) if return_lse else out
+
+    def _pass_through(self, seqs, layer, q, lens, scale, win, return_lse):
+        from . import passthrough
+
+        w = (self.window or 0) if win < 0 else win
+        return passthrough.attend(self, seqs, layer, q, lens, float(scale), w, return_lse)
 
     @_serialised
     def prepare(self, seqs) -> None:

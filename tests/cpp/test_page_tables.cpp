@@ -106,3 +106,33 @@ TEST(PageTables, UnknownIdsNameTheCall) {
 #endif
   }
 }
+
+// Issue 18: a cut whose next row would read or write a block the window dropped is refused, and
+// nothing changes; a cut past the dropped keys' reach (or to 0) is fine.
+TEST(PageTables, TruncateIntoDroppedBlocksIsRefused) {
+  CacheConfig c = small_config(4, 16);
+  c.window = 8;
+  c.retain = false;
+  TablesFixture f(c);
+  const SeqId s = f.tables.add();
+  for (int32_t layer = 0; layer < c.num_layers; ++layer) f.grow(s, layer, 20);
+  for (int32_t layer = 0; layer < c.num_layers; ++layer) {
+    f.tables.at(s).scope_start[size_t(layer)] = 20;
+    f.grow(s, layer, 1);
+  }
+  f.tables.drop_out_of_scope(f.tables.at(s), *f.store);  // keys 0..11 go
+  ASSERT_EQ(f.tables.at(s).blocks[0], kNoBlock);
+  const std::vector<BlockId> before = f.tables.at(s).blocks;
+  const uint64_t v = f.tables.version();
+  EXPECT_THROW(f.tables.truncate(s, 2, *f.store), ArgumentError);
+  EXPECT_THROW(f.tables.truncate(s, 13, *f.store), ArgumentError);  // row 13 sees keys 6..12
+  EXPECT_EQ(f.tables.at(s).blocks, before);
+  EXPECT_EQ(f.tables.at(s).lens[0], 21);
+  EXPECT_EQ(f.tables.version(), v);
+  f.tables.truncate(s, 19, *f.store);  // row 19 sees keys 12..18: all kept
+  EXPECT_EQ(f.tables.at(s).lens[0], 19);
+  f.check();
+  f.tables.truncate(s, 0, *f.store);
+  EXPECT_TRUE(f.tables.at(s).blocks.empty());
+  f.check();
+}

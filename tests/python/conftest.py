@@ -70,3 +70,8 @@ def gen(seed):
 @pytest.fixture
 def rng(seed):
     return random.Random(seed)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier-walk-examples", type=int, default=100,
+                     help="examples of the stateful tier walk (test_tier_walk.py), up to 50 rules each")
