@@ -270,3 +270,19 @@ def test_missing_disk_path_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="disk_path") as info:
         make(tmp_path / "nowhere", 64, 4)
     assert info.value.errno == errno.ENOENT
+
+
+def test_bench_checksum_runs(tmp_path):
+    """`python -m pagedkv bench checksum` at a toy size: finishes, saves its JSON, figures positive."""
+    import json
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "pagedkv", "bench", "checksum", "--blocks", "40", "--gib", "0.05",
+                        "--repeats", "1", "--disk-path", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (path,) = out.glob("checksum-*.json")
+    res = json.loads(path.read_text())
+    assert res["disk_tier"]["intact"] and res["disk_tier"]["bytes_to_disk"] > 0
+    assert res["disk_tier"]["bytes_from_disk"] > 0 and res["crc32c_gb_s"]["portable"] > 0
+    assert all(v > 0 for v in res["cost_share"].values()), res["cost_share"]
