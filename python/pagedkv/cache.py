@@ -26,6 +26,10 @@ class PagedKV:
         cudaMemcpyBatchAsync ("batch"), the same hinting overlap with compute ("overlap"), or one
         cudaMemcpyAsync each ("off").
 
+    Disk tier: every block written carries a CRC-32C checked on every read; a block that comes
+    back different raises pagedkv.CorruptBlockError (an OSError) naming its sequence(s) and
+    logical block, and other blocks stay readable. Failed disk I/O raises OSError with errno.
+
     Threads: one engine serves one thread at a time; a second thread calling into a cache while
     another is inside it gets RuntimeError. Calls that move data release the GIL.
     """
