@@ -11,6 +11,7 @@
 
 #include <optional>
 
+#include "pagedkv/crc32c.h"
 #include "pagedkv/device_backend.h"
 #include "pagedkv/engine.h"
 #include "pagedkv/errors.h"
@@ -62,9 +63,25 @@ void register_exceptions(nb::module_& m) {
   static nb::object out_of_blocks = nb::steal(PyErr_NewExceptionWithDoc(
       "pagedkv._C.OutOfBlocksError", "Every tier of the cache is full.", PyExc_MemoryError, nullptr));
   m.attr("OutOfBlocksError") = out_of_blocks;
+  static nb::object corrupt_block = nb::steal(PyErr_NewExceptionWithDoc(
+      "pagedkv._C.CorruptBlockError",
+      "A block read back from the disk tier is not the block written there (checksum mismatch or a "
+      "file cut short); the message names its sequence(s) and logical block. Other blocks stay readable.",
+      PyExc_OSError, nullptr));
+  m.attr("CorruptBlockError") = corrupt_block;
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    // OSError(errno, message): Python picks the subclass (PermissionError for EACCES, ...).
+    auto os_error = [](PyObject* type, const IoError& e) {
+      PyObject* args = Py_BuildValue("(is)", e.err, e.what());
+      if (args) PyErr_SetObject(type, args);
+      Py_XDECREF(args);
+    };
     try {
       std::rethrow_exception(p);
+    } catch (const CorruptBlock& e) {
+      os_error(corrupt_block.ptr(), e);
+    } catch (const IoError& e) {
+      os_error(PyExc_OSError, e);
     } catch (const ArgumentError& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
     } catch (const TypeMismatch& e) {
@@ -121,6 +138,14 @@ NB_MODULE(_C, m) {
   m.def("cuda_available", [] { return cuda_usable(); },
         "Whether this build has CUDA kernels and a GPU with a driver that can run them.");
   m.def("built_with_cuda", [] { return built_with_cuda(); });
+  // The disk tier's checksum, for its benchmark (bench/checksum.py) and tests.
+  m.def("crc32c",
+        [](const nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu>& data, bool portable) {
+          nb::gil_scoped_release release;
+          return portable ? crc32c_portable(data.data(), data.size()) : crc32c(data.data(), data.size());
+        },
+        "data"_a, "portable"_a = false, "CRC-32C of a contiguous uint8 CPU array (the disk tier's block checksum).");
+  m.def("crc32c_hardware", [] { return crc32c_hardware(); });
 
   nb::class_<Engine>(m, "Engine")
       .def("__init__",

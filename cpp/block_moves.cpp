@@ -278,7 +278,7 @@ void BlockStore::cold_to_host(const std::vector<BlockId>& ids, const KeepSet& ke
   for (size_t i = 0; i < want.size(); ++i) {
     if (errors[i]) {
       host.free_slot(slots[i]);  // the block stays on disk
-      if (!first) first = errors[i];
+      if (!first) first = name_block(errors[i], want[i]);
       continue;
     }
     tier(Tier::disk).free_slot(disk_slots[i]);

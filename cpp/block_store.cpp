@@ -111,6 +111,20 @@ void BlockStore::note_host_readers(const std::vector<BlockId>& ids, const std::s
   for (BlockId id : ids) host_read_by_[id] = cell;
 }
 
+std::exception_ptr BlockStore::name_block(std::exception_ptr error, BlockId id) const {
+  try {
+    std::rethrow_exception(error);
+  } catch (const CorruptBlock& e) {
+    const std::string who = block_namer_ ? block_namer_(id) : std::string();
+    return std::make_exception_ptr(CorruptBlock(
+        detail::concat("disk tier: block ", id, who.empty() ? "" : " (", who, who.empty() ? "" : ")",
+                       " is corrupt: ", e.detail),
+        e.err, e.detail));
+  } catch (...) {
+    return error;
+  }
+}
+
 void BlockStore::read_layer(const std::vector<BlockId>& ids, int32_t len, int32_t layer, void* k_out, void* v_out,
                             void* stream) {
   const int32_t bs = cfg_.block_size, H = cfg_.num_kv_heads, D = cfg_.head_dim;
@@ -123,7 +137,11 @@ void BlockStore::read_layer(const std::vector<BlockId>& ids, int32_t len, int32_
     const char* block = nullptr;
     if (where.tier == Tier::disk) {
       from_cold.resize(size_t(cfg_.block_bytes()));
-      tier(Tier::disk).read_block(where.slot, from_cold.data());
+      try {
+        tier(Tier::disk).read_block(where.slot, from_cold.data());
+      } catch (const CorruptBlock&) {
+        std::rethrow_exception(name_block(std::current_exception(), id));
+      }
       block = from_cold.data();
     } else {
       block = slot_ptr(where);

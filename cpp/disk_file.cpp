@@ -12,7 +12,11 @@
 namespace pagedkv {
 namespace {
 
-std::string errno_text() { return std::strerror(errno); }
+// Throws IoError (OSError in Python) carrying `err`.
+template <typename... Args>
+[[noreturn]] void fail(int err, const Args&... args) {
+  throw IoError(detail::concat(args...), err);
+}
 
 bool aligned(const void* p, size_t n) {
   return reinterpret_cast<uintptr_t>(p) % 4096 == 0 && n % 4096 == 0;
@@ -25,7 +29,10 @@ DiskFile::DiskFile(const std::string& dir, int64_t num_slots, size_t block_bytes
   PKV_CHECK(!dir.empty(), ArgumentError, "disk_path: the disk tier needs a directory (disk_blocks > 0)");
   std::string templ = dir + "/pagedkv-XXXXXX.kv";
   fd_ = mkstemps(templ.data(), 3);
-  PKV_CHECK(fd_ >= 0, ArgumentError, "disk_path: cannot create a file in '", dir, "': ", errno_text());
+  if (fd_ < 0) {
+    const int err = errno;
+    fail(err, "disk_path: cannot create a file in '", dir, "': ", std::strerror(err));
+  }
   path_ = templ;
   unlink(path_.c_str());  // the file lives exactly as long as the cache
   const off_t size = off_t(num_slots) * off_t(block_bytes);
@@ -33,13 +40,13 @@ DiskFile::DiskFile(const std::string& dir, int64_t num_slots, size_t block_bytes
   if (err != 0 && err != EOPNOTSUPP && err != EINVAL) {
     close(fd_);
     fd_ = -1;
-    PKV_FAIL(ArgumentError, "disk_path: cannot reserve ", size, " bytes in '", dir, "': ", std::strerror(err));
+    fail(err, "disk_path: cannot reserve ", size, " bytes in '", dir, "': ", std::strerror(err));
   }
   if (err != 0 && ftruncate(fd_, size) != 0) {
-    const std::string why = errno_text();
+    err = errno;
     close(fd_);
     fd_ = -1;
-    PKV_FAIL(ArgumentError, "disk_path: cannot size the file in '", dir, "': ", why);
+    fail(err, "disk_path: cannot size the file in '", dir, "': ", std::strerror(err));
   }
   if (block_bytes % 4096 == 0) {
     direct_fd_ = open(("/proc/self/fd/" + std::to_string(fd_)).c_str(), O_RDWR | O_DIRECT);
@@ -67,30 +74,45 @@ DiskFile& DiskFile::operator=(DiskFile&& o) noexcept {
   return *this;
 }
 
-// One whole block through `io` (pread or pwrite), retrying partial transfers and EINTR.
+// One whole block through `io` (pread or pwrite), retrying partial transfers and EINTR. A read
+// that ends early (the file was cut short under us) is a corrupt block, not an I/O error: the
+// bytes the caller would get are not the block's.
 template <typename Io>
-void DiskFile::whole_block(int32_t slot, char* p, Io io, const char* what, const char* at_eof) const {
-  const int fd = direct_ && aligned(p, block_bytes_) ? direct_fd_ : fd_;
+void DiskFile::whole_block(int32_t slot, char* p, Io io, bool reading) const {
+  const char* what = reading ? "reading" : "writing";
+  int fd = direct_ && aligned(p, block_bytes_) ? direct_fd_ : fd_;
   size_t done = 0;
   while (done < block_bytes_) {
     ssize_t n = io(fd, p + done, block_bytes_ - done, off_t(slot) * off_t(block_bytes_) + off_t(done));
     if (n < 0 && errno == EINTR) continue;
-    PKV_CHECK(n > 0, Error, "disk tier: ", what, " block slot ", slot, " of ", path_, " failed: ",
-              n == 0 ? at_eof : errno_text());
+    // O_DIRECT refuses what is not aligned: a transfer the kernel cut short (a file size limit)
+    // leaves the rest unaligned. The buffered descriptor finishes it, or reports the real error.
+    if (n < 0 && errno == EINVAL && fd == direct_fd_) {
+      fd = fd_;
+      continue;
+    }
+    if (n < 0) {
+      const int err = errno;
+      fail(err, "disk tier: ", what, " block slot ", slot, " of ", path_, " failed: ", std::strerror(err));
+    }
+    if (n == 0 && reading) {
+      std::string why = detail::concat("slot ", slot, " of ", path_, " is cut short (read ", done, " of ", block_bytes_,
+                                       " bytes: file truncated?)");
+      throw CorruptBlock("disk tier: " + why, EIO, why);
+    }
+    if (n == 0) fail(EIO, "disk tier: ", what, " block slot ", slot, " of ", path_, " failed: no progress");
     done += size_t(n);
   }
 }
 
 void DiskFile::write(int32_t slot, const void* src) {
   whole_block(slot, const_cast<char*>(static_cast<const char*>(src)),
-              [](int fd, char* p, size_t n, off_t off) { return pwrite(fd, p, n, off); }, "writing",
-              "no progress");
+              [](int fd, char* p, size_t n, off_t off) { return pwrite(fd, p, n, off); }, /*reading=*/false);
 }
 
 void DiskFile::read(int32_t slot, void* dst) const {
   whole_block(slot, static_cast<char*>(dst),
-              [](int fd, char* p, size_t n, off_t off) { return pread(fd, p, n, off); }, "reading",
-              "short read (file truncated?)");
+              [](int fd, char* p, size_t n, off_t off) { return pread(fd, p, n, off); }, /*reading=*/true);
 }
 
 }  // namespace pagedkv

@@ -2,12 +2,24 @@
 // read-only queries and the invariant checker. Each call checks its arguments, then asks the parts.
 #include "pagedkv/engine.h"
 
+#include <string>
 #include <unordered_map>
 
 #include "pagedkv/errors.h"
 
 namespace pagedkv {
 namespace {
+
+// "sequence 3 logical block 5, sequence 4 logical block 5": where `id` sits in the page tables.
+std::string block_owners(const PageTables& tables, BlockId id) {
+  std::string out;
+  for (SeqId s : tables.ids()) {
+    const std::vector<BlockId>& blocks = tables.at(s).blocks;
+    for (size_t b = 0; b < blocks.size(); ++b)
+      if (blocks[b] == id) out += detail::concat(out.empty() ? "" : ", ", "sequence ", s, " logical block ", b);
+  }
+  return out;
+}
 
 const CacheConfig& validated(const CacheConfig& c) {
   validate_config(c);
@@ -21,7 +33,9 @@ Engine::Engine(const CacheConfig& cfg)
       backend_(make_backend(cfg_)),
       store_(cfg_, *backend_),
       tables_(cfg_),
-      planner_(cfg_, *backend_, tables_, store_) {}
+      planner_(cfg_, *backend_, tables_, store_) {
+  store_.set_block_namer([this](BlockId id) { return block_owners(tables_, id); });
+}
 
 Engine::~Engine() = default;
 

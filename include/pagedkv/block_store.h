@@ -8,7 +8,10 @@
 // Every call that can fail checks first (check_room) so that a throw leaves it as it was.
 #pragma once
 #include <cstdint>
+#include <exception>
+#include <functional>
 #include <memory>
+#include <string>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -110,6 +113,10 @@ class BlockStore {
   const Fence* host_landing(BlockId id) const;
   void note_host_readers(const std::vector<BlockId>& ids, const std::shared_ptr<Fence>& cell);
 
+  // Who holds a block, for errors about it ("sequence 3 logical block 5"); set by the engine,
+  // which owns the page tables. A corrupt block read from the cold tier is named with it.
+  void set_block_namer(std::function<std::string(BlockId)> namer) { block_namer_ = std::move(namer); }
+
   TransferCounters& counters() { return counters_; }
   const TransferCounters& counters() const { return counters_; }
 
@@ -135,6 +142,9 @@ class BlockStore {
   }
   // Releases a host slot, after any staging copy that still reads it.
   Fence host_slot_fence(BlockId id);
+  // `error` (a failed cold-tier read of block `id`) with the block and its owners named when it
+  // is a CorruptBlock; anything else unchanged.
+  std::exception_ptr name_block(std::exception_ptr error, BlockId id) const;
 
   const CacheConfig& cfg_;
   DeviceBackend& backend_;
@@ -160,6 +170,7 @@ class BlockStore {
   KeepSet pinned_;        // the open decode step's blocks
   uint64_t clock_ = 0;    // one per step: the policies' clock
   TransferCounters counters_;
+  std::function<std::string(BlockId)> block_namer_;
 };
 
 }  // namespace pagedkv

@@ -12,7 +12,7 @@ namespace pagedkv {
 class DiskFile {
  public:
   DiskFile() = default;
-  // Creates and sizes the file; throws ArgumentError naming disk_path when that fails.
+  // Creates and sizes the file; throws IoError (with errno) naming disk_path when that fails.
   DiskFile(const std::string& dir, int64_t num_slots, size_t block_bytes);
   ~DiskFile();
   DiskFile(const DiskFile&) = delete;
@@ -20,8 +20,9 @@ class DiskFile {
   DiskFile(DiskFile&& o) noexcept;
   DiskFile& operator=(DiskFile&& o) noexcept;
 
-  // Whole-block I/O; a short or failed transfer throws Error (RuntimeError) and leaves the caller's
-  // state to it: callers change block locations only after these return.
+  // Whole-block I/O; a failed transfer throws IoError (with errno), a read cut short by the end of
+  // the file CorruptBlock, and leaves the caller's state to it: callers change block locations only
+  // after these return.
   void write(int32_t slot, const void* src);
   void read(int32_t slot, void* dst) const;
 
@@ -29,7 +30,7 @@ class DiskFile {
 
  private:
   template <typename Io>
-  void whole_block(int32_t slot, char* p, Io io, const char* what, const char* at_eof) const;
+  void whole_block(int32_t slot, char* p, Io io, bool reading) const;
   int fd_ = -1;
   int direct_fd_ = -1;  // the same file opened with O_DIRECT, or -1
   bool direct_ = false;

@@ -1,11 +1,13 @@
 // Exceptions of the core. The binding layer maps each one to the Python exception of DESIGN.md §4:
 //   ArgumentError -> ValueError, TypeMismatch -> TypeError, UnknownSequence -> KeyError,
 //   LayerOutOfRange -> IndexError, OutOfBlocks -> pagedkv.OutOfBlocksError (a MemoryError),
+//   IoError -> OSError with its errno, CorruptBlock -> pagedkv.CorruptBlockError (an OSError),
 //   anything else (CudaError, InternalError) -> RuntimeError.
 #pragma once
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace pagedkv {
 
@@ -19,6 +21,19 @@ struct LayerOutOfRange : Error { using Error::Error; };
 struct OutOfBlocks : Error { using Error::Error; };
 struct CudaError : Error { using Error::Error; };
 struct InternalError : Error { using Error::Error; };
+// An operating-system call failed (the disk tier's file): `err` is its errno.
+struct IoError : Error {
+  IoError(const std::string& what, int err) : Error(what), err(err) {}
+  int err;
+};
+// A block read back from the disk tier is not the block written there (checksum mismatch, file
+// cut short). `detail` says what was wrong with which slot; what() also names the block's owners
+// where the read happened on their behalf.
+struct CorruptBlock : IoError {
+  CorruptBlock(const std::string& what, int err, std::string detail)
+      : IoError(what, err), detail(std::move(detail)) {}
+  std::string detail;
+};
 
 namespace detail {
 // Messages are built without iostreams: a stream's locale machinery crashed inside the module

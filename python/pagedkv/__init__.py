@@ -9,13 +9,13 @@
 Decode steps replayed from one CUDA graph: `pagedkv.DecodeSteps` (steps.py).
 """
 from . import policies
-from ._C import OutOfBlocksError, built_with_cuda, cuda_available
+from ._C import CorruptBlockError, OutOfBlocksError, built_with_cuda, cuda_available
 from .cache import PagedKV
 from .rope import RoPE
 from .steps import DecodeSteps
 
 __version__ = "0.1.0"
-__all__ = ["PagedKV", "DecodeSteps", "OutOfBlocksError", "RoPE", "cuda_available", "built_with_cuda",
+__all__ = ["PagedKV", "DecodeSteps", "OutOfBlocksError", "CorruptBlockError", "RoPE", "cuda_available", "built_with_cuda",
            "default_device", "policies"]
 
 

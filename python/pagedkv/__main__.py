@@ -57,6 +57,12 @@ def main(argv=None) -> int:
     off.add_argument("--gather", default="4,256,8",
                      help="staging-kernel shapes to compare, ';'-separated unroll,threads,ctas_per_sm")
 
+    ck = add_bench("checksum", help="the disk tier's crc32c against the disk tier's throughput (CPU)")
+    ck.add_argument("--blocks", type=_positive, default=128, help="blocks through the disk tier (4 MiB each)")
+    ck.add_argument("--gib", type=float, default=1.0, help="size of the file system ceiling runs")
+    ck.add_argument("--repeats", type=_positive, default=2, help="disk tier runs; the best is reported")
+    ck.add_argument("--disk-path", default=None, help="folder of the disk tier (default: the temp dir)")
+
     srv = add_bench("serve", help="Zipf chat sessions over a device tier smaller than their KV, per policy")
     srv.add_argument("--device", default="cuda")
     srv.add_argument("--sessions", type=int, default=48)

@@ -41,6 +41,10 @@ class PagedKV:
         cudaMemcpyBatchAsync ("batch"), the same hinting overlap with compute ("overlap"), or one
         cudaMemcpyAsync each ("off").
 
+    Disk tier: every block written carries a CRC-32C checked on every read; a block that comes
+    back different raises pagedkv.CorruptBlockError (an OSError) naming its sequence(s) and
+    logical block, and other blocks stay readable. Failed disk I/O raises OSError with errno.
+
     Threads: a cache may be shared by threads. Each public call holds the cache's lock for its
     duration, so calls from several threads run one after another, each whole (a thread waits for
     the lock without holding the GIL); calls that move data release the GIL. docs/DESIGN.md §5.

@@ -121,6 +121,8 @@ _SOURCE_PATH = re.compile(r"\.(?:cpp|cc|cxx|cu|cuh|h|hpp):\d*|\S/|/\S")
 
 def message_of(exc: BaseException) -> str:
     """The text a user reads (str() of a KeyError adds quotes around it)."""
+    if isinstance(exc, OSError) and exc.strerror:  # OSError(errno, message)
+        return exc.strerror
     return str(exc.args[0]) if exc.args else str(exc)
 
 

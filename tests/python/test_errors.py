@@ -340,7 +340,7 @@ def test_error_messages_carry_no_source_path(gen, tmp_path):
         if path:
             found.append(f"{where}: {message_of(exc)!r}")
     missing = tmp_path / "does-not-exist"
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(OSError) as info:
         pagedkv.PagedKV(**dict(BASE_CTOR, device="cpu", host_blocks=2, disk_blocks=2, disk_path=missing))
     if source_path_in(message_of(info.value), missing):
         found.append(f"disk_path: {message_of(info.value)!r}")

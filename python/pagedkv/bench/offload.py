@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from .. import _C
 from ..cache import PagedKV
 from ..steps import DecodeSteps
 from .common import save, sync_seconds
@@ -353,6 +354,12 @@ def main(args) -> None:
           f"{dk['to_disk_gb_s']:.2f} GB/s ({dk['to_disk_gb_s'] / disk['write']:.2f}x), back up "
           f"{dk['from_disk_gb_s']:.2f} GB/s ({dk['from_disk_gb_s'] / disk['read']:.2f}x)"
           + ("" if dk["intact"] else "  DATA MISMATCH"))
+    from .checksum import crc32c_rate  # the disk tier's per-block checksum, one thread
+
+    dk["crc32c_gb_s"] = crc32c_rate(sw["block_bytes"], portable=not _C.crc32c_hardware())
+    print(f"  disk tier checksum (crc32c, {dk['crc32c_gb_s']:.1f} GB/s per thread): at most "
+          f"{100 * dk['to_disk_gb_s'] / dk['crc32c_gb_s']:.1f}% of the swap-out time, "
+          f"{100 * dk['from_disk_gb_s'] / dk['crc32c_gb_s']:.1f}% of the swap-in (bench checksum: the CPU run)")
     print(f"  decode step (mean of 3 back to back), batch {dec['batch']} x {dec['context']}: "
           f"{dec['step_s'] * 1e3:.2f} ms alone, "
           f"{dec['step_with_swaps_s'] * 1e3:.2f} ms with {dec['swap_bytes_per_step'] / 2**30:.2f} GiB of swaps "

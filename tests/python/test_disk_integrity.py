@@ -1,0 +1,288 @@
+"""The disk tier's integrity (issue 18, defect 4): every block written to disk carries a CRC-32C
+checked on every read, so a block that comes back different raises pagedkv.CorruptBlockError (an
+OSError, errno EIO) naming its sequence(s) and logical block, never wrong data; every other block
+stays readable and the engine usable. I/O failures raise OSError with errno set.
+
+Faults: a flipped byte in the backing file (gather, attend), the file truncated under the engine,
+a write failing for the file size limit (RLIMIT_FSIZE, in a subprocess), a read-only disk_path.
+Oracle: bit-exact equality with the rows appended.
+"""
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pagedkv
+from pagedkv import _C
+
+# (head_dim, block_size): 8 KiB blocks take the O_DIRECT path, 2304-byte ones the buffered one.
+SHAPES = [(64, 4), (24, 3)]
+LAYERS, HEADS = 2, 2
+
+
+def make(tmp_path, head_dim, block_size, **kw):
+    args = dict(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=head_dim, block_size=block_size,
+                dtype=torch.float32, device="cpu", device_blocks=6, host_blocks=6, disk_blocks=64,
+                disk_path=tmp_path)
+    args.update(kw)
+    return pagedkv.PagedKV(**args)
+
+
+def block_bytes(kv) -> int:
+    return LAYERS * 2 * HEADS * kv.block_size * kv.head_dim * 4
+
+
+def fill(kv, gen, rows=None):
+    """A new sequence with `rows` (default: four blocks and a bit) fresh random rows in every layer;
+    returns (id, [(k, v)] per layer)."""
+    rows = rows or 3 * kv.block_size + 2
+    s = kv.add_sequence()
+    data = []
+    for layer in range(LAYERS):
+        k = torch.randn(rows, HEADS, kv.head_dim, generator=gen)
+        v = torch.randn(rows, HEADS, kv.head_dim, generator=gen)
+        kv.append([s], layer, k, v)
+        data.append((k, v))
+    return s, data
+
+
+def assert_exact(kv, s, data, rows=None):
+    for layer, (k, v) in enumerate(data):
+        got_k, got_v = kv.gather(s, layer)
+        n = got_k.shape[0] if rows is None else rows
+        assert torch.equal(got_k[:n], k[:n]) and torch.equal(got_v[:n], v[:n]), f"sequence {s} layer {layer}"
+
+
+def open_backing_file(disk_path) -> int:
+    """A new descriptor on the engine's (unlinked) backing file in `disk_path`, found through
+    /proc/self/fd; buffered, whatever the engine's own descriptors are."""
+    prefix = os.path.join(str(disk_path), "pagedkv-")
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith(prefix):
+            return os.open(f"/proc/self/fd/{name}", os.O_RDWR)
+    raise AssertionError(f"no backing file under {disk_path}")
+
+
+def flip_byte(disk_path, offset: int) -> None:
+    fd = open_backing_file(disk_path)
+    try:
+        old = os.pread(fd, 1, offset)
+        assert len(old) == 1
+        os.pwrite(fd, bytes([old[0] ^ 0x5A]), offset)
+    finally:
+        os.close(fd)
+
+
+def disk_block_of(kv, s) -> tuple[int, int]:
+    """(logical block, disk slot) of the first block of `s` on the disk tier."""
+    for logical, (tier, slot) in enumerate(kv.block_table(s)):
+        if tier == "disk":
+            return logical, slot
+    raise AssertionError(f"sequence {s} has no block on disk: {kv.block_table(s)}")
+
+
+def test_crc32c_binding_known_values():
+    digits = torch.tensor(list(b"123456789"), dtype=torch.uint8)
+    assert _C.crc32c(digits) == 0xE3069283
+    assert _C.crc32c(digits, portable=True) == 0xE3069283
+    x = torch.randint(0, 256, (100_003,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert _C.crc32c(x) == _C.crc32c(x, portable=True)
+
+
+@pytest.mark.parametrize("head_dim,block_size", SHAPES)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_corrupt_block_is_named_and_the_rest_stays_exact(tmp_path, head_dim, block_size, where):
+    gen = torch.Generator().manual_seed(7)
+    kv = make(tmp_path, head_dim, block_size)
+    a, a_data = fill(kv, gen)
+    fork = kv.fork(a)  # shares every block of a: a corrupt one names both
+    others = [fill(kv, gen) for _ in range(3)]  # pushes a's blocks down to disk
+    logical, slot = disk_block_of(kv, a)
+    size = block_bytes(kv)
+    flip_byte(tmp_path, slot * size + {"first": 0, "middle": size // 2 + 3, "last": size - 1}[where])
+    table = kv.block_table(a)
+
+    for layer in range(LAYERS):  # the whole block is checked, whichever layer is read
+        with pytest.raises(pagedkv.CorruptBlockError) as info:
+            kv.gather(a, layer)
+        e = info.value
+        assert isinstance(e, OSError) and e.errno == errno.EIO
+        assert f"sequence {a} logical block {logical}" in e.strerror, e.strerror
+        assert f"sequence {fork} logical block {logical}" in e.strerror, e.strerror
+        assert f"slot {slot} " in e.strerror and "checksum" in e.strerror, e.strerror
+    assert kv.block_table(a) == table  # a failed read moves nothing
+    kv.check_invariants()
+    for s, data in others:
+        assert_exact(kv, s, data)
+
+    # attend reads it through the host tier: the same error, the block stays on disk, corrupt.
+    q = torch.randn(1, HEADS, head_dim, generator=gen)
+    with pytest.raises(pagedkv.CorruptBlockError, match=f"sequence {a} logical block {logical}"):
+        kv.attend([a], 0, q)
+    assert kv.block_table(a)[logical] == ("disk", slot)
+    kv.check_invariants()
+    for s, data in others:  # other sequences: attend and gather still work, exactly
+        kv.attend([s], 1, q)
+        assert_exact(kv, s, data)
+    with pytest.raises(pagedkv.CorruptBlockError):
+        kv.gather(fork, 0)
+
+    # Recovery: cut the sequences back to before the corrupt block and carry on.
+    kv.free(fork)
+    kv.truncate(a, logical * block_size)
+    kv.check_invariants()
+    assert_exact(kv, a, a_data, rows=logical * block_size)
+    more = torch.randn(5, HEADS, head_dim, generator=gen)
+    kv.append([a], 0, more, more)
+    assert torch.equal(kv.gather(a, 0)[0], torch.cat([a_data[0][0][:logical * block_size], more]))
+    for s, data in others:
+        assert_exact(kv, s, data)
+    kv.check_invariants()
+
+
+@pytest.mark.parametrize("head_dim,block_size", SHAPES)
+def test_truncated_backing_file_is_an_error_not_garbage(tmp_path, head_dim, block_size):
+    gen = torch.Generator().manual_seed(3)
+    kv = make(tmp_path, head_dim, block_size)
+    seqs = [fill(kv, gen) for _ in range(5)]
+    on_disk = [(s, d) for s, d in seqs if any(t == "disk" for t, _ in kv.block_table(s))]
+    resident = [(s, d) for s, d in seqs if all(t != "disk" for t, _ in kv.block_table(s))]
+    assert on_disk and resident
+    fd = open_backing_file(tmp_path)
+    try:
+        os.ftruncate(fd, block_bytes(kv) // 2)  # cut inside slot 0: every disk block reads short
+    finally:
+        os.close(fd)
+    for s, _ in on_disk:
+        logical, _slot = disk_block_of(kv, s)
+        with pytest.raises(pagedkv.CorruptBlockError, match=f"sequence {s} logical block {logical}") as info:
+            kv.gather(s, 0)
+        assert info.value.errno == errno.EIO and "cut short" in info.value.strerror
+    kv.check_invariants()
+    for s, data in resident:
+        assert_exact(kv, s, data)
+    # Usable: more blocks spill to the (re-grown) file and come back exact.
+    spilled = kv.stats()["blocks_to_disk"]
+    fresh = [fill(kv, gen) for _ in range(3)]
+    assert kv.stats()["blocks_to_disk"] > spilled
+    assert any(t == "disk" for s, _ in resident + fresh for t, _ in kv.block_table(s))
+    for s, data in resident + fresh:
+        assert_exact(kv, s, data)
+    kv.check_invariants()
+
+
+WRITE_FAULT = textwrap.dedent("""
+    import errno, os, resource, signal, sys, torch, pagedkv
+    path = sys.argv[1]
+    kv = pagedkv.PagedKV(num_layers=2, num_kv_heads=2, head_dim=64, block_size=4, dtype=torch.float32,
+                         device="cpu", device_blocks=2, host_blocks=2, disk_blocks=64, disk_path=path)
+    g = torch.Generator().manual_seed(0)
+    s = kv.add_sequence()
+    k = torch.randn(16, 2, 64, generator=g)
+    kv.append([s], 0, k, k)          # 2 blocks on device, 2 on host: the next block spills
+    table, st = kv.block_table(s), kv.stats()
+    k2 = torch.randn(8, 2, 64, generator=g)
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1, hard))  # every disk write now fails (EFBIG)
+    try:
+        kv.append([s], 0, k2, k2)
+        raise SystemExit("no error")
+    except pagedkv.CorruptBlockError:
+        raise SystemExit("a write failure is not a corrupt block")
+    except OSError as e:
+        assert e.errno == errno.EFBIG, e.errno
+        assert e.strerror.startswith("disk tier: writing"), e.strerror
+    assert kv.block_table(s) == table, "state changed"
+    assert kv.seq_len(s, 0) == 16 and kv.stats()["disk_blocks_used"] == st["disk_blocks_used"]
+    kv.check_invariants()
+    assert torch.equal(kv.gather(s, 0)[0], k), "data changed"
+    q = torch.randn(1, 2, 64, generator=g)
+    kv.attend([s], 0, q)             # everything fits above disk: still works at the limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    kv.append([s], 0, k2, k2)        # usable afterwards: the spill goes through now
+    assert any(t == "disk" for t, _ in kv.block_table(s))
+    assert torch.equal(kv.gather(s, 0)[0], torch.cat([k, k2]))
+    kv.check_invariants()
+    print("ok")
+""")
+
+
+def test_write_failure_is_an_oserror_with_errno(tmp_path):
+    r = subprocess.run([sys.executable, "-c", WRITE_FAULT, str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+READ_ONLY = textwrap.dedent("""
+    import ctypes, errno, os, sys, torch, pagedkv
+    ro, rw = sys.argv[1], sys.argv[2]
+    if os.geteuid() == 0:  # root writes anywhere: drop CAP_DAC_OVERRIDE (1) from the effective set
+        class Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+        class Data(ctypes.Structure):
+            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                        ("inheritable", ctypes.c_uint32)]
+        libc = ctypes.CDLL(None, use_errno=True)
+        header, data = Header(0x20080522, 0), (Data * 2)()
+        assert libc.capget(ctypes.byref(header), data) == 0, ctypes.get_errno()
+        data[0].effective &= ~(1 << 1)
+        assert libc.capset(ctypes.byref(header), data) == 0, ctypes.get_errno()
+    kw = dict(num_layers=2, num_kv_heads=2, head_dim=64, block_size=4, dtype=torch.float32,
+              device="cpu", device_blocks=2, host_blocks=2, disk_blocks=8)
+    try:
+        pagedkv.PagedKV(disk_path=ro, **kw)
+        raise SystemExit("no error")
+    except PermissionError as e:
+        assert e.errno == errno.EACCES and "disk_path" in e.strerror and ro in e.strerror, e.strerror
+    kv = pagedkv.PagedKV(disk_path=rw, **kw)  # the same call with a good directory works
+    s = kv.add_sequence()
+    k = torch.randn(40, 2, 64)
+    kv.append([s], 0, k, k)
+    assert torch.equal(kv.gather(s, 0)[0], k) and kv.stats()["blocks_to_disk"] > 0
+    kv.check_invariants()
+    print("ok")
+""")
+
+
+def test_read_only_disk_path_is_a_permission_error(tmp_path):
+    ro, rw = tmp_path / "ro", tmp_path / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = subprocess.run([sys.executable, "-c", READ_ONLY, str(ro), str(rw)], capture_output=True,
+                           text=True, timeout=120)
+    finally:
+        ro.chmod(0o755)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_missing_disk_path_is_a_file_not_found_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="disk_path") as info:
+        make(tmp_path / "nowhere", 64, 4)
+    assert info.value.errno == errno.ENOENT
+
+
+def test_bench_checksum_runs(tmp_path):
+    """`python -m pagedkv bench checksum` at a toy size: finishes, saves its JSON, figures positive."""
+    import json
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "pagedkv", "bench", "checksum", "--blocks", "40", "--gib", "0.05",
+                        "--repeats", "1", "--disk-path", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (path,) = out.glob("checksum-*.json")
+    res = json.loads(path.read_text())
+    assert res["disk_tier"]["intact"] and res["disk_tier"]["bytes_to_disk"] > 0
+    assert res["disk_tier"]["bytes_from_disk"] > 0 and res["crc32c_gb_s"]["portable"] > 0
+    assert all(v > 0 for v in res["cost_share"].values()), res["cost_share"]
