@@ -24,6 +24,8 @@ def pytest_addoption(parser):
                      help="trials of test_thread_stress.py (threads x tiers x operations)")
     parser.addoption("--fuzz-examples", type=int, default=None,
                      help="hypothesis examples per test of test_fuzz_inputs.py (default: its CI bound)")
+    parser.addoption("--tier-walk-examples", type=int, default=100,
+                     help="examples of the stateful tier walk (test_tier_walk.py), up to 50 rules each")
 
 
 @pytest.fixture
@@ -70,8 +72,3 @@ def gen(seed):
 @pytest.fixture
 def rng(seed):
     return random.Random(seed)
-
-
-def pytest_addoption(parser):
-    parser.addoption("--tier-walk-examples", type=int, default=100,
-                     help="examples of the stateful tier walk (test_tier_walk.py), up to 50 rules each")
