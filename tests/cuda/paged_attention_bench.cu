@@ -21,6 +21,49 @@ __global__ void fill_random(uint16_t* x, size_t n, uint32_t seed) {
   }
 }
 
+// One timing shape's device buffers: B sequences of ctx tokens (pages in random order unless
+// `in_order`), the last n tokens of each as query rows; bf16, 32 query / 8 KV heads, head_dim 128,
+// page 16. params() describes them; the destructor frees them.
+struct BenchCache {
+  static constexpr int kHq = 32, kH = 8, kHd = 128, kBs = 16;
+  int B, ctx, n, nb;
+  size_t pool_elems, q_elems;
+  uint16_t *pool = nullptr, *q = nullptr, *out = nullptr;
+  int *bt = nullptr, *kv = nullptr, *qi = nullptr;
+  BenchCache(int B_, int ctx_, int n_, bool in_order, std::mt19937_64& rng)
+      : B(B_), ctx(ctx_), n(n_), nb(ctx_ / kBs) {
+    pool_elems = size_t(B) * nb * 2 * kH * kBs * kHd;
+    q_elems = size_t(B) * n * kHq * kHd;
+    std::vector<int> h_bt(size_t(B) * nb), h_kv(B, ctx), h_qi(B + 1);
+    for (size_t s = 0; s < h_bt.size(); ++s) h_bt[s] = int(s);
+    if (!in_order) std::shuffle(h_bt.begin(), h_bt.end(), rng);
+    for (int i = 0; i <= B; ++i) h_qi[i] = i * n;
+    CK(cudaMalloc(&pool, pool_elems * 2));
+    CK(cudaMalloc(&q, q_elems * 2));
+    CK(cudaMalloc(&out, q_elems * 2));
+    CK(cudaMalloc(&bt, h_bt.size() * 4));
+    CK(cudaMalloc(&kv, B * 4));
+    CK(cudaMalloc(&qi, (B + 1) * 4));
+    fill_random<<<4096, 256>>>(pool, pool_elems, 1);
+    fill_random<<<1024, 256>>>(q, q_elems, 2);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(bt, h_bt.data(), h_bt.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(kv, h_kv.data(), B * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(qi, h_qi.data(), (B + 1) * 4, cudaMemcpyHostToDevice));
+  }
+  ~BenchCache() {
+    for (void* ptr : {(void*)pool, (void*)q, (void*)out, (void*)bt, (void*)kv, (void*)qi}) CK(cudaFree(ptr));
+  }
+  PagedAttentionParams params() const {
+    PagedAttentionParams p;
+    p.q = q, p.out = out, p.pool = pool, p.block_table = bt, p.kv_lens = kv, p.q_indptr = qi;
+    p.num_seqs = B, p.num_rows = B * n, p.max_q_len = n, p.max_blocks = nb, p.num_q_heads = kHq;
+    p.num_kv_heads = kH, p.head_dim = kHd, p.block_size = kBs, p.num_layers = 1, p.layer = 0;
+    p.scale = 0.08838834764f, p.dtype = DType::bf16;
+    return p;
+  }
+};
+
 void bench(const char* out_path) {
   const int shapes[][2] = {{1, 32768}, {8, 8192},   {32, 8192},  {64, 4096},
                            {16, 32768}, {4, 131072}, {1, 131072}, {128, 2048}};
@@ -31,32 +74,11 @@ void bench(const char* out_path) {
   for (int si = 0; si < n_shapes; ++si) {
     if (only && std::atoi(only) != si) continue;
     const auto& sh = shapes[si];
-    const int B = sh[0], ctx = sh[1], Hq = 32, H = 8, hd = 128, bs = 16, nb = ctx / bs;
-    const size_t pool_elems = size_t(B) * nb * 2 * H * bs * hd;
-    std::vector<int> bt(size_t(B) * nb), kv(B, ctx), qi(B + 1);
-    for (size_t s = 0; s < bt.size(); ++s) bt[s] = int(s);
-    if (!std::getenv("PKV_SEQ_PAGES")) std::shuffle(bt.begin(), bt.end(), rng);  // else best-case locality
-    for (int i = 0; i <= B; ++i) qi[i] = i;
-    uint16_t *d_pool, *d_q, *d_out;
-    int *d_bt, *d_kv, *d_qi;
+    const int B = sh[0], ctx = sh[1];
+    BenchCache c(B, ctx, 1, std::getenv("PKV_SEQ_PAGES") != nullptr, rng);  // in order: best-case locality
+    const size_t pool_elems = c.pool_elems;
+    const PagedAttentionParams p = c.params();
     void* d_ws = nullptr;
-    CK(cudaMalloc(&d_pool, pool_elems * 2));
-    CK(cudaMalloc(&d_q, size_t(B) * Hq * hd * 2));
-    CK(cudaMalloc(&d_out, size_t(B) * Hq * hd * 2));
-    CK(cudaMalloc(&d_bt, bt.size() * 4));
-    CK(cudaMalloc(&d_kv, B * 4));
-    CK(cudaMalloc(&d_qi, (B + 1) * 4));
-    fill_random<<<4096, 256>>>(d_pool, pool_elems, 1);
-    fill_random<<<64, 256>>>(d_q, size_t(B) * Hq * hd, 2);
-    CK(cudaGetLastError());
-    CK(cudaMemcpy(d_bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(d_kv, kv.data(), B * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(d_qi, qi.data(), (B + 1) * 4, cudaMemcpyHostToDevice));
-    PagedAttentionParams p;
-    p.q = d_q, p.out = d_out, p.pool = d_pool, p.block_table = d_bt, p.kv_lens = d_kv, p.q_indptr = d_qi;
-    p.num_seqs = B, p.num_rows = B, p.max_q_len = 1, p.max_blocks = nb, p.num_q_heads = Hq;
-    p.num_kv_heads = H, p.head_dim = hd, p.block_size = bs, p.num_layers = 1, p.layer = 0;
-    p.scale = 0.08838834764f, p.dtype = DType::bf16;
     cuda::AttentionTuning tu = g_tuning;
     if (const char* sp = std::getenv("PKV_SPLITS")) tu.force_splits = std::atoi(sp);
     const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms, tu);
@@ -92,7 +114,7 @@ void bench(const char* out_path) {
     CK(cudaGraphExecDestroy(ge));
     CK(cudaGraphDestroy(g));
     CK(cudaStreamDestroy(st));
-    for (void* ptr : {(void*)d_pool, (void*)d_q, (void*)d_out, (void*)d_bt, (void*)d_kv, (void*)d_qi, d_ws}) CK(cudaFree(ptr));
+    if (d_ws) CK(cudaFree(d_ws));
   }
   if (f) std::fclose(f);
 }
@@ -110,32 +132,9 @@ void bench_prefill(const char* out_path) {
   for (int si = 0; si < int(sizeof shapes / sizeof shapes[0]); ++si) {
     if (only && std::atoi(only) != si) continue;
     const auto& sh = shapes[si];
-    const int B = sh[0], ctx = sh[1], n = sh[2], Hq = 32, H = 8, hd = 128, bs = 16, nb = ctx / bs;
-    const size_t pool_elems = size_t(B) * nb * 2 * H * bs * hd;
-    std::vector<int> bt(size_t(B) * nb), kv(B, ctx), qi(B + 1);
-    for (size_t s = 0; s < bt.size(); ++s) bt[s] = int(s);
-    std::shuffle(bt.begin(), bt.end(), rng);
-    for (int i = 0; i <= B; ++i) qi[i] = i * n;
-    const size_t q_elems = size_t(B) * n * Hq * hd;
-    uint16_t *d_pool, *d_q, *d_out;
-    int *d_bt, *d_kv, *d_qi;
-    CK(cudaMalloc(&d_pool, pool_elems * 2));
-    CK(cudaMalloc(&d_q, q_elems * 2));
-    CK(cudaMalloc(&d_out, q_elems * 2));
-    CK(cudaMalloc(&d_bt, bt.size() * 4));
-    CK(cudaMalloc(&d_kv, B * 4));
-    CK(cudaMalloc(&d_qi, (B + 1) * 4));
-    fill_random<<<4096, 256>>>(d_pool, pool_elems, 1);
-    fill_random<<<1024, 256>>>(d_q, q_elems, 2);
-    CK(cudaGetLastError());
-    CK(cudaMemcpy(d_bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(d_kv, kv.data(), B * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(d_qi, qi.data(), (B + 1) * 4, cudaMemcpyHostToDevice));
-    PagedAttentionParams p;
-    p.q = d_q, p.out = d_out, p.pool = d_pool, p.block_table = d_bt, p.kv_lens = d_kv, p.q_indptr = d_qi;
-    p.num_seqs = B, p.num_rows = B * n, p.max_q_len = n, p.max_blocks = nb, p.num_q_heads = Hq;
-    p.num_kv_heads = H, p.head_dim = hd, p.block_size = bs, p.num_layers = 1, p.layer = 0;
-    p.scale = 0.08838834764f, p.dtype = DType::bf16;
+    const int B = sh[0], ctx = sh[1], n = sh[2], Hq = BenchCache::kHq, hd = BenchCache::kHd;
+    BenchCache c(B, ctx, n, false, rng);
+    const PagedAttentionParams p = c.params();
     // keys seen per row: ctx - n + 1 + i for row i
     const double keys = double(B) * (double(n) * (ctx - n) + double(n) * (n + 1) / 2);
     const double flops = 4.0 * Hq * hd * keys;
@@ -177,7 +176,6 @@ void bench_prefill(const char* out_path) {
     std::printf("PREFILL %2d x %6d n %5d  split-K %9.1f us %6.1f TF/s | tensor-core %9.1f us %6.1f TF/s | %.2fx | no ping-pong %9.1f us %6.1f TF/s\n",
                 B, ctx, n, sk, flops / sk * 1e-6, tc, flops / tc * 1e-6, sk / tc, np, flops / np * 1e-6);
     if (f) std::fprintf(f, "%d %d %d %.2f %.2f\n", B, ctx, n, sk, tc);
-    for (void* ptr : {(void*)d_pool, (void*)d_q, (void*)d_out, (void*)d_bt, (void*)d_kv, (void*)d_qi}) CK(cudaFree(ptr));
   }
   if (f) std::fclose(f);
 }
