@@ -129,16 +129,7 @@ class CpuBackend final : public DeviceBackend {
   // Calls issue(dst, src, bytes) once per run of blocks adjacent in both source and destination.
   Fence copy(const std::vector<BlockCopy>& copies) {
     std::vector<std::tuple<void*, const void*, size_t>> runs;
-    size_t i = 0;
-    while (i < copies.size()) {
-      size_t j = i + 1;
-      while (j < copies.size() &&
-             static_cast<char*>(copies[j].dst) == static_cast<char*>(copies[j - 1].dst) + block_bytes_ &&
-             static_cast<const char*>(copies[j].src) == static_cast<const char*>(copies[j - 1].src) + block_bytes_)
-        ++j;
-      runs.emplace_back(copies[i].dst, copies[i].src, (j - i) * block_bytes_);
-      i = j;
-    }
+    for_each_run(copies, block_bytes_, [&](void* d, const void* s, size_t n) { runs.emplace_back(d, s, n); });
     return worker_.submit([runs = std::move(runs)] {
       for (const auto& [d, s, n] : runs) std::memcpy(d, s, n);
     });

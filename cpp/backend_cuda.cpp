@@ -231,18 +231,9 @@ class CudaBackend final : public DeviceBackend {
     std::vector<void*> dsts;
     std::vector<const void*> srcs;
     std::vector<size_t> sizes;
-    size_t i = 0;
-    while (i < copies.size()) {
-      size_t j = i + 1;
-      while (j < copies.size() &&
-             static_cast<char*>(copies[j].dst) == static_cast<char*>(copies[j - 1].dst) + block_bytes_ &&
-             static_cast<const char*>(copies[j].src) == static_cast<const char*>(copies[j - 1].src) + block_bytes_)
-        ++j;
-      dsts.push_back(copies[i].dst);
-      srcs.push_back(copies[i].src);
-      sizes.push_back((j - i) * block_bytes_);
-      i = j;
-    }
+    for_each_run(copies, block_bytes_, [&](void* d, const void* s, size_t n) {
+      dsts.push_back(d), srcs.push_back(s), sizes.push_back(n);
+    });
 #if CUDART_VERSION >= 13000  // (12.8 has the call with another signature; older ones lack it)
     if (batch_ && dsts.size() > 1) {
       // One batch: the driver sees every copy at once (sources read in stream order, like the rest).

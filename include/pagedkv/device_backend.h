@@ -23,6 +23,22 @@ struct BlockCopy {
   const void* src;  // one block in the source tier
 };
 
+// Calls f(dst, src, bytes) once per run of `copies` adjacent in both source and destination, so
+// each backend issues one copy per run.
+template <typename F>
+void for_each_run(const std::vector<BlockCopy>& copies, size_t block_bytes, F&& f) {
+  size_t i = 0;
+  while (i < copies.size()) {
+    size_t j = i + 1;
+    while (j < copies.size() &&
+           static_cast<char*>(copies[j].dst) == static_cast<char*>(copies[j - 1].dst) + block_bytes &&
+           static_cast<const char*>(copies[j].src) == static_cast<const char*>(copies[j - 1].src) + block_bytes)
+      ++j;
+    f(copies[i].dst, copies[i].src, (j - i) * block_bytes);
+    i = j;
+  }
+}
+
 // `count` pieces of `width` bytes, `src_pitch` apart in the source, back to back at `dst`: one
 // layer's part of consecutive host blocks (a 2-D copy).
 struct SliceRun {
