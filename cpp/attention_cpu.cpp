@@ -12,14 +12,26 @@ namespace pagedkv {
 namespace {
 
 // Keys a query at `pos` may see, as [begin, end) ranges: the sinks, then the window up to pos.
-// Blocks outside both ranges are never touched, as in the kernel.
+// Blocks outside both ranges are never touched, as in the kernel. Striped (attention_params.h):
+// only this rank's keys, numbered locally: index i < n_sink is local key i, the others local key
+// window_first + (i - n_sink).
 struct KeyRanges {
   int32_t sink_end;      // keys [0, sink_end) are sinks (already clipped to pos + 1)
   int32_t window_begin;  // keys [window_begin, pos + 1)
+  int32_t n_sink, window_first, num_keys;  // in local keys
+  int32_t key(const PagedAttentionParams& p, int32_t i) const {
+    return local_key_position(p, i < n_sink ? i : window_first + (i - n_sink));
+  }
 };
 
 KeyRanges key_ranges(const PagedAttentionParams& p, int32_t pos) {
-  return {p.window > 0 ? sinks_kept(pos, p.window, p.sink_tokens) : 0, window_start(pos, p.window)};
+  KeyRanges r;
+  r.sink_end = p.window > 0 ? sinks_kept(pos, p.window, p.sink_tokens) : 0;
+  r.window_begin = window_start(pos, p.window);
+  r.n_sink = local_keys_below(p, r.sink_end);
+  r.window_first = local_keys_below(p, r.window_begin);
+  r.num_keys = r.n_sink + local_keys_below(p, pos + 1) - r.window_first;
+  return r;
 }
 
 // Element loads specialised per storage type, so the inner loops carry no dtype switch.
@@ -101,12 +113,12 @@ void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head, Scr
   for (int32_t row = p.q_indptr[seq]; row < p.q_indptr[seq + 1]; ++row) {
     const int32_t pos = query_position(p, seq, row);
     const KeyRanges kr = key_ranges(p, pos);
-    const int32_t num_keys = kr.sink_end + (pos + 1 - kr.window_begin);
+    const int32_t num_keys = kr.num_keys;
     scores.resize(size_t(num_keys));
     // The sinks [0, kr.sink_end) score against the query turned by sink_shift (exactly 0 when they
     // sit right before the window: then nothing turns).
     const int32_t shift = rotating ? sink_shift(pos, p.window, p.sink_tokens) : 0;
-    const bool rotate = kr.sink_end > 0 && shift != 0;
+    const bool rotate = kr.n_sink > 0 && shift != 0;
     if (rotate) rotation_table(rope, shift, w.cs);
     for (int32_t g = 0; g < group; ++g) {
       const int32_t qh = kv_head * group + g;
@@ -114,12 +126,17 @@ void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head, Scr
       qf.resize(size_t(D));
       for (int32_t d = 0; d < D; ++d) qf[size_t(d)] = load_as_float(p.q, qbase + d, p.dtype);
       if (rotate) rotate_query(rope, p.dtype, qf, w.cs, w.qr);
+      if (num_keys == 0) {  // striped: no key of this rank is visible; the merge weighs this 0
+        for (int32_t d = 0; d < D; ++d) store_from_float(p.out, qbase + d, 0.f, p.dtype);
+        if (p.lse) p.lse[int64_t(row) * p.num_q_heads + qh] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
       // Pass 1: scores. Key index i counts sinks first, then the window.
       float max_score = -std::numeric_limits<float>::infinity();
       for (int32_t i = 0; i < num_keys; ++i) {
-        const int32_t j = i < kr.sink_end ? i : kr.window_begin + (i - kr.sink_end);
+        const int32_t j = kr.key(p, i);
         const int64_t base = tile_offset(p, table[j / bs], 0, kv_head) + int64_t(j % bs) * D;
-        const float* qi = rotate && i < kr.sink_end ? w.qr.data() : qf.data();
+        const float* qi = rotate && i < kr.n_sink ? w.qr.data() : qf.data();
         scores[size_t(i)] = dot<DT>(qi, p.pool, base, D) * p.scale;
         max_score = std::max(max_score, scores[size_t(i)]);
       }
@@ -127,7 +144,7 @@ void attend_one(const PagedAttentionParams& p, int32_t seq, int32_t kv_head, Scr
       acc.assign(size_t(D), 0.f);
       float sum = 0.f;
       for (int32_t i = 0; i < num_keys; ++i) {
-        const int32_t j = i < kr.sink_end ? i : kr.window_begin + (i - kr.sink_end);
+        const int32_t j = kr.key(p, i);
         const float w = std::exp(scores[size_t(i)] - max_score);
         sum += w;
         const int64_t base = tile_offset(p, table[j / bs], 1, kv_head) + int64_t(j % bs) * D;

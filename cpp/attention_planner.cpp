@@ -30,6 +30,8 @@ PagedAttentionParams AttentionPlanner::base_params(const AttendArgs& args, int32
   p.layer = layer;
   p.scale = args.scale > 0 ? args.scale : 1.f / std::sqrt(float(cfg_.head_dim));
   p.dtype = cfg_.dtype;
+  p.stripe_world = uint8_t(cfg_.stripe_world);
+  p.stripe_rank = uint16_t(cfg_.stripe_rank);
   return p;
 }
 

@@ -76,6 +76,7 @@ class CpuBackend final : public DeviceBackend {
     char* base = static_cast<char*>(w.pool);
     const int64_t tile = c.tile_elems();
     for (int32_t r = 0; r < w.rows; ++r) {
+      if (w.slot_mapping[r] < 0) continue;  // another rank's row (striped): not stored here
       const int64_t slot = w.slot_mapping[r] / bs, off = w.slot_mapping[r] % bs;
       for (int32_t h = 0; h < H; ++h) {
         const int64_t src = (int64_t(r) * H + h) * D;

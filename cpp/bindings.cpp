@@ -155,7 +155,7 @@ NB_MODULE(_C, m) {
               bool retain, bool on_cuda, int32_t cuda_device, std::string policy,
               std::map<std::string, double> policy_params, double low_watermark,
               double high_watermark, int32_t staging, std::tuple<int, int, int> gather_shape,
-              int32_t copy_batch, std::string cold_tier) {
+              int32_t copy_batch, std::string cold_tier, int32_t stripe_world, int32_t stripe_rank) {
              CacheConfig c;
              c.num_layers = num_layers;
              c.num_kv_heads = num_kv_heads;
@@ -183,6 +183,8 @@ NB_MODULE(_C, m) {
                        " is unknown");
              c.copy_batch = CopyBatch(copy_batch);
              c.cold_tier = std::move(cold_tier);
+             c.stripe_world = stripe_world;
+             c.stripe_rank = stripe_rank;
              new (self) Engine(c);
            },
            "num_layers"_a, "num_kv_heads"_a, "head_dim"_a, "block_size"_a, "dtype"_a,
@@ -191,7 +193,7 @@ NB_MODULE(_C, m) {
            "policy_params"_a, "low_watermark"_a, "high_watermark"_a, "staging"_a = 0,
            "gather_shape"_a = std::make_tuple(GatherShape{}.unroll, GatherShape{}.threads,
                                               GatherShape{}.ctas_per_sm),
-           "copy_batch"_a = 0, "cold_tier"_a = "disk")
+           "copy_batch"_a = 0, "cold_tier"_a = "disk", "stripe_world"_a = 1, "stripe_rank"_a = 0)
       // Every call below releases the GIL before it enters the engine, so a thread waiting for the
       // engine's lock (another thread is inside) never holds up the rest of Python.
       .def("add_sequence", &Engine::add_sequence, nb::call_guard<nb::gil_scoped_release>())

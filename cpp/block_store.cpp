@@ -133,6 +133,7 @@ void BlockStore::read_layer(const std::vector<BlockId>& ids, int32_t len, int32_
   std::vector<char> from_cold;  // a block read back from the cold tier
   for (int32_t b = 0; b < blocks_for(len, bs); ++b) {
     const BlockId id = ids[size_t(b)];
+    if (id == kNoBlock) continue;  // another rank's block (striped): its rows stay as they are
     const BlockLoc where = loc(id);
     const char* block = nullptr;
     if (where.tier == Tier::disk) {

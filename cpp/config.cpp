@@ -1,5 +1,6 @@
 #include "pagedkv/config.h"
 
+#include "pagedkv/attention_params.h"
 #include "pagedkv/errors.h"
 
 namespace pagedkv {
@@ -28,6 +29,10 @@ void validate_config(const CacheConfig& c) {
   PKV_CHECK(c.sink_tokens >= 0, ArgumentError, "sink_tokens must be >= 0, got ", c.sink_tokens);
   PKV_CHECK(c.sink_tokens == 0 || c.window > 0, ArgumentError,
             "sink_tokens needs a window: sink tokens are the keys kept outside the window");
+  PKV_CHECK(c.stripe_world >= 1 && c.stripe_world <= kMaxStripeWorld, ArgumentError,
+            "group: pages stripe over 1..", kMaxStripeWorld, " ranks, got a group of ", c.stripe_world);
+  PKV_CHECK(c.stripe_rank >= 0 && c.stripe_rank < c.stripe_world, ArgumentError, "group: rank ",
+            c.stripe_rank, " is not in a group of ", c.stripe_world);
   PKV_CHECK(c.disk_blocks == 0 || c.host_blocks > 0, ArgumentError,
             "disk_blocks: the disk tier is staged through pinned host memory; give host_blocks > 0");
   const GatherShape& g = c.gather_shape;

@@ -154,7 +154,8 @@ void Engine::attend_range(SeqId seq, int32_t layer, int32_t position, int32_t ke
   check_range_args(t, seq, layer, position, key_begin, key_end);
   const int32_t bs = cfg_.block_size;
   std::vector<BlockId> ids;
-  for (int32_t b = key_begin / bs; b < blocks_for(key_end, bs); ++b) ids.push_back(t.blocks[size_t(b)]);
+  for (int32_t b = key_begin / bs; b < blocks_for(key_end, bs); ++b)
+    if (t.blocks[size_t(b)] != kNoBlock) ids.push_back(t.blocks[size_t(b)]);  // (striped: this rank's)
   if (store_.tiered()) {
     const KeepSet keep(ids.begin(), ids.end());
     store_.check_room(0, keep, "attend_range()");
@@ -167,7 +168,7 @@ void Engine::attend_range(SeqId seq, int32_t layer, int32_t position, int32_t ke
   }
   std::vector<int32_t> table_row(size_t(blocks_for(key_end, bs)), -1);
   for (int32_t b = key_begin / bs; b < blocks_for(key_end, bs); ++b)
-    table_row[size_t(b)] = store_.loc(t.blocks[size_t(b)]).slot;
+    if (t.blocks[size_t(b)] != kNoBlock) table_row[size_t(b)] = store_.loc(t.blocks[size_t(b)]).slot;
   PagedAttentionParams p = planner_.base_params(args, layer);
   p.window = key_end - key_begin;
   p.sink_tokens = 0;

@@ -53,7 +53,7 @@ void Engine::check_range_args(const SequenceTable& t, SeqId seq, int32_t layer, 
             key_end, ") are not a range the row at ", position, " sees");
   const int32_t bs = cfg_.block_size;
   for (int32_t b = key_begin / bs; b < blocks_for(key_end, bs); ++b)
-    PKV_CHECK(t.blocks[size_t(b)] != kNoBlock, ArgumentError, "attend_range(): keys of sequence ",
+    PKV_CHECK(!tables_.dropped(t, b), ArgumentError, "attend_range(): keys of sequence ",
               seq, " were dropped by the window (retain=False)");
 }
 
@@ -61,7 +61,7 @@ void Engine::check_gather_args(const SequenceTable& t, SeqId seq, int32_t layer,
   PKV_CHECK(rows < 0 || rows == len, ArgumentError, "gather(): k_out and v_out hold ", rows,
             " rows but layer ", layer, " of sequence ", seq, " holds ", len);
   for (int32_t b = 0; b < blocks_for(len, cfg_.block_size); ++b)
-    PKV_CHECK(t.blocks[size_t(b)] != kNoBlock, ArgumentError, "gather(): sequence ", seq,
+    PKV_CHECK(!tables_.dropped(t, b), ArgumentError, "gather(): sequence ", seq,
               " has dropped blocks (window with retain=False): its oldest keys are gone");
 }
 

@@ -94,7 +94,8 @@ bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t 
     const int32_t old_len = t.lens[0], new_len = old_len + tokens;
     tables_.reserve_rows(seqs[i], t, old_len, new_len, store_, waits, step.meta, stream);
     if (store_.tiered())
-      for (size_t b = size_t(old_len / cfg_.block_size); b < t.blocks.size(); ++b) store_.pin(t.blocks[b]);
+      for (size_t b = size_t(old_len / cfg_.block_size); b < t.blocks.size(); ++b)
+        if (t.blocks[b] != kNoBlock) store_.pin(t.blocks[b]);
     std::fill(t.lens.begin(), t.lens.end(), new_len);
     std::fill(t.scope_start.begin(), t.scope_start.end(), old_len);
     step.meta[i] = new_len;

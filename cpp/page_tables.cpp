@@ -70,7 +70,7 @@ void PageTables::check_truncate_reach(SeqId seq, const SequenceTable& t, int32_t
   if (!cfg_.windowed() || cfg_.retain || tokens >= t.max_len()) return;
   const int32_t bs = cfg_.block_size, first = window_start(tokens, cfg_.window) / bs;
   for (int32_t b = first; b < std::min(blocks_for(tokens, bs), int32_t(t.blocks.size())); ++b)
-    PKV_CHECK(t.blocks[size_t(b)] != kNoBlock, ArgumentError, "truncate(): keeping ", tokens,
+    PKV_CHECK(!dropped(t, b), ArgumentError, "truncate(): keeping ", tokens,
               " tokens of sequence ", seq, " would end in keys the window already dropped (window=",
               cfg_.window, ", retain=False: keys ", int64_t(b) * bs, "..", int64_t(b + 1) * bs - 1,
               " are gone): the next row could neither be appended nor attend");
@@ -101,21 +101,35 @@ ScopeBlocks PageTables::scope(int32_t len, int32_t n, int32_t window) const {
 
 int64_t PageTables::check_in_scope(SeqId seq, const SequenceTable& t, int32_t layer, int32_t n, int32_t window,
                                    size_t index) const {
-  const int32_t len = t.lens[size_t(layer)], bs = cfg_.block_size;
+  const int32_t len = t.lens[size_t(layer)];
   PKV_CHECK(n <= len, ArgumentError, "attend(): lengths[", index, "] = ", n, " but layer ", layer,
             " of sequence ", seq, " has seen only ", len, " tokens");
   if (n == 0) return 0;
   const ScopeBlocks sc = scope(len, n, window);
   for (int32_t b = sc.first; b < std::min(t.drop_cursor, sc.last); ++b)
-    PKV_CHECK(t.blocks[size_t(b)] != kNoBlock || int64_t(b) * bs < cfg_.sink_tokens, ArgumentError,
+    PKV_CHECK(!dropped(t, b), ArgumentError,
               "attend(): lengths[", index, "] = ", n, " reaches keys of sequence ", seq,
               " that the window already dropped (retain=False)");
-  return int64_t(sc.last - sc.first) + sc.sinks;
+  return owned_in(0, sc.sinks) + owned_in(sc.first, sc.last);
+}
+
+int64_t PageTables::owned_in(int64_t begin, int64_t end) const {
+  if (end <= begin) return 0;
+  if (!cfg_.striped()) return end - begin;
+  const int64_t w = cfg_.stripe_world, r = cfg_.stripe_rank;
+  auto below = [&](int64_t x) { return x / w + (x % w > r ? 1 : 0); };  // owned blocks < x
+  return below(end) - below(begin);
+}
+
+bool PageTables::dropped(const SequenceTable& t, int32_t b) const {
+  return b < t.drop_cursor && int64_t(b) * cfg_.block_size >= cfg_.sink_tokens;
 }
 
 void PageTables::blocks_in_scope(const SequenceTable& t, int32_t layer, int32_t n, int32_t window,
                                  std::vector<BlockId>& out) const {
-  for_each_in_scope(t, t.lens[size_t(layer)], n, window, [&](int32_t b) { out.push_back(t.blocks[size_t(b)]); });
+  for_each_in_scope(t, t.lens[size_t(layer)], n, window, [&](int32_t b) {
+    if (t.blocks[size_t(b)] != kNoBlock) out.push_back(t.blocks[size_t(b)]);  // (another rank's)
+  });
 }
 
 int64_t PageTables::blocks_to_take(const SequenceTable& t, int64_t old_len, int64_t new_len, const BlockStore& store,
@@ -123,8 +137,9 @@ int64_t PageTables::blocks_to_take(const SequenceTable& t, int64_t old_len, int6
                                    const char* what) const {
   const int32_t bs = cfg_.block_size;
   const int64_t have = int64_t(t.blocks.size()), need = blocks_for(new_len, bs);
-  int64_t fresh = std::max<int64_t>(0, need - have);
+  int64_t fresh = owned_in(have, need);
   for (int64_t b = old_len / bs; b < std::min(need, have); ++b) {
+    if (!cfg_.owns(b)) continue;  // another rank's block: that rank writes it
     const BlockId id = t.blocks[size_t(b)];
     PKV_CHECK(id != kNoBlock, InternalError, what, " writes into a dropped block");
     if (written) written->push_back(id);
@@ -143,6 +158,7 @@ void PageTables::reserve_rows(SeqId seq, SequenceTable& t, int32_t old_len, int3
   const int32_t have = int32_t(t.blocks.size()), need = blocks_for(new_len, bs);
   for (int32_t b = old_len / bs; b < std::min(need, have); ++b) {
     BlockId& id = t.blocks[size_t(b)];
+    if (!cfg_.owns(b)) continue;
     store.drop_clean_copy(id);  // about to differ from its host copy
     if (store.refcount(id) > 1) {
       id = store.clone(id, BlockUse{seq, b, need, store.clock()}, waits, stream);
@@ -151,11 +167,13 @@ void PageTables::reserve_rows(SeqId seq, SequenceTable& t, int32_t old_len, int3
   }
   while (int32_t(t.blocks.size()) < need) {
     const int32_t b = int32_t(t.blocks.size());
-    t.blocks.push_back(store.new_block(BlockUse{seq, b, need, store.clock()}, waits));
+    t.blocks.push_back(cfg_.owns(b) ? store.new_block(BlockUse{seq, b, need, store.clock()}, waits) : kNoBlock);
     ++version_;
   }
-  for (int32_t pos = old_len; pos < new_len; ++pos)
-    slot_mapping.push_back(store.loc(t.blocks[size_t(pos / bs)]).slot * bs + pos % bs);
+  for (int32_t pos = old_len; pos < new_len; ++pos) {  // (-1: another rank's row, not written here)
+    const BlockId id = t.blocks[size_t(pos / bs)];
+    slot_mapping.push_back(id == kNoBlock ? -1 : store.loc(id).slot * bs + pos % bs);
+  }
 }
 
 // Keys below min_scope_start - window + 1 are invisible to every query still to come (each layer's
@@ -182,9 +200,13 @@ void PageTables::check_invariants(std::unordered_map<BlockId, int32_t>& refs, co
               "sequence ", seq, " holds ", t.blocks.size(), " blocks for ", t.max_len(), " tokens");
     for (size_t b = 0; b < t.blocks.size(); ++b) {
       const BlockId id = t.blocks[b];
+      const bool held = cfg_.owns(int64_t(b)) && !dropped(t, int32_t(b));
+      PKV_CHECK((id != kNoBlock) == held, InternalError, "sequence ", seq, " logical block ", b,
+                id == kNoBlock ? " is missing" : " is held", " (", cfg_.owns(int64_t(b)) ? "this" : "another",
+                " rank's block", dropped(t, int32_t(b)) ? ", dropped by the window)" : ")");
       if (id == kNoBlock) {
-        PKV_CHECK(cfg_.windowed() && !cfg_.retain && int32_t(b) < t.drop_cursor, InternalError,
-                  "sequence ", seq, " has logical block ", b, " dropped outside a window's reach");
+        PKV_CHECK(!dropped(t, int32_t(b)) || (cfg_.windowed() && !cfg_.retain), InternalError, "sequence ", seq,
+                  " has logical block ", b, " dropped outside a window's reach");
         continue;
       }
       ++refs[id];

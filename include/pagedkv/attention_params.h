@@ -47,7 +47,14 @@ struct PagedAttentionParams {
   int32_t window = 0;       // <= 0: full causal
   int32_t sink_tokens = 0;  // only meaningful with window > 0
   float scale = 1.f;
-  DType dtype = DType::f16; // of q, out and pool
+  DType dtype = DType::f16; // of q, out and pool (one byte)
+  // Striping (distributed context, docs/DISTRIBUTED.md): logical block b of every sequence lives on
+  // rank b % stripe_world; this call runs on rank stripe_rank and reads only that rank's keys, with
+  // every position, window and sink counted over the whole sequence. The block table has an entry
+  // for every logical block (-1 for other ranks' blocks, which are never addressed). A row that sees
+  // no key of this rank gets out = 0 and lse = -inf. stripe_world 1: the whole sequence is here.
+  uint8_t stripe_world = 1;
+  uint16_t stripe_rank = 0;
   // Blocks passing through (more in scope than the device tier holds): this layer's part of each,
   // [2 (K,V)][num_kv_heads][block_size][head_dim], copied back to back into a staging buffer that
   // starts `staged_offset` elements after `pool` (it may lie before it: the offset is signed).
@@ -62,8 +69,29 @@ struct PagedAttentionParams {
   // alone would be off by ~1e-2 rad.
   const double* sink_rope = nullptr;
 };
+// The kernels take these by value: at 128 bytes nvcc emits the code it did before striping.
+static_assert(sizeof(PagedAttentionParams) == 128, "PagedAttentionParams grew past 128 bytes");
 
 constexpr int32_t kRopeNeox = 1, kRopeGptj = 2;  // sink_rope styles
+constexpr int32_t kMaxStripeWorld = 255;         // stripe_world is one byte
+
+// -- striping (see stripe_world above): "local" keys are this rank's, numbered in position order --
+PKV_HD bool striped(const PagedAttentionParams& p) { return p.stripe_world > 1; }
+// This rank's keys at positions below x (x itself when not striped, negative x included).
+PKV_HD int32_t local_keys_below(const PagedAttentionParams& p, int32_t x) {
+  if (!striped(p)) return x;
+  if (x <= 0) return 0;
+  const int32_t bs = p.block_size, span = bs * p.stripe_world;
+  int32_t in_span = x % span - int32_t(p.stripe_rank) * bs;
+  in_span = in_span < 0 ? 0 : (in_span > bs ? bs : in_span);
+  return (x / span) * bs + in_span;
+}
+// Position of this rank's local key k (k itself when not striped).
+PKV_HD int32_t local_key_position(const PagedAttentionParams& p, int32_t k) {
+  if (!striped(p)) return k;
+  const int32_t bs = p.block_size;
+  return (k / bs) * bs * p.stripe_world + int32_t(p.stripe_rank) * bs + k % bs;
+}
 
 // The sink_rope table, unpacked.
 struct RopeView {

@@ -104,7 +104,8 @@ class BlockStore {
   // The host tier as kernels address it (CUDA, with a host tier), or nullptr.
   void* host_mapped() const { return host_mapped_; }
   // Copies one layer of `ids` (logical blocks 0.. of a sequence of `len` tokens) into k_out and
-  // v_out ([len, num_kv_heads, head_dim]) from whichever tier each block is in.
+  // v_out ([len, num_kv_heads, head_dim]) from whichever tier each block is in; the rows of
+  // kNoBlock entries (another rank's blocks, striped) are left as they are.
   void read_layer(const std::vector<BlockId>& ids, int32_t len, int32_t layer, void* k_out, void* v_out,
                   void* stream);
   // Staging of host blocks' slices (attention_staged.cpp): the fence of the eviction still

@@ -46,12 +46,21 @@ struct CacheConfig {
   // Which registered tier implementation holds the coldest level (tier.h): "disk" (a file of block
   // slots) unless a test or an extension registers another.
   std::string cold_tier = "disk";
+  // Distributed context (docs/DISTRIBUTED.md): logical block b of every sequence lives on rank
+  // b % stripe_world. This engine is rank stripe_rank: it keeps every sequence's whole page table
+  // (lengths, positions, windows) but holds, writes and reads only its own blocks; attention
+  // returns its partial (out, lse) over them. 1: not striped.
+  int32_t stripe_world = 1;
+  int32_t stripe_rank = 0;
 
   // Elements of one [block_size][head_dim] tile, and bytes of one whole block (all layers, K and V).
   int64_t tile_elems() const { return int64_t(block_size) * head_dim; }
   int64_t block_elems() const { return int64_t(num_layers) * 2 * num_kv_heads * tile_elems(); }
   int64_t block_bytes() const { return block_elems() * int64_t(dtype_size(dtype)); }
   bool windowed() const { return window > 0; }
+  bool striped() const { return stripe_world > 1; }
+  // Whether logical block b of a sequence is held by this rank.
+  bool owns(int64_t b) const { return stripe_world <= 1 || b % stripe_world == stripe_rank; }
 };
 
 // Validates a configuration; throws ArgumentError naming the first bad field.

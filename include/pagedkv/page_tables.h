@@ -61,11 +61,16 @@ class PageTables {
     for (int32_t b = 0; b < std::min(sc.sinks, have); ++b) f(b);
     for (int32_t b = sc.first; b < std::min(sc.last, have); ++b) f(b);
   }
-  // Blocks in scope of rows [len - n, len) of `layer`; throws ArgumentError when a window without
-  // retention already dropped one of them (lengths[index] of `seq` in an attend()).
+  // Whether a window without retention dropped logical block b of `t` (the same on every rank of
+  // a striped cache: dropping follows lengths, not which rank holds the block).
+  bool dropped(const SequenceTable& t, int32_t b) const;
+  // This rank's logical blocks in [begin, end) (all of them unless striped).
+  int64_t owned_in(int64_t begin, int64_t end) const;
+  // This rank's blocks in scope of rows [len - n, len) of `layer`; throws ArgumentError when a
+  // window without retention already dropped one of them (lengths[index] of `seq` in an attend()).
   int64_t check_in_scope(SeqId seq, const SequenceTable& t, int32_t layer, int32_t n, int32_t window,
                          size_t index) const;
-  // Appends the blocks rows [len - n, len) of `layer` read, sinks first.
+  // Appends the blocks rows [len - n, len) of `layer` read that this rank holds, sinks first.
   void blocks_in_scope(const SequenceTable& t, int32_t layer, int32_t n, int32_t window,
                        std::vector<BlockId>& out) const;
 

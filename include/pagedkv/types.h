@@ -5,7 +5,7 @@
 
 namespace pagedkv {
 
-enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2 };
+enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2 };
 
 inline constexpr size_t dtype_size(DType d) { return d == DType::f32 ? 4 : 2; }
 inline constexpr const char* dtype_name(DType d) {
