@@ -213,6 +213,8 @@ NB_MODULE(_C, m) {
              e.append(seqs, layer, lengths, kp, vp, as_stream(stream));
            },
            "seqs"_a, "layer"_a, "lengths"_a, "k"_a.noconvert(), "v"_a.noconvert(), "stream"_a)
+      .def("check_append", &Engine::check_append, "seqs"_a, "layer"_a, "lengths"_a,
+           nb::call_guard<nb::gil_scoped_release>())
       .def("attend",
            [](Engine& e, const std::vector<SeqId>& seqs, int32_t layer,
               const std::vector<int32_t>& lengths, const Array& q, const Array& out,

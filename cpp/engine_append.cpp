@@ -20,13 +20,29 @@ void Engine::append(const std::vector<SeqId>& seqs, int32_t layer,
   append_checked(seqs, layer, lengths, k, v, stream, true);
 }
 
-void Engine::append_checked(const std::vector<SeqId>& seqs, int32_t layer,
-                            const std::vector<int32_t>& lengths, const void* k, const void* v,
-                            void* stream, bool drop) {
-  // Count every slot the call will take before touching anything, so running out throws with the
-  // engine unchanged.
+void Engine::check_append(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths) {
+  const Entry entry(*this, "append()");
+  check_layer(layer, "append()");
+  check_batch(seqs, lengths, "append()");
+  if (planner_.is_step_batch(seqs, "append()")) return check_step_rows(lengths, "append()");
+  std::vector<BlockId> written;
+  const int64_t fresh = append_needs(seqs, layer, lengths, written);
+  const BlockPool& dev = store_.tier(Tier::device).slots();
+  if (!store_.tiered()) {
+    PKV_CHECK(fresh <= dev.num_free(), OutOfBlocks, "append(): needs ", fresh,
+              " free blocks but the device tier has ", dev.num_free(), " of ", dev.capacity());
+  } else if (const KeepSet keep(written.begin(), written.end()); int64_t(keep.size()) + fresh > dev.capacity()) {
+    check_pieces_room(fresh);
+  } else {
+    store_.check_room(fresh, keep, "append()");
+  }
+}
+
+// Counts every slot an append will take (new blocks, copies of shared ones) and lists the existing
+// blocks it writes, before touching anything, so running out throws with the engine unchanged.
+int64_t Engine::append_needs(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
+                             std::vector<BlockId>& written) const {
   int64_t fresh = 0;
-  std::vector<BlockId> written;  // existing blocks that receive rows: they must be on the device
   std::unordered_map<BlockId, int32_t> copied;
   for (size_t i = 0; i < seqs.size(); ++i) {
     if (lengths[i] == 0) continue;
@@ -37,6 +53,14 @@ void Engine::append_checked(const std::vector<SeqId>& seqs, int32_t layer,
               "] takes sequence ", seqs[i], " past 2^31 tokens");
     fresh += tables_.blocks_to_take(t, old_len, new_len, store_, copied, &written, "append()");
   }
+  return fresh;
+}
+
+void Engine::append_checked(const std::vector<SeqId>& seqs, int32_t layer,
+                            const std::vector<int32_t>& lengths, const void* k, const void* v,
+                            void* stream, bool drop) {
+  std::vector<BlockId> written;  // existing blocks that receive rows: they must be on the device
+  const int64_t fresh = append_needs(seqs, layer, lengths, written);
   const BlockPool& dev = store_.tier(Tier::device).slots();
   if (!store_.tiered()) {
     PKV_CHECK(fresh <= dev.num_free(), OutOfBlocks, "append(): needs ", fresh,
@@ -76,16 +100,8 @@ void Engine::append_checked(const std::vector<SeqId>& seqs, int32_t layer,
 void Engine::append_in_pieces(const std::vector<SeqId>& seqs, int32_t layer,
                               const std::vector<int32_t>& lengths, const void* k, const void* v,
                               int64_t fresh, void* stream) {
+  check_pieces_room(fresh);
   const BlockPool& dev = store_.tier(Tier::device).slots();
-  const BlockPool& host = store_.tier(Tier::host).slots();
-  const BlockPool& disk = store_.tier(Tier::disk).slots();
-  // (A clean copy's host slot counts: the device block it mirrors can go down without it.)
-  PKV_CHECK(fresh <= dev.num_free() + store_.room_below_device(), OutOfBlocks, "append(): needs ",
-            fresh, " new blocks but every tier is full (device ", dev.capacity(), ", host ",
-            host.capacity(), ", disk ", disk.capacity(), ")");
-  PKV_CHECK(dev.capacity() >= 2 && (host.num_free() > 0 || (disk.num_free() > 0 && host.num_used() > 0)),
-            OutOfBlocks, "append(): the rows need more blocks than the device tier holds, and there is no "
-            "free slot below it to move blocks through");
   const int32_t bs = cfg_.block_size;
   const int64_t piece_blocks = dev.capacity() / 2;  // room for a copy-on-write source beside its copy
   const size_t row_bytes = size_t(cfg_.num_kv_heads) * size_t(cfg_.head_dim) * dtype_size(cfg_.dtype);
@@ -115,6 +131,19 @@ void Engine::append_in_pieces(const std::vector<SeqId>& seqs, int32_t layer,
   }
   if (cfg_.windowed() && !cfg_.retain)
     for (SeqId s : seqs) tables_.drop_out_of_scope(tables_.at(s), store_);
+}
+
+void Engine::check_pieces_room(int64_t fresh) const {
+  const BlockPool& dev = store_.tier(Tier::device).slots();
+  const BlockPool& host = store_.tier(Tier::host).slots();
+  const BlockPool& disk = store_.tier(Tier::disk).slots();
+  // (A clean copy's host slot counts: the device block it mirrors can go down without it.)
+  PKV_CHECK(fresh <= dev.num_free() + store_.room_below_device(), OutOfBlocks, "append(): needs ",
+            fresh, " new blocks but every tier is full (device ", dev.capacity(), ", host ",
+            host.capacity(), ", disk ", disk.capacity(), ")");
+  PKV_CHECK(dev.capacity() >= 2 && (host.num_free() > 0 || (disk.num_free() > 0 && host.num_used() > 0)),
+            OutOfBlocks, "append(): the rows need more blocks than the device tier holds, and there is no "
+            "free slot below it to move blocks through");
 }
 
 void Engine::write_rows(const int32_t* slot_mapping, int32_t rows, int32_t layer, const void* k, const void* v,

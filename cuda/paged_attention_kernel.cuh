@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
   const int first_pos = p.kv_lens[seq] - q_len;  // position of the sequence's first query row
   const int min_pos = first_pos + m0 / group;
   const int max_pos = first_pos + (m0 + m_count - 1) / group;
-  const KeyScope sc = make_scope(min_pos, max_pos, p.window, p.sink_tokens);
+  const KeyScope sc = make_scope(p, min_pos, max_pos);
   const int n_chunks = (sc.n_keys + S::kChunk - 1) / S::kChunk;
   const int c_begin = int(int64_t(blockIdx.z) * n_chunks / num_splits);
   const int c_end = int(int64_t(blockIdx.z + 1) * n_chunks / num_splits);
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
   int n_rot = 0;
   if constexpr (ROPE) {
     if (rotates_sinks(p) && window_start(max_pos, p.window) > p.sink_tokens)
-      n_rot = sc.n_sink + max(0, sinks_kept(max_pos, p.window, p.sink_tokens) - sc.ws);
+      n_rot = sc.n_sink + max(0, sc.below(sinks_kept(max_pos, p.window, p.sink_tokens)) - sc.lws);
   }
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -7,19 +7,40 @@
 
 namespace pagedkv::cuda::detail {
 
-// The keys some row of an m-tile sees, in virtual order.
+// The keys some row of an m-tile sees, in virtual order. Striped (attention_params.h), only this
+// rank's keys are numbered: virtual [0, n_sink) are its sink keys, virtual v >= n_sink its local
+// key lws + (v - n_sink); unstriped, local key k is key k, and this is the plain order.
 struct KeyScope {
-  int n_sink;  // virtual [0, n_sink) are keys [0, n_sink)
-  int ws;      // virtual [n_sink, n_keys) are keys [ws, ws + n_keys - n_sink)
+  int n_sink;  // virtual [0, n_sink) are (this rank's) keys below min(sinks, ws)
+  int ws;      // window start of the lowest row
+  int lws;     // this rank's keys below ws (ws itself unstriped)
   int n_keys;
-  __device__ __forceinline__ int key(int v) const { return v < n_sink ? v : ws + (v - n_sink); }
+  int world, rank_off, bs;  // stripe_world, stripe_rank * block_size, block_size
+  __device__ __forceinline__ int key(int v) const {
+    if (world == 1) return v < n_sink ? v : ws + (v - n_sink);
+    const int k = v < n_sink ? v : lws + (v - n_sink);
+    return (k / bs) * bs * world + rank_off + k % bs;
+  }
+  // This rank's keys at positions below x (x itself unstriped: local_keys_below).
+  __device__ __forceinline__ int below(int x) const {
+    if (world == 1) return x;
+    if (x <= 0) return 0;
+    const int span = bs * world;
+    return (x / span) * bs + min(max(x % span - rank_off, 0), bs);
+  }
+  // Virtual index of the first window-part key at or after position x (x >= ws).
+  __device__ __forceinline__ int vindex(int x) const { return n_sink + below(x) - lws; }
 };
 
-__device__ __forceinline__ KeyScope make_scope(int min_pos, int max_pos, int window, int sinks) {
+__device__ __forceinline__ KeyScope make_scope(const PagedAttentionParams& p, int min_pos, int max_pos) {
   KeyScope s;
-  s.ws = window_start(min_pos, window);
-  s.n_sink = window > 0 ? min(max(sinks, 0), s.ws) : 0;
-  s.n_keys = s.n_sink + (max_pos + 1 - s.ws);
+  s.world = p.stripe_world;
+  s.rank_off = int(p.stripe_rank) * p.block_size;
+  s.bs = p.block_size;
+  s.ws = window_start(min_pos, p.window);
+  s.n_sink = s.below(p.window > 0 ? min(max(p.sink_tokens, 0), s.ws) : 0);
+  s.lws = s.below(s.ws);
+  s.n_keys = s.n_sink + s.below(max_pos + 1) - s.lws;
   return s;
 }
 

@@ -135,11 +135,11 @@ struct RowLimits {
   __device__ bool sees(int c) const { return (c <= hi) & ((c >= lo) | (c < sink_end)); }
 };
 __device__ __forceinline__ RowLimits row_limits(const PagedAttentionParams& p, const KeyScope& sc, int pos, int base) {
-  const int to_v = sc.n_sink - sc.ws;  // key -> virtual index, in the window part
+  // (vindex: key -> virtual index in the window part; unstriped it adds n_sink - ws)
   RowLimits r;
-  r.hi = min(pos + to_v, sc.n_keys - 1) - base;
-  r.lo = p.window > 0 ? pos - p.window + 1 + to_v - base : INT_MIN / 2;
-  r.sink_end = (p.window > 0 ? max(sc.n_sink, min(p.sink_tokens, pos + 1) + to_v) : 0) - base;
+  r.hi = min(sc.vindex(pos + 1) - 1, sc.n_keys - 1) - base;
+  r.lo = p.window > 0 ? sc.vindex(pos - p.window + 1) - base : INT_MIN / 2;
+  r.sink_end = (p.window > 0 ? max(sc.n_sink, sc.vindex(min(p.sink_tokens, pos + 1))) : 0) - base;
   return r;
 }
 
@@ -327,6 +327,19 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
   }
 }
 
+// A CTA none of whose rows sees a key of this rank (striped): out = 0, lse = -inf, which the
+// merge over ranks weighs 0.
+template <typename T, int HD>
+__device__ void prefill_no_keys(const PagedAttentionParams& p, const PrefillTile& w) {
+  T* out = static_cast<T*>(p.out);
+  for (int i = threadIdx.x; i < w.m_count * HD; i += blockDim.x) {
+    const int pm = w.m0 + i / HD;
+    const int64_t qrow = w.row0 + pm / w.group, head = int64_t(w.kvh) * w.group + pm % w.group;
+    out[(qrow * p.num_q_heads + head) * HD + i % HD] = T(0.f);
+    if (p.lse != nullptr && i % HD == 0) p.lse[qrow * p.num_q_heads + head] = -INFINITY;
+  }
+}
+
 #endif  // sm_90a
 
 template <typename T, int HD, bool PINGPONG>
@@ -349,8 +362,12 @@ __global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttenti
   w.m_count = min(S::kM, q_len * w.group - w.m0);
   if (w.m_count <= 0) return;  // uniform over the CTA: a shorter query than the grid's longest
   w.first_pos = p.kv_lens[w.seq] - q_len;
-  w.sc = make_scope(w.pos(0), w.pos(S::kM - 1), p.window, p.sink_tokens);
+  w.sc = make_scope(p, w.pos(0), w.pos(S::kM - 1));
   w.n_tiles = (w.sc.n_keys + S::kN - 1) / S::kN;
+  if (w.n_tiles == 0) {  // striped: no key of this rank in any row's scope (uniform over the CTA)
+    prefill_no_keys<T, HD>(p, w);
+    return;
+  }
   const int consumers = w.m_count > 64 ? 2 : 1;
   if (threadIdx.x == 0) {
     for (int s = 0; s < S::kStages; ++s) mbar_init(&full[s], 128), mbar_init(&empty[s], 4 * consumers);

@@ -41,6 +41,9 @@ class Engine {
   // consecutive, on the device tier's device.
   void append(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
               const void* k, const void* v, void* stream);
+  // Throws what append() with these arguments would throw for bad arguments or lack of room, and
+  // changes nothing (a striped cache's ranks agree on an append before any of them makes it).
+  void check_append(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths);
   // The rows of seqs[i] are its last lengths[i] tokens in `layer`.
   void attend(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
               const AttendArgs& args);
@@ -127,6 +130,9 @@ class Engine {
                       const void* k, const void* v, void* stream, bool drop);
   void append_in_pieces(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
                         const void* k, const void* v, int64_t fresh, void* stream);
+  int64_t append_needs(const std::vector<SeqId>& seqs, int32_t layer, const std::vector<int32_t>& lengths,
+                       std::vector<BlockId>& written) const;
+  void check_pieces_room(int64_t fresh) const;
   void close_step();
   int32_t written_rows(SeqId seq, const SequenceTable& t, int32_t layer) const;
   void step_append(int32_t layer, const std::vector<int32_t>& lengths, const void* k, const void* v, void* stream);

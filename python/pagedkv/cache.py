@@ -45,6 +45,14 @@ class PagedKV:
     back different raises pagedkv.CorruptBlockError (an OSError) naming its sequence(s) and
     logical block, and other blocks stay readable. Failed disk I/O raises OSError with errno.
 
+    Distributed context: with group= a torch.distributed process group, logical block i of every
+    sequence lives on rank i % world; every rank makes the same calls with the same arguments
+    (SPMD), keeps every sequence's page table and holds, writes and reads only its own blocks.
+    attend() merges the ranks' partial (out, lse) by log-sum-exp (merge="allreduce": an all_gather
+    of lse and an all_reduce of scaled outputs; "allgather": one all_gather of (out, lse) and the
+    engine's merge_partials) and returns the full output on every rank; gather() is a collective
+    returning the full K/V; block_table() lists (rank, tier, slot). docs/DISTRIBUTED.md.
+
     Threads: a cache may be shared by threads. Each public call holds the cache's lock for its
     duration, so calls from several threads run one after another, each whole (a thread waits for
     the lock without holding the GIL); calls that move data release the GIL. docs/DESIGN.md §5.
@@ -55,13 +63,26 @@ class PagedKV:
                  host_blocks: int = 0, disk_blocks: int = 0, disk_path=None, policy="lru",
                  window: int | None = None, sink_tokens: int = 0, retain: bool = True,
                  rope=None, positions: str = "original", watermarks=(0.02, 0.05),
-                 staging: str = "kernel", gather_shape=None, copy_batch: str = "batch"):
+                 staging: str = "kernel", gather_shape=None, copy_batch: str = "batch",
+                 group=None, merge: str = "allreduce"):
         device = check_constructor(num_layers, num_kv_heads, head_dim, block_size, dtype, device,
                                     device_blocks, host_blocks, disk_blocks, disk_path, window,
                                     sink_tokens, retain, rope, positions)
         staging_code, shape, copy_batch_code = check_tuning(staging, gather_shape, copy_batch)
         policy_name, policy_params = _resolve_policy(policy)
         low, high = self._watermarks(watermarks)
+        self.group, self.rank, self.world = group, 0, 1
+        if group is not None:
+            from . import distributed
+
+            if merge not in ("allreduce", "allgather"):
+                raise ValueError(f"PagedKV(): merge must be 'allreduce' or 'allgather', got {merge!r}")
+            self.rank, self.world = distributed.group_info(group)
+            distributed.check_same(group, dict(
+                num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
+                dtype=str(dtype), device_type=device.type, window=window, sink_tokens=sink_tokens, retain=retain,
+                positions=positions, merge=merge, rope=repr(rope)))
+        self.merge = merge
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.dtype, self.device = block_size, dtype, device
         self.device_blocks, self.host_blocks, self.disk_blocks = device_blocks, host_blocks, disk_blocks
@@ -75,15 +96,25 @@ class PagedKV:
             from .streaming import sink_rope_table
 
             self._sink_rope = sink_rope_table(rope, head_dim)
-        self._engine = _C.Engine(
-            num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-            block_size=block_size, dtype=DTYPE_CODES[dtype], device_blocks=device_blocks,
-            host_blocks=host_blocks, disk_blocks=disk_blocks, disk_path=str(disk_path or ""),
-            window=window or 0, sink_tokens=sink_tokens, retain=retain,
-            on_cuda=device.type == "cuda", cuda_device=device.index or 0, policy=policy_name,
-            policy_params=policy_params, low_watermark=low if host_blocks else 0.0,
-            high_watermark=high if host_blocks else 0.0, staging=staging_code, gather_shape=shape,
-            copy_batch=copy_batch_code)
+        error = None
+        try:
+            # (kept: tests build one engine per simulated rank from the same arguments)
+            self._engine_args = dict(
+                num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                block_size=block_size, dtype=DTYPE_CODES[dtype], device_blocks=device_blocks,
+                host_blocks=host_blocks, disk_blocks=disk_blocks, disk_path=str(disk_path or ""),
+                window=window or 0, sink_tokens=sink_tokens, retain=retain,
+                on_cuda=device.type == "cuda", cuda_device=device.index or 0, policy=policy_name,
+                policy_params=policy_params, low_watermark=low if host_blocks else 0.0,
+                high_watermark=high if host_blocks else 0.0, staging=staging_code, gather_shape=shape,
+                copy_batch=copy_batch_code, stripe_world=self.world, stripe_rank=self.rank)
+            self._engine = _C.Engine(**self._engine_args)
+        except Exception as e:  # (with a group, every rank learns of it before anyone goes on)
+            if group is None:
+                raise
+            error = e
+        if group is not None:
+            self._agree(error, "PagedKV()")
         self._pool = None
         self._lock = threading.RLock()
 
@@ -126,6 +157,8 @@ class PagedKV:
         self._contiguous(k, "k", where)
         self._contiguous(v, "v", where)
         lens = split_lengths(lengths, seqs, k.shape[0], where)
+        if self.world > 1:  # every rank takes its blocks' rows, or none does
+            self._agree(self._try(self._engine.check_append, seqs, layer, lens), where)
         self._engine.append(seqs, layer, lens, k, v, self._stream())
 
     @_serialised
@@ -156,6 +189,31 @@ class PagedKV:
         # (Not with sink rotation: the ranges' kernel calls would not know the rows' windows.)
         # The same when the engine finds it cannot stage them all through the host tier at once
         # (it says so before moving anything).
+        if self.world == 1:
+            return self._attend_here(seqs, layer, q, lens, scale, win, sink_rope, return_lse)
+        # Striped: this rank's partial (out, lse), merged over the group. A rank whose part fails
+        # still joins the merge, with NaN, so that no rank waits forever; on CPU every rank then
+        # raises (an agreement costs nothing there), on CUDA the others' outputs are NaN (an
+        # agreement would synchronise the host every layer).
+        from . import distributed
+
+        error = None
+        try:
+            out, lse = self._attend_here(seqs, layer, q, lens, scale, win, sink_rope, True)
+        except Exception as e:
+            error = e
+            out = torch.full_like(q, float("nan"))
+            lse = torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=q.device)
+        if self.device.type != "cuda":
+            self._agree(error, where)
+        out, lse = distributed.merge(out, lse, self.group, self.merge, merge_fn=self._merge_fn)
+        if error is not None:
+            raise error
+        return (out, lse) if return_lse else out
+
+    def _attend_here(self, seqs, layer, q, lens, scale, win, sink_rope, return_lse):
+        """attend() over the blocks of this engine (this rank's share when striped)."""
+        hq = q.shape[1]
         can_pass = sink_rope is None and self.disk_blocks and not self._engine.step_open()
         if can_pass and (
                 self._engine.blocks_needed(seqs, layer, lens, win) > self.device_blocks + self.host_blocks):
@@ -170,6 +228,9 @@ class PagedKV:
                 raise
             return self._pass_through(seqs, layer, q, lens, scale, win, return_lse)
         return (out, lse) if return_lse else out
+
+    def _merge_fn(self, outs, lses, out, lse):
+        self._engine.merge_partials(outs, lses, out, lse, self._stream())
 
     def _pass_through(self, seqs, layer, q, lens, scale, win, return_lse):
         from . import passthrough
@@ -215,7 +276,19 @@ class PagedKV:
         if num_q_heads is not None and (not 0 < num_q_heads <= INT32_MAX or num_q_heads % self.num_kv_heads):
             raise ValueError(f"{where}: num_q_heads must be a positive multiple of num_kv_heads="
                              f"{self.num_kv_heads} below 2^31, got {num_q_heads}")
-        return self._engine.begin_step(seqs, tokens, num_q_heads or 0, self._stream())
+        if self.world == 1:
+            return self._engine.begin_step(seqs, tokens, num_q_heads or 0, self._stream())
+        changed, error = False, None
+        try:
+            changed = self._engine.begin_step(seqs, tokens, num_q_heads or 0, self._stream())
+        except Exception as e:
+            error = e
+        try:
+            self._agree(error, where)
+        except Exception:  # some rank could not plan the step: no rank keeps one open
+            self._engine.end_step()
+            raise
+        return changed
 
     @_serialised
     def end_step(self) -> None:
@@ -246,10 +319,18 @@ class PagedKV:
         seq = seq_id(seq, "gather()")
         layer = self._layer(layer, "gather()")
         n = self._engine.written_len(seq, layer)
-        k = torch.empty((n, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=self.device)
-        v = torch.empty_like(k)
+        alloc = torch.zeros if self.world > 1 else torch.empty  # (striped: other ranks' rows stay 0 here)
+        k = alloc((n, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k) if self.world == 1 else torch.zeros_like(k)
         if n:
             self._engine.gather(seq, layer, k, v, self._stream())
+        if self.world > 1:  # (every rank has the same n: lengths are global)
+            from . import distributed
+
+            owner = torch.div(torch.arange(n, device=self.device), self.block_size,
+                              rounding_mode="floor") % self.world
+            k = distributed.assemble_rows(k, owner, self.group)
+            v = distributed.assemble_rows(v, owner, self.group)
         return k, v
 
     # -- inspection ------------------------------------------------------------------------
@@ -258,12 +339,27 @@ class PagedKV:
         return self._engine.seq_len(seq_id(seq, "seq_len()"), self._layer(layer, "seq_len()"))
 
     @_serialised
-    def block_table(self, seq: int) -> list[tuple[str, int]]:
-        return [tuple(x) for x in self._engine.block_table(seq_id(seq, "block_table()"))]
+    def block_table(self, seq: int) -> list[tuple]:
+        """Per logical block, (tier, slot); with a group (a collective), (rank, tier, slot) from the
+        rank that holds the block."""
+        local = [tuple(x) for x in self._engine.block_table(seq_id(seq, "block_table()"))]
+        if self.group is None:
+            return local
+        from . import distributed
+
+        return distributed.block_table(local, self.group)
 
     @_serialised
-    def stats(self) -> dict:
-        return self._engine.stats()
+    def stats(self, group: bool = False) -> dict:
+        """Counts of this cache (this rank's, with a group); group=True sums them over the group's
+        ranks (a collective; without a group, the same as group=False)."""
+        group = check_bool(group, "group", "stats()")
+        s = self._engine.stats()
+        if group and self.group is not None:
+            from . import distributed
+
+            s = distributed.sum_stats(s, self.group)
+        return s
 
     @_serialised
     def sequences(self) -> list[int]:
@@ -300,6 +396,21 @@ class PagedKV:
                 * torch.empty((), dtype=self.dtype).element_size())
 
     # -- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _try(fn, *args):
+        """The exception fn(*args) raises, or None."""
+        try:
+            fn(*args)
+        except Exception as e:
+            return e
+        return None
+
+    def _agree(self, error, where: str) -> None:
+        """With a group: raises on every rank when `error` is set on any (distributed.agree)."""
+        from . import distributed
+
+        distributed.agree(self.group, error, where)
+
     def _stream(self) -> int:
         if self.device.type != "cuda":
             return 0
