@@ -50,7 +50,7 @@ bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t 
     fresh = step_blocks(seqs, tokens, scope);
     // The open step's rows must all be written before the next step reserves more (end_step()
     // gives back unwritten ones).
-    for (size_t layer = 0; was_open && layer < step.appended.size(); ++layer)
+    for (size_t layer = 0; was_open && !step.graph_held && layer < step.appended.size(); ++layer)
       PKV_CHECK(step.appended[layer], ArgumentError, what, ": layer ", layer, " of the open decode step was never "
                 "appended; append every layer's rows, or call end_step() to give the unwritten rows back");
     if (!store_.tiered()) {
@@ -127,7 +127,9 @@ bool Engine::begin_step(const std::vector<SeqId>& seqs, int32_t tokens, int32_t 
   // (On the CPU the metadata is read where it lies: no buffer a capture holds.)
   const bool moved = backend_->on_cuda() &&
                      (old_meta != step.device_meta || old_table != step.device_table || old_ws != step.workspace);
-  return !same_shape || old_stride != step.stride || moved;
+  const bool changed = !same_shape || old_stride != step.stride || moved;
+  if (changed) step.graph_held = false;  // the next capture (if any) holds again
+  return changed;
 }
 
 void Engine::end_step() {
@@ -138,13 +140,15 @@ void Engine::end_step() {
 // Ends the open step (none open: nothing to do). Rows it reserved in a layer that append() never
 // wrote are given back: that layer's length returns to where the step began, and blocks past
 // every layer's end return to the pool, so seq_len and gather never count rows holding no data.
+// (Not while a captured graph holds the step: its replays write every layer without append().)
 void Engine::close_step() {
   DecodeStep& step = planner_.step();
   if (!step.open) return;
   step.open = false;
   step.members.clear();
   store_.unpin_all();
-  if (std::all_of(step.appended.begin(), step.appended.end(), [](uint8_t a) { return a != 0; })) return;
+  if (step.graph_held || std::all_of(step.appended.begin(), step.appended.end(), [](uint8_t a) { return a != 0; }))
+    return;
   for (size_t i = 0; i < step.seqs.size(); ++i) {
     SequenceTable& t = tables_.at(step.seqs[i]);  // (members cannot be freed while the step is open)
     const int32_t begun = step.meta[i] - step.tokens;
@@ -162,7 +166,8 @@ void Engine::close_step() {
 int32_t Engine::written_rows(SeqId seq, const SequenceTable& t, int32_t layer) const {
   const DecodeStep& step = planner_.step();
   const int32_t len = t.lens[size_t(layer)];
-  if (step.open && !step.appended[size_t(layer)] && step.members.count(seq)) return len - step.tokens;
+  if (step.open && !step.graph_held && !step.appended[size_t(layer)] && step.members.count(seq))
+    return len - step.tokens;
   return len;
 }
 
@@ -178,6 +183,7 @@ void Engine::step_append(int32_t layer, const std::vector<int32_t>& lengths, con
   PKV_CHECK(!step.appended[size_t(layer)], ArgumentError, "append(): layer ", layer,
             " was already appended in this decode step (begin_step reserves one set of rows per layer)");
   step.appended[size_t(layer)] = 1;
+  if (backend_->capturing(stream)) step.graph_held = true;
   write_rows(step.slot_mapping(), step.rows(), layer, k, v, stream,
              step.device_meta ? step.device_meta + step.slots_at() : nullptr);
 }

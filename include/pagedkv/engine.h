@@ -74,7 +74,8 @@ class Engine {
   // reserved in a layer that append() never wrote are given back (that layer's length returns to
   // where the step began; blocks past every layer's end are freed). Without an open step it does
   // nothing, like closing a closed file. (begin_step() over an open step with a layer never
-  // appended raises ArgumentError and changes nothing.)
+  // appended raises ArgumentError and changes nothing.) Once a CUDA graph captured the step's
+  // appends, until begin_step() returns true, every step's rows count as written by its replay.
   void end_step();
   bool step_open() const;
   // Starts bringing every block of these sequences to the device (as far as it fits), so a later

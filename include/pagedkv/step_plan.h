@@ -63,6 +63,10 @@ struct DecodeStep {
   std::vector<int32_t> meta;          // kv_lens [S], q_indptr [S + 1], slot mapping [S * tokens]
   std::vector<int32_t> block_table;   // [S, stride] device slots, -1 outside the scope
   std::vector<uint8_t> appended;      // [num_layers] append() of that layer ran in this step
+  // A CUDA graph captured this step's appends: until begin_step reports a change (a capture no
+  // longer holds), every step's rows count as written, by its replay, whether or not append()
+  // ran (a replay never calls the engine).
+  bool graph_held = false;
   const int32_t* device_meta = nullptr;   // meta's device copy
   const int32_t* device_table = nullptr;  // block_table's device copy
   const void* workspace = nullptr;        // the split-K scratch the step's attention calls used

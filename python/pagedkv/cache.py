@@ -266,7 +266,9 @@ class PagedKV:
         `num_q_heads` before a capture: it sizes the split-K scratch. Each layer's rows must be
         appended once per step; the reserved rows hold no data until then, gather() leaves them
         out, and end_step() gives back the rows of a layer never appended (its seq_len returns to
-        where the step began); begin_step() while such a layer is left raises ValueError.
+        where the step began); begin_step() while such a layer is left raises ValueError. Once a
+        graph captured the step's appends, its replays write every layer without calling append():
+        from then until begin_step returns True, every step's rows count as written.
         """
         where = "begin_step()"
         seqs = seq_list(seqs, where)
