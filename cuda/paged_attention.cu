@@ -16,12 +16,13 @@ constexpr int kStages = 2;
 constexpr int kMaxSplits = 256;
 
 
-// Calls f(Tag<T>, integral_constant<HD>, bool_constant<rotates_sinks(p)>) for the runtime
-// dtype, head_dim and sink rotation.
+// Calls f(Tag<T>, integral_constant<HD>, bool_constant<ROPE>) for the runtime dtype, head_dim
+// and ROPE = sink rotation or striping (the general instances serve both; the others run the plain
+// key order only, paged_attention_scope.cuh).
 template <typename F>
 cudaError_t dispatch(const PagedAttentionParams& p, F&& f) {
   auto by_rope = [&](auto tag, auto hd) -> cudaError_t {
-    if (rotates_sinks(p)) return f(tag, hd, std::true_type{});
+    if (rotates_sinks(p) || striped(p)) return f(tag, hd, std::true_type{});
     return f(tag, hd, std::false_type{});
   };
   auto by_hd = [&](auto tag) -> cudaError_t {

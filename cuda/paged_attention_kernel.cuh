@@ -120,7 +120,9 @@ __global__ void __launch_bounds__(NWARPS * 32)
   const int first_pos = p.kv_lens[seq] - q_len;  // position of the sequence's first query row
   const int min_pos = first_pos + m0 / group;
   const int max_pos = first_pos + (m0 + m_count - 1) / group;
-  const KeyScope sc = make_scope(p, min_pos, max_pos);
+  // The ROPE instances are the general ones: they also serve striped calls (paged_attention_scope.cuh).
+  constexpr bool kStriped = ROPE;
+  const KeyScope sc = make_scope<kStriped>(p, min_pos, max_pos);
   const int n_chunks = (sc.n_keys + S::kChunk - 1) / S::kChunk;
   const int c_begin = int(int64_t(blockIdx.z) * n_chunks / num_splits);
   const int c_end = int(int64_t(blockIdx.z + 1) * n_chunks / num_splits);
@@ -148,11 +150,11 @@ __global__ void __launch_bounds__(NWARPS * 32)
   const int my_first = c_begin + warp;
   const int n_mine = my_first < c_end ? (c_end - my_first + NWARPS - 1) / NWARPS : 0;
   const int64_t v_off = int64_t(p.num_kv_heads) * p.block_size * HD;  // K tile -> V tile
-  int64_t next_off = n_mine > 0 ? resolve_row(p, bt_row, sc, kvh, my_first, lane) : kNoRow;
+  int64_t next_off = n_mine > 0 ? resolve_row<kStriped>(p, bt_row, sc, kvh, my_first, lane) : kNoRow;
   auto issue = [&](int i) {  // chunk i of this warp; resolves chunk i + 1 for the next call
     T* st = ring + (i % STAGES) * 2 * S::kTile;
     issue_chunk<T, HD, NWARPS, STAGES>(pool, next_off, v_off, st, st + S::kTile, lane);
-    if (i + 1 < n_mine) next_off = resolve_row(p, bt_row, sc, kvh, my_first + (i + 1) * NWARPS, lane);
+    if (i + 1 < n_mine) next_off = resolve_row<kStriped>(p, bt_row, sc, kvh, my_first + (i + 1) * NWARPS, lane);
   };
   // KV copies go out before the Q tile is loaded, so both latencies overlap.
 #pragma unroll
@@ -236,9 +238,9 @@ __global__ void __launch_bounds__(NWARPS * 32)
 
     // Mask only chunks that straddle an edge (scope end, causal diagonal, window start).
     const int vbase = (my_first + i * NWARPS) * S::kChunk;
-    bool interior = vbase + S::kChunk <= sc.n_keys && sc.key(vbase + S::kChunk - 1) <= min_pos;
+    bool interior = vbase + S::kChunk <= sc.n_keys && sc.key<kStriped>(vbase + S::kChunk - 1) <= min_pos;
     if (interior && p.window > 0 && vbase + S::kChunk > sc.n_sink)
-      interior = sc.key(max(vbase, sc.n_sink)) > max_pos - p.window;
+      interior = sc.key<kStriped>(max(vbase, sc.n_sink)) > max_pos - p.window;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -246,7 +248,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
         s[nt][j] *= scale_log2;
         if (!interior) {
           const int v = vbase + nt * 8 + quad_col + (j & 1);
-          if (v >= sc.n_keys || !key_visible(sc.key(v), pos[j / 2], p.window, p.sink_tokens))
+          if (v >= sc.n_keys || !key_visible(sc.key<kStriped>(v), pos[j / 2], p.window, p.sink_tokens))
             s[nt][j] = -INFINITY;
         }
       }
