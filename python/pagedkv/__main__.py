@@ -13,6 +13,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+
+        from . import cuda_available
+
+        return cuda_available() and torch.cuda.is_available()
+    except Exception:
+        return False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pagedkv")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -99,6 +110,14 @@ def main(argv=None) -> int:
     lc.add_argument("--disk-path", default=None, help="folder of mode (d)'s disk tier (default: the temp dir)")
     lc.add_argument("--token-budget", type=int, default=1 << 20,
                     help="batch x context at most: writing 512 KiB per token, 1M tokens take minutes")
+
+    dst = add_bench("distributed", help="decode attention striped over a torch.distributed group: per world size")
+    dst.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cuda (NCCL, a GPU per rank) or cpu (gloo)")
+    dst.add_argument("--world", default="1,2,4", help="comma-separated world sizes")
+    dst.add_argument("--contexts", default=None, help="tokens per sequence (default 1M,4M on cuda, 16K,64K on cpu)")
+    dst.add_argument("--batches", default="1,32" if _cuda() else "1,4")
+    dst.add_argument("--layers", type=int, default=4, help="layers in the cache (a step attends every one)")
+    dst.add_argument("--reps", type=int, default=20)
 
     hfb = add_bench("hf", help="transformers generate(): default cache vs DynamicCache(offloading=True) vs pagedkv")
     hfb.add_argument("--layers", type=int, default=32, help="decoder layers (2 for a smoke run)")
