@@ -8,6 +8,8 @@ synchronises the host, so a decode step with a group can be captured in a CUDA g
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 __all__ = ["group_info", "check_same", "agree", "merge", "assemble_rows", "sum_stats", "block_table"]
@@ -34,6 +36,13 @@ def group_info(group) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+def _device(group) -> torch.device:
+    """Where this group's small host-side tensors must live: NCCL only moves GPU memory."""
+    if "nccl" in str(_dist().get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_objects(group, obj) -> list:
     dist = _dist()
     out = [None] * dist.get_world_size(group)
@@ -54,32 +63,50 @@ def check_same(group, fields: dict, where: str = "PagedKV()") -> None:
                          + "; ".join(diffs))
 
 
-def _rebuild(kind: type, message: str) -> BaseException:
-    try:
-        return kind(message)
-    except Exception:
-        return RuntimeError(message)
+def _report(error: BaseException) -> tuple:
+    """What other ranks need to raise alike, as plain values (always picklable, whatever the
+    exception holds): (module, class name, message, errno)."""
+    kind = type(error)
+    errno = getattr(error, "errno", None) if isinstance(error, OSError) else None
+    if isinstance(error, OSError) and error.strerror:
+        message = error.strerror
+    elif len(error.args) == 1:
+        message = str(error.args[0])  # (str() of a KeyError would add quotes)
+    else:
+        message = str(error)
+    return kind.__module__, kind.__qualname__, message, errno
+
+
+def _rebuild(report: tuple, text: str) -> BaseException:
+    """An exception of the reported class (looked up among the modules loaded here, never
+    imported) saying `text`; RuntimeError naming the class when it cannot be made here."""
+    module, name, _, errno = report
+    kind = sys.modules.get(module)
+    for part in name.split("."):
+        kind = getattr(kind, part, None)
+    if isinstance(kind, type) and issubclass(kind, BaseException):
+        try:
+            return kind(errno, text) if issubclass(kind, OSError) and errno is not None else kind(text)
+        except Exception:  # a class whose constructor takes other arguments
+            pass
+    return RuntimeError(f"{text} ({module}.{name})")
 
 
 def agree(group, error: BaseException | None, where: str) -> None:
     """Every rank passes what its local part raised (or None). When any rank failed, every rank
     raises: the failing ranks their own exception, the others one of the first failing rank's
-    type saying which rank failed and why. One small all_reduce when none failed (it does
-    synchronise the host: only calls that plan, never the attention merge, use it)."""
+    class saying "{where}: rank R failed: {its message}". One all_reduce of one int when none
+    failed (it does synchronise the host: only calls that plan use it, never the merge)."""
     dist = _dist()
-    device = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    failed = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+    failed = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=_device(group))
     dist.all_reduce(failed, group=group)
     if int(failed.item()) == 0:
         return
-    report = None if error is None else (type(error), str(error))
-    reports = _all_objects(group, report)
+    reports = _all_objects(group, None if error is None else _report(error))
     if error is not None:
         raise error
-    rank, (kind, message) = next((r, x) for r, x in enumerate(reports) if x is not None)
-    raise _rebuild(kind, f"{where}: rank {rank} failed: {message}")
+    rank, report = next((r, x) for r, x in enumerate(reports) if x is not None)
+    raise _rebuild(report, f"{where}: rank {rank} failed: {report[2]}")
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, group, method: str = "allreduce", merge_fn=None):
@@ -87,8 +114,11 @@ def merge(out: torch.Tensor, lse: torch.Tensor, group, method: str = "allreduce"
     dtype), lse [rows, hq] float32 natural log, -inf (and out 0) where this rank saw no key.
     "allreduce": all_gather of the lse, then one all_reduce(SUM) of out scaled by
     exp(lse - max) in float32; "allgather": one all_gather of (out, lse), merged here by
-    merge_fn(outs, lses, out, lse) (the engine's merge_partials) or in float32 torch. No host
-    synchronisation either way."""
+    merge_fn(outs, lses, out, lse) (the engine's merge_partials) or in float32 torch. Rows no
+    rank saw come back as out 0, lse -inf. No host synchronisation either way, so with NCCL
+    the merge can be captured in a CUDA graph."""
+    if method not in ("allreduce", "allgather"):
+        raise ValueError(f"merge must be 'allreduce' or 'allgather', got {method!r}")
     world = _dist().get_world_size(group)
     if world == 1:
         return out, lse
@@ -97,42 +127,47 @@ def merge(out: torch.Tensor, lse: torch.Tensor, group, method: str = "allreduce"
 
 def merge_collective(out, lse, group, world: int, method: str, merge_fn=None):
     """merge()'s collectives, at any world size (tests run them at world 1 on one GPU)."""
-    dist = _dist()
     if method == "allreduce":
         lses = _all_gather(lse, world, group)  # [world, rows, hq]
-        top = lses.amax(dim=0)
-        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # (rows no rank saw: 0)
-        scaled = out.float() * torch.exp(lse - top).unsqueeze(-1)
-        dist.all_reduce(scaled, group=group)
-        total = torch.exp(lses - top).sum(dim=0)
-        merged = (scaled / total.unsqueeze(-1)).to(out.dtype)
-        return merged, top + torch.log(total)
-    if method != "allgather":
-        raise ValueError(f"merge must be 'allreduce' or 'allgather', got {method!r}")
-    outs = _all_gather(out, world, group)
+        top = _finite_max(lses)
+        scaled = out.float() * torch.exp(lse - top).unsqueeze(-1)  # [rows, hq, D] float32
+        _dist().all_reduce(scaled, group=group)
+        return _normalised(scaled, torch.exp(lses - top).sum(dim=0), top, out.dtype)
+    outs = _all_gather(out, world, group)  # [world, rows, hq, D]
     lses = _all_gather(lse, world, group)
-    merged = torch.empty_like(out)
-    merged_lse = torch.empty_like(lse)
     if merge_fn is not None:
+        merged, merged_lse = torch.empty_like(out), torch.empty_like(lse)
         merge_fn(outs, lses, merged, merged_lse)
         return merged, merged_lse
+    top = _finite_max(lses)
+    w = torch.exp(lses - top)  # [world, rows, hq]
+    return _normalised((outs.float() * w.unsqueeze(-1)).sum(dim=0), w.sum(dim=0), top, out.dtype)
+
+
+def _finite_max(lses: torch.Tensor) -> torch.Tensor:
+    """[rows, hq]: the largest lse over ranks, 0 where every rank has -inf (so exp(lse - top)
+    is 0 there, not NaN). A NaN lse (a rank that failed) stays NaN."""
     top = lses.amax(dim=0)
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    w = torch.exp(lses - top)
-    total = w.sum(dim=0)
-    merged.copy_((outs.float() * w.unsqueeze(-1)).sum(dim=0) / total.unsqueeze(-1))
-    return merged, top + torch.log(total)
+    return top.masked_fill(top == float("-inf"), 0.0)
+
+
+def _normalised(weighted, total, top, dtype):
+    """weighted [rows, hq, D] / total [rows, hq], rounded once to dtype; rows of total 0 (no keys
+    anywhere) give 0 and lse -inf, as a rank's own partial does."""
+    out = torch.where((total == 0).unsqueeze(-1), torch.zeros_like(weighted), weighted / total.unsqueeze(-1))
+    return out.to(dtype), top + torch.log(total)
 
 
 def _all_gather(t: torch.Tensor, world: int, group) -> torch.Tensor:
-    """[world, *t.shape]: every rank's t (all_gather_into_tensor where the backend has it)."""
+    """[world, *t.shape]: every rank's t; one tensor collective on NCCL (capturable)."""
     dist = _dist()
     t = t.contiguous()
-    if dist.get_backend(group) == "nccl":
+    if "nccl" in str(dist.get_backend(group)):
         out = torch.empty((world,) + tuple(t.shape), dtype=t.dtype, device=t.device)
-        dist.all_gather_into_tensor(out, t, group=group)
+        gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather_into(out, t, group=group)
         return out
-    parts = [torch.empty_like(t) for _ in range(world)]
+    parts = [torch.empty_like(t) for _ in range(world)]  # (gloo: the list form every version has)
     dist.all_gather(parts, t, group=group)
     return torch.stack(parts)
 
@@ -140,27 +175,25 @@ def _all_gather(t: torch.Tensor, world: int, group) -> torch.Tensor:
 def assemble_rows(local: torch.Tensor, owner: torch.Tensor, group) -> torch.Tensor:
     """The full tensor from each rank's own rows (local[i] is valid where owner[i] is this rank),
     bit for bit: an all_gather and a pick, never a sum (-0.0 and NaN payloads survive)."""
-    dist = _dist()
-    world = dist.get_world_size(group)
+    world = _dist().get_world_size(group)
     if world == 1 or local.shape[0] == 0:
         return local
     every = _all_gather(local, world, group)  # [world, n, ...]
     rows = torch.arange(local.shape[0], device=local.device)
-    return every[owner.to(local.device), rows]
+    return every[owner.to(device=local.device, dtype=torch.int64), rows]
+
+
+def _numeric(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def sum_stats(stats: dict, group) -> dict:
-    """The numeric values summed over the group's ranks (ints stay ints); others as here."""
-    dist = _dist()
-    keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    device = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(values, group=group)
-    out = dict(stats)
-    for k, v in zip(keys, values.tolist()):
-        out[k] = int(round(v)) if isinstance(stats[k], int) else v
+    """Rank 0's keys; numeric values summed over the group's ranks (exactly: ints stay ints),
+    others (bools, strings) as rank 0 has them. One all_gather of the dicts (not a hot path)."""
+    everyone = _all_objects(group, stats)
+    out = {}
+    for key, value in everyone[0].items():
+        out[key] = sum(s.get(key, 0) for s in everyone) if _numeric(value) else value
     return out
 
 
@@ -168,4 +201,8 @@ def block_table(local: list, group) -> list[tuple]:
     """[(rank, tier, slot), ...]: logical block i as rank i % world holds it."""
     tables = _all_objects(group, local)
     world = len(tables)
+    if any(len(t) != len(local) for t in tables):
+        raise ValueError(f"block_table(): the ranks' page tables differ in length "
+                         f"({', '.join(f'rank {r}: {len(t)}' for r, t in enumerate(tables))}); "
+                         f"every rank must have made the same calls")
     return [(i % world,) + tuple(tables[i % world][i]) for i in range(len(local))]
