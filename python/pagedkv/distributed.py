@@ -105,7 +105,7 @@ def merge_collective(out, lse, group, world: int, method: str, merge_fn=None):
         scaled = out.float() * torch.exp(lse - top).unsqueeze(-1)
         dist.all_reduce(scaled, group=group)
         total = torch.exp(lses - top).sum(dim=0)
-        merged = (scaled / total.unsqueeze(-1)).to(out.dtype)
+        merged = (scaled / _nonzero(total).unsqueeze(-1)).to(out.dtype)
         return merged, top + torch.log(total)
     if method != "allgather":
         raise ValueError(f"merge must be 'allreduce' or 'allgather', got {method!r}")
@@ -120,8 +120,14 @@ def merge_collective(out, lse, group, world: int, method: str, merge_fn=None):
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     w = torch.exp(lses - top)
     total = w.sum(dim=0)
-    merged.copy_((outs.float() * w.unsqueeze(-1)).sum(dim=0) / total.unsqueeze(-1))
+    merged.copy_((outs.float() * w.unsqueeze(-1)).sum(dim=0) / _nonzero(total).unsqueeze(-1))
     return merged, top + torch.log(total)
+
+
+def _nonzero(total: torch.Tensor) -> torch.Tensor:
+    """A row no rank saw a key for has total 0 (and out 0 everywhere): out 0, lse -inf, as the
+    engine's merge_partials gives."""
+    return total.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _all_gather(t: torch.Tensor, world: int, group) -> torch.Tensor:
