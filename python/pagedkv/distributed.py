@@ -86,7 +86,7 @@ def merge(out: torch.Tensor, lse: torch.Tensor, group, method: str = "allreduce"
     """(out, lse) over every rank's keys from this rank's partial: out [rows, hq, D] (the cache's
     dtype), lse [rows, hq] float32 natural log, -inf (and out 0) where this rank saw no key.
     "allreduce": all_gather of the lse, then one all_reduce(SUM) of out scaled by
-    exp(lse - max) in float32; "allgather": one all_gather of (out, lse), merged here by
+    exp(lse - max) in float32; "allgather": one all_gather of (out, lse) packed in one buffer, merged by
     merge_fn(outs, lses, out, lse) (the engine's merge_partials) or in float32 torch. No host
     synchronisation either way."""
     world = _dist().get_world_size(group)
@@ -109,8 +109,12 @@ def merge_collective(out, lse, group, world: int, method: str, merge_fn=None):
         return merged, top + torch.log(total)
     if method != "allgather":
         raise ValueError(f"merge must be 'allreduce' or 'allgather', got {method!r}")
-    outs = _all_gather(out, world, group)
-    lses = _all_gather(lse, world, group)
+    # One collective: each rank's out and lse as one byte buffer.
+    out_bytes = out.numel() * out.element_size()
+    packed = torch.cat([out.contiguous().view(torch.uint8).reshape(-1), lse.contiguous().view(torch.uint8).reshape(-1)])
+    every = _all_gather(packed, world, group)  # [world, bytes]
+    outs = every[:, :out_bytes].contiguous().view(out.dtype).reshape((world,) + tuple(out.shape))
+    lses = every[:, out_bytes:].contiguous().view(torch.float32).reshape((world,) + tuple(lse.shape))
     merged = torch.empty_like(out)
     merged_lse = torch.empty_like(lse)
     if merge_fn is not None:
