@@ -113,7 +113,7 @@ def merge(out: torch.Tensor, lse: torch.Tensor, group, method: str = "allreduce"
     """(out, lse) over every rank's keys from this rank's partial: out [rows, hq, D] (the cache's
     dtype), lse [rows, hq] float32 natural log, -inf (and out 0) where this rank saw no key.
     "allreduce": all_gather of the lse, then one all_reduce(SUM) of out scaled by
-    exp(lse - max) in float32; "allgather": one all_gather of (out, lse), merged here by
+    exp(lse - max) in float32; "allgather": one all_gather of (out, lse) packed in one buffer, merged by
     merge_fn(outs, lses, out, lse) (the engine's merge_partials) or in float32 torch. Rows no
     rank saw come back as out 0, lse -inf. No host synchronisation either way, so with NCCL
     the merge can be captured in a CUDA graph."""
@@ -133,8 +133,7 @@ def merge_collective(out, lse, group, world: int, method: str, merge_fn=None):
         scaled = out.float() * torch.exp(lse - top).unsqueeze(-1)  # [rows, hq, D] float32
         _dist().all_reduce(scaled, group=group)
         return _normalised(scaled, torch.exp(lses - top).sum(dim=0), top, out.dtype)
-    outs = _all_gather(out, world, group)  # [world, rows, hq, D]
-    lses = _all_gather(lse, world, group)
+    outs, lses = _all_gather_pair(out, lse, world, group)  # [world, rows, hq, D], [world, rows, hq]
     if merge_fn is not None:
         merged, merged_lse = torch.empty_like(out), torch.empty_like(lse)
         merge_fn(outs, lses, merged, merged_lse)
@@ -170,6 +169,17 @@ def _all_gather(t: torch.Tensor, world: int, group) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(world)]  # (gloo: the list form every version has)
     dist.all_gather(parts, t, group=group)
     return torch.stack(parts)
+
+
+def _all_gather_pair(out: torch.Tensor, lse: torch.Tensor, world: int, group):
+    """Every rank's (out, lse) in one collective: both packed as bytes in one buffer."""
+    out_bytes = out.numel() * out.element_size()
+    packed = torch.cat([out.contiguous().view(torch.uint8).reshape(-1),
+                        lse.contiguous().view(torch.uint8).reshape(-1)])
+    every = _all_gather(packed, world, group)  # [world, bytes]
+    outs = every[:, :out_bytes].contiguous().view(out.dtype).reshape((world,) + tuple(out.shape))
+    lses = every[:, out_bytes:].contiguous().view(torch.float32).reshape((world,) + tuple(lse.shape))
+    return outs, lses
 
 
 def assemble_rows(local: torch.Tensor, owner: torch.Tensor, group) -> torch.Tensor:

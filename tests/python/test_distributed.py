@@ -183,11 +183,37 @@ def streaming_steps(world, rank):
     return kv, ref
 
 
+def merge_edges(world, rank):
+    """The merge by itself against float64: random partials, a row some ranks saw nothing of,
+    and a row no rank saw (out 0, lse -inf, as the engine's merge_partials gives)."""
+    import math
+
+    from pagedkv import distributed
+
+    g = torch.Generator().manual_seed(11)  # every rank draws all ranks' partials, keeps its own
+    outs = torch.randn(world, 4, 3, 8, generator=g)
+    lses = torch.randn(world, 4, 3, generator=g) * 4
+    lses[1:, 1, 0] = -math.inf
+    outs[1:, 1, 0] = 0
+    lses[:, 2, 1] = -math.inf
+    outs[:, 2, 1] = 0
+    top = lses.double().amax(0).nan_to_num(neginf=0.0)
+    w = torch.exp(lses.double() - top)
+    want = (w[..., None] * outs.double()).sum(0) / w.sum(0).clamp_min(1e-300)[..., None]
+    want_lse = top + torch.log(w.sum(0))
+    for method in ("allreduce", "allgather"):
+        o, l = distributed.merge_collective(outs[rank], lses[rank], dist.group.WORLD, world, method)
+        torch.testing.assert_close(o.double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l.double(), want_lse, atol=1e-5, rtol=1e-5)
+        assert l[2, 1] == -math.inf and bool((o[2, 1] == 0).all())
+
+
 def worker(rank, world, port):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     kept = []
+    merge_edges(world, rank)
     for merge in ("allreduce", "allgather"):
         kept += walk(world, rank, merge, torch.float32, 2e-5)
     kept += walk(world, rank, "allreduce", torch.bfloat16, 2e-2)
