@@ -6,6 +6,7 @@ import math
 import threading
 
 import torch
+from torch.utils.dlpack import to_dlpack as _dl
 
 from . import _C
 from .policies import resolve as _resolve_policy
@@ -159,7 +160,9 @@ class PagedKV:
         lens = split_lengths(lengths, seqs, k.shape[0], where)
         if self.world > 1:  # every rank takes its blocks' rows, or none does
             self._agree(self._try(self._engine.check_append, seqs, layer, lens), where)
-        self._engine.append(seqs, layer, lens, k, v, self._stream())
+        # (Tensors go to the engine as DLPack capsules: torch's __dlpack__, which nanobind would
+        # call, costs ~2 us a tensor; to_dlpack makes the same capsule in ~0.3 us.)
+        self._engine.append(seqs, layer, lens, _dl(k), _dl(v), self._stream())
 
     @_serialised
     def attend(self, seqs, layer: int, q: torch.Tensor, lengths=None, scale: float | None = None,
@@ -221,7 +224,8 @@ class PagedKV:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
         try:
-            self._engine.attend(seqs, layer, lens, q, out, lse, hq, float(scale), win, -1, self._stream(),
+            self._engine.attend(seqs, layer, lens, _dl(q), _dl(out), None if lse is None else _dl(lse), hq,
+                                float(scale), win, -1, self._stream(),
                                 sink_rope=sink_rope)
         except _C.OutOfBlocksError:
             if not can_pass:
