@@ -116,8 +116,10 @@ def main(argv=None) -> int:
     dst.add_argument("--world", default="1,2,4", help="comma-separated world sizes")
     dst.add_argument("--contexts", default=None, help="tokens per sequence (default 1M,4M on cuda, 16K,64K on cpu)")
     dst.add_argument("--batches", default="1,32" if _cuda() else "1,4")
-    dst.add_argument("--layers", type=int, default=4, help="layers in the cache (a step attends every one)")
-    dst.add_argument("--reps", type=int, default=20)
+    dst.add_argument("--layers", type=_positive, default=None,
+                     help="layers in the cache, a step attends every one (default 4 on cuda, 2 on cpu)")
+    dst.add_argument("--reps", type=_positive, default=None, help="timed repeats (default 20 on cuda, 5 on cpu)")
+    dst.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
 
     hfb = add_bench("hf", help="transformers generate(): default cache vs DynamicCache(offloading=True) vs pagedkv")
     hfb.add_argument("--layers", type=int, default=32, help="decoder layers (2 for a smoke run)")
