@@ -36,4 +36,4 @@ export ASAN_OPTIONS=detect_leaks=0
 python3 -c "import pagedkv; assert pagedkv._C.__file__.startswith('$PWD/build/asan/'), pagedkv._C.__file__"
 python3 -m pytest -q -p no:cacheprovider \
   tests/python/test_disk_integrity.py tests/python/test_tiers.py tests/python/test_cache_ops.py \
-  tests/python/test_errors.py tests/python/test_threads_gil.py "$@"
+  tests/python/test_errors.py tests/python/test_threads_gil.py tests/python/test_striping.py "$@"
