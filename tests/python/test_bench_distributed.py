@@ -43,6 +43,18 @@ def test_bench_distributed_rows(tmp_path):
         assert r["device_blocks_used"] == 2 * len(range(0, blocks, r["world"])), r
 
 
+def test_bench_distributed_skips_what_does_not_fit(tmp_path):
+    """A row larger than the memory free is skipped on every rank, with a note, not an error."""
+    done = bench(tmp_path, "--world", "2", "--contexts", "64,1099511627776", "--batches", "1", "--reps", "1",
+                 "--layers", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (path,) = tmp_path.glob("distributed-*.json")
+    small, huge = json.loads(path.read_text())["rows"]
+    assert "skipped" not in small and positive(small["local_ms"])
+    assert huge["context"] == 1099511627776 and "GiB of K/V per rank" in huge["skipped"], huge
+    assert "skipped: needs" in done.stdout
+
+
 def test_bench_distributed_refuses_a_bad_world(tmp_path):
     done = bench(tmp_path, "--world", "0", "--contexts", "64", "--batches", "1", "--reps", "1", "--layers", "1")
     assert done.returncode != 0 and not list(tmp_path.glob("*.json"))

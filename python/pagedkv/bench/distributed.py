@@ -78,6 +78,20 @@ def _copy_ceiling_gb_s(device: torch.device) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
+def _fits_everywhere(need: int, device: torch.device, group) -> bool:
+    """Whether every rank has `need` bytes free (with 10% to spare) for its share of the K/V:
+    the same answer on every rank (one all_reduce of MIN), so all skip a row together."""
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    fits = torch.tensor([1 if need * 1.1 < free else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(fits, op=dist.ReduceOp.MIN, group=group)
+    return bool(fits.item())
+
+
 def _alpha_beta(small_s: float, large_s: float, small_bytes: int, large_bytes: int) -> dict:
     """The line t = alpha + beta * bytes through two measured sizes (us, us per KiB)."""
     beta = max(0.0, (large_s - small_s) / (large_bytes - small_bytes))
@@ -108,6 +122,12 @@ def _worker(rank: int, world: int, port: int, cfg: dict, queue) -> None:
     for ctx in cfg["contexts"]:
         for batch in cfg["batches"]:
             blocks = batch * (-(-ctx // BS) // world + 2)
+            need = blocks * cfg["layers"] * 2 * KH * BS * D * esize
+            if not _fits_everywhere(need, device, group):
+                rows_out.append(dict(world=world, context=ctx, batch=batch, layers=cfg["layers"],
+                                     skipped=f"needs {need / 2**30:.1f} GiB of K/V per rank, more than "
+                                             f"some rank has free"))
+                continue
             kv = pagedkv.PagedKV(num_layers=cfg["layers"], num_kv_heads=KH, head_dim=D, block_size=BS, dtype=dtype,
                                  device=device, device_blocks=blocks, group=group)
             seqs = [kv.add_sequence() for _ in range(batch)]
@@ -218,6 +238,9 @@ def _print(rows: list) -> None:
     print(" world  context batch  local ms  GB/s (ceil)   attend ms (ar / ag)   step ms  "
           "merge us (ar / ag)   all_gather lse us  all_reduce out us  merge KiB/step (ar / ag)")
     for r in rows:
+        if "skipped" in r:
+            print(f"  {r['world']:4d} {r['context']:8d} {r['batch']:5d}  skipped: {r['skipped']}")
+            continue
         c, b = r["collective_us"], r["merge_bytes_per_step"]
         print(f"  {r['world']:4d} {r['context']:8d} {r['batch']:5d} {r['local_ms']:9.3f} "
               f"{r['local_read_gb_s']:6.2f} ({r['copy_ceiling_gb_s']:5.1f})  "
@@ -226,7 +249,7 @@ def _print(rows: list) -> None:
               f"{c['all_gather_lse']:17.1f}  {c['all_reduce_out']:17.1f}  "
               f"{b['allreduce'] / 1024:9.1f} / {b['allgather'] / 1024:9.1f}")
     print("alpha + beta * bytes of the bare collectives (from the out and 16x out sizes):")
-    for r in rows:
+    for r in (r for r in rows if "skipped" not in r):
         m = r["model"]
         print(f"  world {r['world']} batch {r['batch']:3d} context {r['context']:8d}: " + ", ".join(
             f"{k} alpha {v['alpha_us']:.1f} us, beta {v['beta_us_per_kib']:.3f} us/KiB" for k, v in m.items()))
