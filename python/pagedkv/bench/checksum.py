@@ -10,7 +10,8 @@ Measured in one run:
               taking turns (disk_tier.checksum_cost): time with it over time without, less 1,
               median and quartiles per direction. Target: under 2%;
   bound       the checksum's own time for the bytes moved as a share of the disk tier's time
-              (disk tier GB/s over crc32c GB/s): what it would cost if nothing overlapped it;
+              (disk tier GB/s over crc32c GB/s): what it would cost if nothing overlapped it (a
+              lower bound of that: blocks fresh from the disk are not in the cache);
   ceilings    the file system's own sequential 2 MiB write (fsync'd) and read (cache dropped).
 """
 from __future__ import annotations
@@ -51,6 +52,6 @@ def main(args) -> None:
           + ", ".join(f"{crc[p]:.2f} GB/s ({p})" for p in paths) + f"; the disk tier runs {paths[0]}")
     for line in checksum_lines(cost, ceilings):
         print("  " + line)
-    print(f"  were nothing overlapped, the checksum's own time would be write {100 * bound['write']:.2f}%, "
-          f"read {100 * bound['read']:.2f}% of the disk tier's")
+    print(f"  were nothing overlapped, the checksum's own time (at its rate on a cached block) would be write "
+          f"{100 * bound['write']:.2f}%, read {100 * bound['read']:.2f}% of the disk tier's")
     print(f"  saved {save('checksum', {'block_bytes': block_bytes, 'crc32c_gb_s': crc, 'ceilings': ceilings, 'cost': cost, 'bound': bound})}")
