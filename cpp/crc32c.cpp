@@ -178,7 +178,7 @@ PKV_FOLD_TARGET uint32_t crc32c_fold(const void* data, size_t len, uint32_t crc)
   const unsigned char* p = static_cast<const unsigned char*>(data);
   __m512i x0 = _mm512_loadu_si512(p), x1 = _mm512_loadu_si512(p + 64), x2 = _mm512_loadu_si512(p + 128),
           x3 = _mm512_loadu_si512(p + 192);
-  x0 = _mm512_xor_si512(x0, _mm512_castsi128_si512(_mm_cvtsi32_si128(int(~crc))));
+  x0 = _mm512_xor_si512(x0, _mm512_inserti32x4(_mm512_setzero_si512(), _mm_cvtsi32_si128(int(~crc)), 0));
   p += 256;
   len -= 256;
   const __m512i k256 = _mm512_broadcast_i32x4(_mm_set_epi64x(int64_t(kc.hi256), int64_t(kc.lo256)));
