@@ -139,13 +139,28 @@ NB_MODULE(_C, m) {
         "Whether this build has CUDA kernels and a GPU with a driver that can run them.");
   m.def("built_with_cuda", [] { return built_with_cuda(); });
   // The disk tier's checksum, for its benchmark (bench/checksum.py) and tests.
+  // path: "best" (what the disk tier runs), or "fold" / "crc32" / "portable" (each falls back to
+  // the next when the CPU lacks it; crc32c_paths() lists those it has).
   m.def("crc32c",
-        [](const nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu>& data, bool portable) {
+        [](const nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu>& data, bool portable, const std::string& path) {
+          const Crc32cPath p = portable || path == "portable" ? Crc32cPath::portable
+                               : path == "crc32"              ? Crc32cPath::crc32
+                               : path == "fold"               ? Crc32cPath::fold
+                                                              : crc32c_best();
+          PKV_CHECK(portable || path == "best" || path == "portable" || path == "crc32" || path == "fold",
+                    ArgumentError, "crc32c(): path must be 'best', 'fold', 'crc32' or 'portable', got '", path, "'");
           nb::gil_scoped_release release;
-          return portable ? crc32c_portable(data.data(), data.size()) : crc32c(data.data(), data.size());
+          return crc32c_on(p, data.data(), data.size());
         },
-        "data"_a, "portable"_a = false, "CRC-32C of a contiguous uint8 CPU array (the disk tier's block checksum).");
+        "data"_a, "portable"_a = false, "path"_a = "best",
+        "CRC-32C of a contiguous uint8 CPU array (the disk tier's block checksum).");
   m.def("crc32c_hardware", [] { return crc32c_hardware(); });
+  m.def("crc32c_paths", [] {  // the paths this CPU has, fastest first (the first is "best")
+    std::vector<std::string> out;
+    for (Crc32cPath p : {Crc32cPath::fold, Crc32cPath::crc32, Crc32cPath::portable})
+      if (p <= crc32c_best()) out.push_back(p == Crc32cPath::fold ? "fold" : p == Crc32cPath::crc32 ? "crc32" : "portable");
+    return out;
+  });
 
   nb::class_<Engine>(m, "Engine")
       .def("__init__",
@@ -155,7 +170,8 @@ NB_MODULE(_C, m) {
               bool retain, bool on_cuda, int32_t cuda_device, std::string policy,
               std::map<std::string, double> policy_params, double low_watermark,
               double high_watermark, int32_t staging, std::tuple<int, int, int> gather_shape,
-              int32_t copy_batch, std::string cold_tier, int32_t stripe_world, int32_t stripe_rank) {
+              int32_t copy_batch, std::string cold_tier, int32_t stripe_world, int32_t stripe_rank,
+              bool disk_checksum) {
              CacheConfig c;
              c.num_layers = num_layers;
              c.num_kv_heads = num_kv_heads;
@@ -185,6 +201,7 @@ NB_MODULE(_C, m) {
              c.cold_tier = std::move(cold_tier);
              c.stripe_world = stripe_world;
              c.stripe_rank = stripe_rank;
+             c.disk_checksum = disk_checksum;
              new (self) Engine(c);
            },
            "num_layers"_a, "num_kv_heads"_a, "head_dim"_a, "block_size"_a, "dtype"_a,
@@ -193,7 +210,8 @@ NB_MODULE(_C, m) {
            "policy_params"_a, "low_watermark"_a, "high_watermark"_a, "staging"_a = 0,
            "gather_shape"_a = std::make_tuple(GatherShape{}.unroll, GatherShape{}.threads,
                                               GatherShape{}.ctas_per_sm),
-           "copy_batch"_a = 0, "cold_tier"_a = "disk", "stripe_world"_a = 1, "stripe_rank"_a = 0)
+           "copy_batch"_a = 0, "cold_tier"_a = "disk", "stripe_world"_a = 1, "stripe_rank"_a = 0,
+           "disk_checksum"_a = true)
       // Every call below releases the GIL before it enters the engine, so a thread waiting for the
       // engine's lock (another thread is inside) never holds up the rest of Python.
       .def("add_sequence", &Engine::add_sequence, nb::call_guard<nb::gil_scoped_release>())

@@ -67,11 +67,19 @@ def main(argv=None) -> int:
     off.add_argument("--disk-path", default=None)
     off.add_argument("--gather", default="4,256,8",
                      help="staging-kernel shapes to compare, ';'-separated unroll,threads,ctas_per_sm")
+    off.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                     help="cpu: only the disk tier (ceilings, swaps, checksum cost), no GPU needed")
+    off.add_argument("--disk-blocks", type=_positive, default=128,
+                     help="blocks per swap of the checksum-cost rounds")
+    off.add_argument("--rounds", type=_positive, default=41,
+                     help="swaps of a cache with the disk checksum and one without, taking turns; "
+                          "median and quartiles reported")
 
     ck = add_bench("checksum", help="the disk tier's crc32c against the disk tier's throughput (CPU)")
-    ck.add_argument("--blocks", type=_positive, default=128, help="blocks through the disk tier (4 MiB each)")
+    ck.add_argument("--blocks", type=_positive, default=128, help="blocks per swap through the disk tier (4 MiB each)")
     ck.add_argument("--gib", type=float, default=1.0, help="size of the file system ceiling runs")
-    ck.add_argument("--repeats", type=_positive, default=2, help="disk tier runs; the best is reported")
+    ck.add_argument("--rounds", type=_positive, default=41,
+                    help="swaps of a cache with the checksum and one without, taking turns; median and quartiles")
     ck.add_argument("--disk-path", default=None, help="folder of the disk tier (default: the temp dir)")
 
     srv = add_bench("serve", help="Zipf chat sessions over a device tier smaller than their KV, per policy")

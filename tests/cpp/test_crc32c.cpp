@@ -2,6 +2,7 @@
 // the portable one over lengths and alignments that cross every chunk boundary of both.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -46,6 +47,26 @@ TEST(Crc32c, ContinuesAcrossPieces) {
   EXPECT_EQ(crc32c(buf.data() + 12345, buf.size() - 12345, crc32c(buf.data(), 12345)), whole);
   buf[20000] ^= 1;  // any single bit flipped changes it
   EXPECT_NE(crc32c(buf.data(), buf.size()), whole);
+}
+
+// Every path this CPU has against the tables, over lengths around the folding path's 256-byte
+// steps and the crc32 path's chunks, at every alignment, continuing from a nonzero CRC.
+TEST(Crc32c, EveryPathMatchesPortable) {
+  std::mt19937 rng(13);
+  std::vector<unsigned char> buf(70000);
+  for (auto& b : buf) b = (unsigned char)rng();
+  std::vector<size_t> lengths = {0, 1, 15, 16, 255, 256, 257, 511, 512, 1023, 1024, 1025, 4096 + 31, 3 * 8192 + 1};
+  for (int i = 0; i < 40; ++i) lengths.push_back(rng() % (buf.size() - 64));
+  for (Crc32cPath path : {Crc32cPath::fold, Crc32cPath::crc32, Crc32cPath::portable}) {
+    if (path > crc32c_best()) continue;  // (the CPU lacks it)
+    for (size_t len : lengths)
+      for (size_t off : {0, 1, 3, 8, 63}) {
+        const uint32_t seed = uint32_t(rng());
+        ASSERT_EQ(crc32c_on(path, buf.data() + off, len, seed), crc32c_portable(buf.data() + off, len, seed))
+            << crc32c_path_name(path) << " len " << len << " offset " << off;
+      }
+  }
+  std::printf("crc32c paths on this CPU: best is %s\n", crc32c_path_name(crc32c_best()));
 }
 
 }  // namespace

@@ -1,12 +1,12 @@
 """`python -m pagedkv bench offload`: block swaps against the link and disk ceilings, measured in
-one run, and a decode step with and without concurrent swap traffic.
+one run, and a decode step with and without concurrent swap traffic; the disk tier's checksum
+cost as the same swaps with and without it. `--device cpu`: the disk-tier part alone.
 
 Cache: Llama-3-8B-shaped (32 layers, 8 KV heads, head_dim 128, bf16, block 16 -> 2 MiB blocks).
 """
 from __future__ import annotations
 
 import gc
-import os
 import tempfile
 import time
 
@@ -16,8 +16,9 @@ from .. import _C
 from ..cache import PagedKV
 from ..steps import DecodeSteps
 from .common import save, sync_seconds
+from .disk_tier import BS, D, HK, LAYERS, checksum_cost, checksum_lines, disk_ceilings, disk_swaps
 
-LAYERS, HK, HQ, D, BS = 32, 8, 32, 128, 16
+HQ = 32
 
 
 def link_ceilings(gib: float) -> dict:
@@ -41,29 +42,6 @@ def link_ceilings(gib: float) -> dict:
 
         best["both"] = max(best["both"], 2 * n / sync_seconds(both) / 1e9)
     return best
-
-
-def disk_ceilings(path: str, gib: float) -> dict:
-    """Sequential 2 MiB writes (fsync'd) and reads of a file as large as the disk tier's traffic."""
-    block = 2 << 20
-    n = int(gib * 2**30) // block
-    buf = os.urandom(block)
-    fd, name = tempfile.mkstemp(dir=path)
-    try:
-        t0 = time.perf_counter()
-        for i in range(n):
-            os.pwrite(fd, buf, i * block)
-        os.fsync(fd)
-        w = n * block / (time.perf_counter() - t0) / 1e9
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        t0 = time.perf_counter()
-        for i in range(n):
-            os.pread(fd, block, i * block)
-        r = n * block / (time.perf_counter() - t0) / 1e9
-    finally:
-        os.close(fd)
-        os.unlink(name)
-    return {"write": w, "read": r}
 
 
 # How a request's copies reach the driver: the label in the output -> PagedKV(copy_batch=...).
@@ -124,34 +102,6 @@ def swaps(blocks: int, scattered: bool, issue: str = "batch", repeats: int = 3) 
         del kv
         gc.collect()  # unpins its host tier before the next engine pins one
     return out
-
-
-def disk_swaps(path: str, blocks: int, device: str = "cuda") -> dict:
-    """Engine swap-out through a small host tier to the disk tier, and back up: GB/s of block
-    bytes that crossed the disk (its writes and reads run on the engine's I/O threads)."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    kv = PagedKV(num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=dtype, device=device,
-                 device_blocks=blocks + 8, host_blocks=32, disk_blocks=blocks + 40, disk_path=path)
-    s = kv.add_sequence()
-    rows = torch.randn(blocks * BS, HK, D, device=device).to(dtype)
-    for layer in range(LAYERS):
-        kv.append([s], layer, rows, rows)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    kv.offload([s])            # device -> host, the host tier spilling to disk as it fills
-    sync()
-    down = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    kv.prefetch([s])           # disk -> host -> device
-    sync()
-    up = time.perf_counter() - t0
-    st = kv.stats()
-    ok = torch.equal(kv.gather(s, LAYERS - 1)[0], rows)
-    kv.check_invariants()
-    return {"blocks": blocks, "to_disk_gb_s": st["bytes_to_disk"] / down / 1e9,
-            "from_disk_gb_s": st["bytes_from_disk"] / up / 1e9, "bytes_to_disk": st["bytes_to_disk"],
-            "bytes_from_disk": st["bytes_from_disk"], "intact": ok}
 
 
 def pass_through(device_blocks: int, steps: int = 3, **config) -> dict:
@@ -330,8 +280,12 @@ def decode_with_traffic(batch: int, ctx: int, steps: int) -> dict:
 
 
 def main(args) -> None:
+    if args.device == "cpu":
+        from .disk_tier import main_cpu
+
+        return main_cpu(args)
     if not torch.cuda.is_available():
-        raise SystemExit("bench offload needs a CUDA GPU")
+        raise SystemExit("bench offload needs a CUDA GPU (or --device cpu: the disk tier alone)")
     variants = staging_variants(args.gather)  # a bad --gather fails before anything is measured
     card = torch.cuda.get_device_name()
     link = link_ceilings(2.0)
@@ -340,6 +294,7 @@ def main(args) -> None:
     sw = sw_all[1]  # the scattered slots of a pool in service, the engine's default: the figure of record
     dec = decode_with_traffic(args.batch, args.context, 5)
     dk = disk_swaps(args.disk_path or tempfile.gettempdir(), 512)
+    ck = checksum_cost(args.disk_path or tempfile.gettempdir(), args.disk_blocks, args.rounds)
     pt = {how: pass_through(1024, **config) for how, config in variants.items()}
     print(f"offload on {card}: blocks of {sw['block_bytes'] / 2**20:.1f} MiB, {sw['blocks']} per transfer")
     print(f"  {'direction':<12}{'slots':<11}{'issued as':<18}{'pagedkv GB/s':>14}{'ceiling GB/s':>14}{'ratio':>8}")
@@ -354,12 +309,8 @@ def main(args) -> None:
           f"{dk['to_disk_gb_s']:.2f} GB/s ({dk['to_disk_gb_s'] / disk['write']:.2f}x), back up "
           f"{dk['from_disk_gb_s']:.2f} GB/s ({dk['from_disk_gb_s'] / disk['read']:.2f}x)"
           + ("" if dk["intact"] else "  DATA MISMATCH"))
-    from .checksum import crc32c_rate  # the disk tier's per-block checksum, one thread
-
-    dk["crc32c_gb_s"] = crc32c_rate(sw["block_bytes"], portable=not _C.crc32c_hardware())
-    print(f"  disk tier checksum (crc32c, {dk['crc32c_gb_s']:.1f} GB/s per thread): at most "
-          f"{100 * dk['to_disk_gb_s'] / dk['crc32c_gb_s']:.1f}% of the swap-out time, "
-          f"{100 * dk['from_disk_gb_s'] / dk['crc32c_gb_s']:.1f}% of the swap-in (bench checksum: the CPU run)")
+    for line in checksum_lines(ck, disk):
+        print("  " + line)
     print(f"  decode step (mean of 3 back to back), batch {dec['batch']} x {dec['context']}: "
           f"{dec['step_s'] * 1e3:.2f} ms alone, "
           f"{dec['step_with_swaps_s'] * 1e3:.2f} ms with {dec['swap_bytes_per_step'] / 2**30:.2f} GiB of swaps "
@@ -377,4 +328,4 @@ def main(args) -> None:
               f"{r['gb_s']:.1f} GB/s = {r['gb_s'] / link['h2d']:.2f}x the host-to-device ceiling; attend calls "
               f"on the host: median {r['attend_call_s']['median'] * 1e3:.2f} ms, max {r['attend_call_s']['max'] * 1e3:.1f}, "
               f"{r['attend_call_s']['over_1ms']} of {r['attend_call_s']['calls']} over 1 ms")
-    print(f"  saved {save('offload', {'card': card, 'link': link, 'disk': disk, 'swaps': sw, 'swap_layouts': sw_all, 'decode': dec, 'pass_through': pt, 'disk_swaps': dk})}")
+    print(f"  saved {save('offload', {'card': card, 'link': link, 'disk': disk, 'swaps': sw, 'swap_layouts': sw_all, 'decode': dec, 'pass_through': pt, 'disk_swaps': dk, 'checksum_cost': ck})}")

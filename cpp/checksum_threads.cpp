@@ -1,0 +1,62 @@
+#include "checksum_threads.h"
+
+#include "pagedkv/crc32c.h"
+
+namespace pagedkv {
+
+ChecksumThreads::ChecksumThreads(int threads) {
+  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { work(); });
+}
+
+ChecksumThreads::~ChecksumThreads() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  for (std::thread& t : threads_) t.join();
+}
+
+void ChecksumThreads::work() {
+  for (;;) {
+    std::shared_ptr<Job> job;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;  // stopping, nothing left
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+    }
+    const uint32_t crc = crc32c(job->data, job->len);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job->crc = crc;
+      job->done = true;
+    }
+    done_.notify_all();
+  }
+}
+
+ChecksumThreads::Pending ChecksumThreads::start(const void* data, size_t len) {
+  auto job = std::make_shared<Job>();
+  job->data = data;
+  job->len = len;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    jobs_.push_back(job);
+  }
+  wake_.notify_one();
+  return Pending(this, std::move(job));
+}
+
+uint32_t ChecksumThreads::Pending::value() {
+  std::unique_lock<std::mutex> lock(owner_->mutex_);
+  owner_->done_.wait(lock, [this] { return job_->done; });
+  return job_->crc;
+}
+
+ChecksumThreads::Pending::~Pending() {
+  if (job_) value();  // (a moved-from Pending has no job)
+}
+
+}  // namespace pagedkv

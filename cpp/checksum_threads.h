@@ -1,0 +1,58 @@
+// Threads that checksum a disk block while the I/O thread that asked moves the bytes: a block's
+// CRC-32C overlaps its own write (the CRC only reads the buffer the write reads), and a read's
+// checksum of the pieces already landed overlaps the read of the next. Private to cpp/.
+#pragma once
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace pagedkv {
+
+class ChecksumThreads {
+  struct Job;
+
+ public:
+  // The CRC-32C of one buffer, being computed. The buffer must stay unchanged until value()
+  // returns or the Pending is destroyed; both wait for the checksum to finish.
+  class Pending {
+   public:
+    Pending(ChecksumThreads* owner, std::shared_ptr<Job> job) : owner_(owner), job_(std::move(job)) {}
+    Pending(Pending&&) = default;
+    Pending& operator=(Pending&&) = delete;
+    ~Pending();
+    uint32_t value();
+
+   private:
+    ChecksumThreads* owner_;
+    std::shared_ptr<Job> job_;
+  };
+
+  explicit ChecksumThreads(int threads);
+  ~ChecksumThreads();
+  ChecksumThreads(const ChecksumThreads&) = delete;
+  ChecksumThreads& operator=(const ChecksumThreads&) = delete;
+
+  // Starts crc32c(data, len) on one of the threads.
+  Pending start(const void* data, size_t len);
+
+ private:
+  struct Job {
+    const void* data;
+    size_t len;
+    uint32_t crc = 0;
+    bool done = false;
+  };
+  void work();
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::deque<std::shared_ptr<Job>> jobs_;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace pagedkv
