@@ -45,6 +45,8 @@ class PagedKV:
     Disk tier: every block written carries a CRC-32C checked on every read; a block that comes
     back different raises pagedkv.CorruptBlockError (an OSError) naming its sequence(s) and
     logical block, and other blocks stay readable. Failed disk I/O raises OSError with errno.
+    disk_checksum=False turns the CRC off (nothing then detects a corrupted block; for measuring
+    its cost, not for speed: it is computed beside each write and costs a few percent).
 
     Distributed context: with group= a torch.distributed process group, logical block i of every
     sequence lives on rank i % world; every rank makes the same calls with the same arguments
@@ -65,11 +67,12 @@ class PagedKV:
                  window: int | None = None, sink_tokens: int = 0, retain: bool = True,
                  rope=None, positions: str = "original", watermarks=(0.02, 0.05),
                  staging: str = "kernel", gather_shape=None, copy_batch: str = "batch",
-                 group=None, merge: str = "allreduce"):
+                 group=None, merge: str = "allreduce", disk_checksum: bool = True):
         device = check_constructor(num_layers, num_kv_heads, head_dim, block_size, dtype, device,
                                     device_blocks, host_blocks, disk_blocks, disk_path, window,
                                     sink_tokens, retain, rope, positions)
         staging_code, shape, copy_batch_code = check_tuning(staging, gather_shape, copy_batch)
+        check_bool(disk_checksum, "disk_checksum", "PagedKV()")
         policy_name, policy_params = _resolve_policy(policy)
         low, high = self._watermarks(watermarks)
         self.group, self.rank, self.world = group, 0, 1
@@ -91,6 +94,7 @@ class PagedKV:
         self.policy = policy
         self.rope, self.positions = rope, positions
         self.staging, self.gather_shape, self.copy_batch = staging, gather_shape, copy_batch
+        self.disk_checksum = disk_checksum
         # StreamingLLM positions: the kernels turn each row's query for its sinks (streaming.py).
         self._sink_rope = None
         if positions == "cache":
@@ -108,7 +112,8 @@ class PagedKV:
                 on_cuda=device.type == "cuda", cuda_device=device.index or 0, policy=policy_name,
                 policy_params=policy_params, low_watermark=low if host_blocks else 0.0,
                 high_watermark=high if host_blocks else 0.0, staging=staging_code, gather_shape=shape,
-                copy_batch=copy_batch_code, stripe_world=self.world, stripe_rank=self.rank)
+                copy_batch=copy_batch_code, stripe_world=self.world, stripe_rank=self.rank,
+                disk_checksum=disk_checksum)
             self._engine = _C.Engine(**self._engine_args)
         except Exception as e:  # (with a group, every rank learns of it before anyone goes on)
             if group is None:

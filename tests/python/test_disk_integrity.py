@@ -191,10 +191,8 @@ def test_big_blocks_are_checked_in_every_piece(tmp_path, layers, head_dim, block
 
 
 def test_disk_checksum_switch(tmp_path):
-    """_C.Engine(disk_checksum=) is the benches' switch (the checksum's cost is timed as the same
-    swaps with and without it): only a bool is taken, and off really skips the check."""
-    from pagedkv.bench.disk_tier import _cache
-
+    """PagedKV(disk_checksum=) (and the engine's `_C.Engine(disk_checksum=)`) take only a bool,
+    and off really skips the check."""
     args = dict(num_layers=1, num_kv_heads=1, head_dim=8, block_size=4, dtype=0, device_blocks=2, host_blocks=0,
                 disk_blocks=0, disk_path="", window=0, sink_tokens=0, retain=True, on_cuda=False, cuda_device=0,
                 policy="lru", policy_params={}, low_watermark=0.0, high_watermark=0.0)
@@ -202,12 +200,15 @@ def test_disk_checksum_switch(tmp_path):
     for bad in (0, 1, "yes", None):
         with pytest.raises(TypeError):
             _C.Engine(**args, disk_checksum=bad)
+        with pytest.raises(TypeError, match="disk_checksum"):
+            pagedkv.PagedKV(1, 1, 8, device="cpu", device_blocks=2, disk_checksum=bad)
     for checksum in (True, False):
         gen = torch.Generator().manual_seed(2)
         path = tmp_path / str(checksum)
         path.mkdir()
-        kv = _cache(checksum, num_layers=LAYERS, num_kv_heads=HEADS, head_dim=64, block_size=4,
-                    dtype=torch.float32, device="cpu", device_blocks=6, host_blocks=6, disk_blocks=64, disk_path=path)
+        kv = pagedkv.PagedKV(LAYERS, HEADS, 64, block_size=4, dtype=torch.float32, device="cpu", device_blocks=6,
+                             host_blocks=6, disk_blocks=64, disk_path=path, disk_checksum=checksum)
+        assert kv.disk_checksum is checksum
         a, a_data = fill(kv, gen)
         others = [fill(kv, gen) for _ in range(3)]
         logical, slot = disk_block_of(kv, a)

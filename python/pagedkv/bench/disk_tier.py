@@ -7,14 +7,12 @@ on CUDA, 4 MiB in float32 on the CPU.
 """
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 import time
 
 import torch
 
-from .. import _C
 from ..cache import PagedKV
 from .common import save
 
@@ -45,17 +43,8 @@ def disk_ceilings(path: str, gib: float) -> dict:
 
 
 def _cache(disk_checksum: bool, **config) -> PagedKV:
-    """PagedKV(**config) whose engine checksums disk blocks (the default) or not. The switch is the
-    C++ engine's (CacheConfig::disk_checksum, `_C.Engine(disk_checksum=)`), a bench switch that
-    PagedKV itself does not take: the engine class is wrapped while this one cache is built."""
-    if disk_checksum:
-        return PagedKV(**config)
-    engine = _C.Engine
-    _C.Engine = functools.partial(engine, disk_checksum=False)
-    try:
-        return PagedKV(**config)
-    finally:
-        _C.Engine = engine
+    """PagedKV(**config) whose disk tier checksums its blocks (the default) or not."""
+    return PagedKV(disk_checksum=disk_checksum, **config)
 
 
 def disk_swaps(path: str, blocks: int, device: str = "cuda", checksum: bool = True) -> dict:
