@@ -27,7 +27,7 @@ void ChecksumThreads::work() {
       job = std::move(jobs_.front());
       jobs_.pop_front();
     }
-    const uint32_t crc = crc32c(job->data, job->len);
+    const uint32_t crc = crc32c(job->data, job->len, job->crc);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job->crc = crc;
@@ -37,10 +37,11 @@ void ChecksumThreads::work() {
   }
 }
 
-ChecksumThreads::Pending ChecksumThreads::start(const void* data, size_t len) {
+ChecksumThreads::Pending ChecksumThreads::start(const void* data, size_t len, uint32_t crc) {
   auto job = std::make_shared<Job>();
   job->data = data;
   job->len = len;
+  job->crc = crc;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     jobs_.push_back(job);

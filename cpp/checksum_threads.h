@@ -37,14 +37,14 @@ class ChecksumThreads {
   ChecksumThreads(const ChecksumThreads&) = delete;
   ChecksumThreads& operator=(const ChecksumThreads&) = delete;
 
-  // Starts crc32c(data, len) on one of the threads.
-  Pending start(const void* data, size_t len);
+  // Starts crc32c(data, len, crc) on one of the threads (crc: the CRC of the bytes before these).
+  Pending start(const void* data, size_t len, uint32_t crc = 0);
 
  private:
   struct Job {
     const void* data;
     size_t len;
-    uint32_t crc = 0;
+    uint32_t crc = 0;  // the CRC before the bytes, then after them
     bool done = false;
   };
   void work();

@@ -74,16 +74,17 @@ DiskFile& DiskFile::operator=(DiskFile&& o) noexcept {
   return *this;
 }
 
-// One whole block through `io` (pread or pwrite), retrying partial transfers and EINTR. A read
-// that ends early (the file was cut short under us) is a corrupt block, not an I/O error: the
-// bytes the caller would get are not the block's.
+// Bytes [offset, offset + len) of one block through `io` (pread or pwrite), retrying partial
+// transfers and EINTR. A read that ends early (the file was cut short under us) is a corrupt
+// block, not an I/O error: the bytes the caller would get are not the block's.
 template <typename Io>
-void DiskFile::whole_block(int32_t slot, char* p, Io io, bool reading) const {
+void DiskFile::transfer(int32_t slot, char* p, size_t offset, size_t len, Io io, bool reading) const {
   const char* what = reading ? "reading" : "writing";
-  int fd = direct_ && aligned(p, block_bytes_) ? direct_fd_ : fd_;
+  int fd = direct_ && offset % 4096 == 0 && aligned(p, len) ? direct_fd_ : fd_;
+  const off_t base = off_t(slot) * off_t(block_bytes_) + off_t(offset);
   size_t done = 0;
-  while (done < block_bytes_) {
-    ssize_t n = io(fd, p + done, block_bytes_ - done, off_t(slot) * off_t(block_bytes_) + off_t(done));
+  while (done < len) {
+    ssize_t n = io(fd, p + done, len - done, base + off_t(done));
     if (n < 0 && errno == EINTR) continue;
     // O_DIRECT refuses what is not aligned: a transfer the kernel cut short (a file size limit)
     // leaves the rest unaligned. The buffered descriptor finishes it, or reports the real error.
@@ -96,8 +97,8 @@ void DiskFile::whole_block(int32_t slot, char* p, Io io, bool reading) const {
       fail(err, "disk tier: ", what, " block slot ", slot, " of ", path_, " failed: ", std::strerror(err));
     }
     if (n == 0 && reading) {
-      std::string why = detail::concat("slot ", slot, " of ", path_, " is cut short (read ", done, " of ", block_bytes_,
-                                       " bytes: file truncated?)");
+      std::string why = detail::concat("slot ", slot, " of ", path_, " is cut short (read ", offset + done, " of ",
+                                       block_bytes_, " bytes: file truncated?)");
       throw CorruptBlock("disk tier: " + why, EIO, why);
     }
     if (n == 0) fail(EIO, "disk tier: ", what, " block slot ", slot, " of ", path_, " failed: no progress");
@@ -106,13 +107,15 @@ void DiskFile::whole_block(int32_t slot, char* p, Io io, bool reading) const {
 }
 
 void DiskFile::write(int32_t slot, const void* src) {
-  whole_block(slot, const_cast<char*>(static_cast<const char*>(src)),
-              [](int fd, char* p, size_t n, off_t off) { return pwrite(fd, p, n, off); }, /*reading=*/false);
+  transfer(slot, const_cast<char*>(static_cast<const char*>(src)), 0, block_bytes_,
+           [](int fd, char* p, size_t n, off_t off) { return pwrite(fd, p, n, off); }, /*reading=*/false);
 }
 
-void DiskFile::read(int32_t slot, void* dst) const {
-  whole_block(slot, static_cast<char*>(dst),
-              [](int fd, char* p, size_t n, off_t off) { return pread(fd, p, n, off); }, /*reading=*/true);
+void DiskFile::read(int32_t slot, void* dst) const { read_part(slot, dst, 0, block_bytes_); }
+
+void DiskFile::read_part(int32_t slot, void* dst, size_t offset, size_t len) const {
+  transfer(slot, static_cast<char*>(dst), offset, len,
+           [](int fd, char* p, size_t n, off_t off) { return pread(fd, p, n, off); }, /*reading=*/true);
 }
 
 }  // namespace pagedkv

@@ -25,12 +25,15 @@ class DiskFile {
   // after these return.
   void write(int32_t slot, const void* src);
   void read(int32_t slot, void* dst) const;
+  // Bytes [offset, offset + len) of a block into dst (dst is the block's buffer at offset): the
+  // disk tier reads a block in pieces to check each while the next is read.
+  void read_part(int32_t slot, void* dst, size_t offset, size_t len) const;
 
   const std::string& path() const { return path_; }
 
  private:
   template <typename Io>
-  void whole_block(int32_t slot, char* p, Io io, bool reading) const;
+  void transfer(int32_t slot, char* p, size_t offset, size_t len, Io io, bool reading) const;
   int fd_ = -1;
   int direct_fd_ = -1;  // the same file opened with O_DIRECT, or -1
   bool direct_ = false;
