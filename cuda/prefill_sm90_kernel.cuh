@@ -1,14 +1,10 @@
 // Tensor-core paged attention for multi-token queries on Hopper (sm_90a): chunked prefill,
 // continuation prompts, window/streaming prefill, speculative verify steps with many rows.
 //
-// Work split. A work item = (sequence, KV head, m-tile of kM = 128 packed query rows). A packed
-// row m = qrow * group + g is query head kvh * group + g of the sequence's qrow-th row, so the
-// query heads of a GQA group share every K/V tile (the M dimension of the MMAs). Items are
-// numbered m-tile fastest, last m-tile first: under a causal mask the last rows see the most keys,
-// so the longest items start first. CTA b takes items b, b + gridDim.x, ...: one CTA per item
-// (the default: the hardware hands items to SMs as they free up), or a persistent grid of one CTA
-// per SM whose producer loads the next item's first K/V tiles while the consumers finish the last
-// one (epilogue and pipeline fill overlap, but the static item order balances worse).
+// Work split. One CTA = (sequence, KV head, m-tile of kM = 128 packed query rows). A packed row
+// m = qrow * group + g is query head kvh * group + g of the sequence's qrow-th row, so the query
+// heads of a GQA group share every K/V tile (the M dimension of the MMAs). m-tiles are launched
+// last-first: under a causal mask the last rows see the most keys, so the longest CTAs start first.
 //
 // Warp specialisation (384 threads). Warpgroup 0 is the producer: it resolves each tile's keys
 // through the block table and brings K and V rows with cp.async into a kStages-deep ring of
@@ -43,7 +39,6 @@ struct PrefillShape {
   static constexpr int kChunks = HD / 8;            // 16-byte chunks per row
   static constexpr int kThreads = 384;
   static constexpr int kProducerRegs = 56, kConsumerRegs = 224;  // 128 x 56 + 256 x 224 <= 64K
-  static constexpr bool kPersistent = HD <= 128;     // CTAs may take several items (prefill_items_of_cta)
   static constexpr uint32_t kQBytes = kM * HD * 2;
   static constexpr uint32_t kTileBytes = kN * HD * 2;
   static constexpr uint32_t kBarOffset = kQBytes + 2 * kStages * kTileBytes;
@@ -53,7 +48,9 @@ struct PrefillShape {
 constexpr float kPrefillLog2e = 1.4426950408889634f;
 constexpr float kPrefillLn2 = 0.6931471805599453f;
 
-// One work item, derived the same way by every warpgroup.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// What one CTA works on, derived the same way by every warpgroup.
 struct PrefillTile {
   int seq, kvh, group, row0, m0, m_count, first_pos, n_tiles;
   KeyScope sc;
@@ -61,84 +58,20 @@ struct PrefillTile {
   __device__ int pos(int r) const { return first_pos + (m0 + min(r, m_count - 1)) / group; }
 };
 
-// Packed-row tiles per sequence (of the longest query), and the number of work items.
-template <int KM>
-__host__ __device__ inline int64_t prefill_m_tiles(const PagedAttentionParams& p) {
-  return (int64_t(p.max_q_len) * (p.num_q_heads / p.num_kv_heads) + KM - 1) / KM;
-}
-template <int KM>
-__host__ __device__ inline int64_t prefill_items(const PagedAttentionParams& p) {
-  return prefill_m_tiles<KM>(p) * p.num_kv_heads * p.num_seqs;
-}
-
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-// Item i's tile. false: no row of it exists (a shorter query than the longest); n_tiles == 0: its
-// rows see no key (striped: none of this rank's).
-template <int HD>
-__device__ bool prefill_tile(const PagedAttentionParams& p, int i, PrefillTile& w) {
-  constexpr int KM = PrefillShape<HD>::kM, KN = PrefillShape<HD>::kN;
-  const int m_tiles = int(prefill_m_tiles<KM>(p)), r = i / m_tiles;  // (items < 2^31: prefill_sm90_supports)
-  w.seq = r / p.num_kv_heads, w.kvh = r % p.num_kv_heads, w.group = p.num_q_heads / p.num_kv_heads;
-  w.row0 = p.q_indptr[w.seq];
-  const int q_len = p.q_indptr[w.seq + 1] - w.row0;
-  w.m0 = (m_tiles - 1 - i % m_tiles) * KM;
-  w.m_count = min(KM, q_len * w.group - w.m0);
-  if (w.m_count <= 0) return false;
-  w.first_pos = p.kv_lens[w.seq] - q_len;
-  w.sc = make_scope(p, w.pos(0), w.pos(KM - 1));
-  w.n_tiles = (w.sc.n_keys + KN - 1) / KN;
-  return true;
-}
-
-// The CTA's shared memory, carved from the dynamic array (aligned to 1024 bytes for the 128-byte
-// swizzle). Derived where needed rather than passed: the addresses are constants, and pointers
-// kept across an item would take registers the consumers' main loop needs.
-template <int HD>
-struct PrefillSmem {
-  unsigned char *q, *k, *v;
-  uint64_t *full, *empty;
-  __device__ __forceinline__ static PrefillSmem get() {
-    using S = PrefillShape<HD>;
-    extern __shared__ unsigned char smem_raw[];
-    unsigned char* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-    PrefillSmem m;
-    m.q = base, m.k = base + S::kQBytes, m.v = m.k + S::kStages * S::kTileBytes;
-    m.full = reinterpret_cast<uint64_t*>(base + S::kBarOffset), m.empty = m.full + S::kStages;
-    return m;
-  }
-};
-
-// Runs f(i) for the items of this CTA: b, b + gridDim.x, ... (a persistent grid), or just its
-// own (head_dim 256: a loop around the consumers' main loop would cost registers it has not got,
-// and the launch gives one CTA per item).
-template <int HD, typename F>
-__device__ __forceinline__ void prefill_items_of_cta(const PagedAttentionParams& p, F&& f) {
-  if constexpr (PrefillShape<HD>::kPersistent) {
-    const int items = int(prefill_items<PrefillShape<HD>::kM>(p));
-    for (int i = blockIdx.x; i < items; i += gridDim.x) f(i);
-  } else {
-    f(int(blockIdx.x));
-  }
-}
-
-// The tiles of one item into the ring; `tg` counts the CTA's tiles over its items (ring slot and
-// barrier phase).
 template <typename T, int HD>
-__device__ __forceinline__ void prefill_produce_item(const PagedAttentionParams& p, const PrefillTile& w, int& tg) {
+__device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, const PrefillTile& w,
+                                                 unsigned char* sK0, unsigned char* sV0, uint64_t* full,
+                                                 uint64_t* empty) {
   using S = PrefillShape<HD>;
-  const PrefillSmem<HD> sm = PrefillSmem<HD>::get();
-  unsigned char *sK0 = sm.k, *sV0 = sm.v;
-  uint64_t *full = sm.full, *empty = sm.empty;
   constexpr int kRows = S::kN / 4;  // rows of a tile per producer warp
   constexpr int kIters = kRows * S::kChunks / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* pool = static_cast<const T*>(p.pool);
   const int32_t* bt_row = p.block_table + int64_t(w.seq) * p.max_blocks;
   const int64_t v_off = int64_t(p.num_kv_heads) * p.block_size * HD;  // K tile -> V tile
-  for (int t = 0; t < w.n_tiles; ++t, ++tg) {
-    const int s = tg % S::kStages;
-    if (tg >= S::kStages) mbar_wait(&empty[s], ((tg / S::kStages) - 1) & 1);
+  for (int t = 0; t < w.n_tiles; ++t) {
+    const int s = t % S::kStages;
+    if (t >= S::kStages) mbar_wait(&empty[s], ((t / S::kStages) - 1) & 1);
     // Lane l resolves row warp * kRows + l of the tile; the copies take it by shuffle.
     int64_t off = kNoRow;
     const int v = t * S::kN + warp * kRows + lane;
@@ -161,15 +94,6 @@ __device__ __forceinline__ void prefill_produce_item(const PagedAttentionParams&
     // The stage's `full` barrier gets this thread's arrival once its copies have landed.
     cp_async_arrive_noinc(&full[s]);
   }
-}
-
-template <typename T, int HD>
-__device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p) {
-  int tg = 0;
-  prefill_items_of_cta<HD>(p, [&](int i) {
-    PrefillTile w;
-    if (prefill_tile<HD>(p, i, w)) prefill_produce_item<T, HD>(p, w, tg);
-  });
   cp_async_wait<0>();
 }
 
@@ -219,14 +143,11 @@ __device__ __forceinline__ RowLimits row_limits(const PagedAttentionParams& p, c
   return r;
 }
 
-// Consumer warpgroup cw's share of one item whose tiles start at the CTA's tile count `tg`.
 template <typename T, int HD, bool PINGPONG>
-__device__ __forceinline__ void prefill_consume_item(const PagedAttentionParams& p, const PrefillTile& w, int cw,
-                                                     bool pair, int tg) {
+__device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, const PrefillTile& w, int cw, bool pair,
+                                                 unsigned char* sQ, unsigned char* sK0, unsigned char* sV0,
+                                                 uint64_t* full, uint64_t* empty) {
   using S = PrefillShape<HD>;
-  const PrefillSmem<HD> sm = PrefillSmem<HD>::get();
-  unsigned char *sQ = sm.q, *sK0 = sm.k, *sV0 = sm.v;
-  uint64_t *full = sm.full, *empty = sm.empty;
   constexpr int kN = S::kN;
   const int ctid = threadIdx.x - 128 * (cw + 1), warp = ctid / 32, lane = ctid % 32;
   const int g = lane / 4, q4 = lane % 4;
@@ -247,9 +168,7 @@ __device__ __forceinline__ void prefill_consume_item(const PagedAttentionParams&
   named_barrier(1 + cw, 128);
   // Ping-pong (FlashAttention-3): with two consumer warpgroups, each issues its MMAs only on its
   // turn (named barrier 3 + cw) and then hands the turn over, so one group's softmax runs while
-  // the other's MMAs keep the tensor cores busy. Group 1 gave group 0 the first turn when the
-  // kernel started (prefill_consumer); each item ends with group 0's turn given back, so an item
-  // with both groups starts like the first.
+  // the other's MMAs keep the tensor cores busy. Group 1 gives group 0 the first turn.
   const bool turns = PINGPONG && pair;
   auto my_turn = [&] {
     if (turns) named_barrier(3 + cw, 256);
@@ -257,6 +176,7 @@ __device__ __forceinline__ void prefill_consume_item(const PagedAttentionParams&
   auto their_turn = [&] {
     if (turns) named_barrier_arrive(3 + (1 - cw), 256);
   };
+  if (turns && cw == 1) named_barrier_arrive(3, 256);
 
   const int rA = 64 * cw + 16 * warp + g, rB = rA + 8;  // this thread's two accumulator rows
   const int posA = w.pos(rA), posB = w.pos(rB);
@@ -345,19 +265,18 @@ __device__ __forceinline__ void prefill_consume_item(const PagedAttentionParams&
   // S_t = Q K_t and O += P_{t-1} V_{t-1}, nothing waits; the softmax of S_t then overlaps the
   // P.V product, and O is rescaled once that product has landed.
   float alphaA, alphaB;
-  constexpr int kSt = S::kStages;
-  mbar_wait(&full[tg % kSt], (tg / kSt) & 1);
+  mbar_wait(&full[0], 0);
   fence_proxy_async();
   my_turn();
-  issue_qk(tg % kSt);
+  issue_qk(0);
   their_turn();
   wgmma_wait<0>();
   fence_regs(sc);
   softmax(0, &alphaA, &alphaB);
   to_operand();
   for (int t = 1; t < w.n_tiles; ++t) {
-    const int s = (tg + t) % kSt, prev = (tg + t - 1) % kSt;
-    mbar_wait(&full[s], ((tg + t) / kSt) & 1);
+    const int s = t % S::kStages, prev = (t - 1) % S::kStages;
+    mbar_wait(&full[s], (t / S::kStages) & 1);
     fence_proxy_async();  // the producer's cp.async writes, now seen, to wgmma's async proxy
     my_turn();
     issue_qk(s);
@@ -378,14 +297,12 @@ __device__ __forceinline__ void prefill_consume_item(const PagedAttentionParams&
     }
     to_operand();
   }
-  const int last = (tg + w.n_tiles - 1) % kSt;
   my_turn();
-  issue_pv(last);
+  issue_pv((w.n_tiles - 1) % S::kStages);
   their_turn();
   wgmma_wait<0>();
   fence_regs(o);
-  __syncwarp();
-  if (lane == 0) mbar_arrive(&empty[last]);  // (the producer may be on the next item)
+  // (The last stage needs no release: the producer has nothing more to put there.)
 
   // Epilogue: normalise, write this thread's pairs of columns and the rows' LSE.
 #pragma unroll
@@ -410,12 +327,12 @@ __device__ __forceinline__ void prefill_consume_item(const PagedAttentionParams&
   }
 }
 
-// An item none of whose rows sees a key of this rank (striped): out = 0, lse = -inf, which the
-// merge over ranks weighs 0. Written by the `threads` consumer threads, this one `tid`.
+// A CTA none of whose rows sees a key of this rank (striped): out = 0, lse = -inf, which the
+// merge over ranks weighs 0.
 template <typename T, int HD>
-__device__ void prefill_no_keys(const PagedAttentionParams& p, const PrefillTile& w, int tid, int threads) {
+__device__ void prefill_no_keys(const PagedAttentionParams& p, const PrefillTile& w) {
   T* out = static_cast<T*>(p.out);
-  for (int i = tid; i < w.m_count * HD; i += threads) {
+  for (int i = threadIdx.x; i < w.m_count * HD; i += blockDim.x) {
     const int pm = w.m0 + i / HD;
     const int64_t qrow = w.row0 + pm / w.group, head = int64_t(w.kvh) * w.group + pm % w.group;
     out[(qrow * p.num_q_heads + head) * HD + i % HD] = T(0.f);
@@ -423,56 +340,46 @@ __device__ void prefill_no_keys(const PagedAttentionParams& p, const PrefillTile
   }
 }
 
-// Consumer warpgroup cw over the CTA's items. Every stage is released by both consumer groups (the
-// `empty` barriers count 8 warps), so a group with no rows in an item (64 packed rows or fewer:
-// group 0 takes them) still walks that item's tiles, releasing each as it lands.
-template <typename T, int HD, bool PINGPONG>
-__device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, int cw) {
-  constexpr int kSt = PrefillShape<HD>::kStages;
-  if (PINGPONG && cw == 1) named_barrier_arrive(3, 256);  // group 0's first turn
-  int tg = 0;
-  auto item = [&](int i) {
-    PrefillTile w;
-    if (!prefill_tile<HD>(p, i, w)) return;
-    if (w.n_tiles == 0) {
-      prefill_no_keys<T, HD>(p, w, threadIdx.x - 128, 256);
-      return;
-    }
-    const bool pair = w.m_count > 64;
-    if (pair || cw == 0) {
-      prefill_consume_item<T, HD, PINGPONG>(p, w, cw, pair, tg);
-    } else {
-      const PrefillSmem<HD> sm = PrefillSmem<HD>::get();
-      for (int t = tg; t < tg + w.n_tiles; ++t) {
-        mbar_wait(&sm.full[t % kSt], (t / kSt) & 1);
-        __syncwarp();
-        if (threadIdx.x % 32 == 0) mbar_arrive(&sm.empty[t % kSt]);
-      }
-    }
-    tg += w.n_tiles;
-  };
-  prefill_items_of_cta<HD>(p, item);
-}
-
 #endif  // sm_90a
 
-// grid.x CTAs share the items (prefill_items): one per item, or a persistent grid.
 template <typename T, int HD, bool PINGPONG>
 __global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttentionParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = PrefillShape<HD>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* sQ = smem;
+  unsigned char* sK0 = smem + S::kQBytes;
+  unsigned char* sV0 = sK0 + S::kStages * S::kTileBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kBarOffset);
+  uint64_t* empty = full + S::kStages;
+
+  PrefillTile w;
+  w.seq = blockIdx.z, w.kvh = blockIdx.y, w.group = p.num_q_heads / p.num_kv_heads;
+  w.row0 = p.q_indptr[w.seq];
+  const int q_len = p.q_indptr[w.seq + 1] - w.row0;
+  w.m0 = (gridDim.x - 1 - blockIdx.x) * S::kM;
+  w.m_count = min(S::kM, q_len * w.group - w.m0);
+  if (w.m_count <= 0) return;  // uniform over the CTA: a shorter query than the grid's longest
+  w.first_pos = p.kv_lens[w.seq] - q_len;
+  w.sc = make_scope(p, w.pos(0), w.pos(S::kM - 1));
+  w.n_tiles = (w.sc.n_keys + S::kN - 1) / S::kN;
+  if (w.n_tiles == 0) {  // striped: no key of this rank in any row's scope (uniform over the CTA)
+    prefill_no_keys<T, HD>(p, w);
+    return;
+  }
+  const int consumers = w.m_count > 64 ? 2 : 1;
   if (threadIdx.x == 0) {
-    const PrefillSmem<HD> sm = PrefillSmem<HD>::get();
-    for (int s = 0; s < S::kStages; ++s) mbar_init(&sm.full[s], 128), mbar_init(&sm.empty[s], 8);
+    for (int s = 0; s < S::kStages; ++s) mbar_init(&full[s], 128), mbar_init(&empty[s], 4 * consumers);
   }
   __syncthreads();
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     regs_dealloc<S::kProducerRegs>();
-    prefill_producer<T, HD>(p);
+    prefill_producer<T, HD>(p, w, sK0, sV0, full, empty);
   } else {
     regs_alloc<S::kConsumerRegs>();
-    prefill_consumer<T, HD, PINGPONG>(p, wg - 1);
+    if (wg - 1 < consumers) prefill_consumer<T, HD, PINGPONG>(p, w, wg - 1, consumers == 2, sQ, sK0, sV0, full, empty);
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // not sm_90a code: the host never launches this (prefill_sm90_supports); never run empty

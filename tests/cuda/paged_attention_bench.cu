@@ -138,12 +138,12 @@ void bench_prefill(const char* out_path) {
     // keys seen per row: ctx - n + 1 + i for row i
     const double keys = double(B) * (double(n) * (ctx - n) + double(n) * (n + 1) / 2);
     const double flops = 4.0 * Hq * hd * keys;
-    double us_by[5] = {0, 0, 0, 0, 0};  // [path]; [3]: tensor cores without ping-pong, [4]: persistent grid
-    for (int path : {1, 2, 3, 4}) {
+    double us_by[4] = {0, 0, 0, 0};  // [path]; [3]: tensor cores without ping-pong
+    for (int path : {1, 2, 3}) {
       if (only && path == cuda::AttentionTuning::kSplitK) continue;
       cuda::AttentionTuning tu = g_tuning;
-      tu.path = path >= 3 ? cuda::AttentionTuning::kTensorCore : path;
-      tu.prefill_variant = path >= 3 ? path - 2 : 0;
+      tu.path = path == 3 ? cuda::AttentionTuning::kTensorCore : path;
+      tu.prefill_variant = path == 3 ? 1 : 0;
       void* d_ws = nullptr;
       const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms, tu);
       if (ws) CK(cudaMalloc(&d_ws, ws));
@@ -172,11 +172,10 @@ void bench_prefill(const char* out_path) {
       if (d_ws) CK(cudaFree(d_ws));
     }
     const double tc = us_by[cuda::AttentionTuning::kTensorCore], sk = us_by[cuda::AttentionTuning::kSplitK];
-    const double np = us_by[3], pi = us_by[4];
-    std::printf("PREFILL %2d x %6d n %5d  split-K %9.1f us %6.1f TF/s | tensor-core %9.1f us %6.1f TF/s | %.2fx | no ping-pong %9.1f us %6.1f TF/s | persistent %9.1f us %6.1f TF/s (%.3fx)\n",
-                B, ctx, n, sk, flops / sk * 1e-6, tc, flops / tc * 1e-6, sk / tc, np, flops / np * 1e-6, pi,
-                flops / pi * 1e-6, tc / pi);
-    if (f) std::fprintf(f, "%d %d %d %.2f %.2f %.2f %.2f\n", B, ctx, n, sk, tc, np, pi);
+    const double np = us_by[3];
+    std::printf("PREFILL %2d x %6d n %5d  split-K %9.1f us %6.1f TF/s | tensor-core %9.1f us %6.1f TF/s | %.2fx | no ping-pong %9.1f us %6.1f TF/s\n",
+                B, ctx, n, sk, flops / sk * 1e-6, tc, flops / tc * 1e-6, sk / tc, np, flops / np * 1e-6);
+    if (f) std::fprintf(f, "%d %d %d %.2f %.2f\n", B, ctx, n, sk, tc);
   }
   if (f) std::fclose(f);
 }
