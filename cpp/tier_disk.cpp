@@ -9,8 +9,8 @@
 // the next piece is read: only the last piece's checksum adds to the read. (Without the checksum a
 // block is read in the same pieces, so that benches compare the checksum alone.)
 // CacheConfig::disk_checksum = false skips both (benches time the checksum's cost with it).
-#include <cerrno>
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <optional>
 #include <vector>

@@ -45,8 +45,8 @@ class PagedKV:
     Disk tier: every block written carries a CRC-32C checked on every read; a block that comes
     back different raises pagedkv.CorruptBlockError (an OSError) naming its sequence(s) and
     logical block, and other blocks stay readable. Failed disk I/O raises OSError with errno.
-    disk_checksum=False turns the CRC off (nothing then detects a corrupted block; for measuring
-    its cost, not for speed: it is computed beside each write and costs a few percent).
+    disk_checksum=False turns the CRC off (nothing then detects a corrupted block): for measuring
+    its cost (BENCHMARKS.md, the disk tier's checksum), not a tuning choice.
 
     Distributed context: with group= a torch.distributed process group, logical block i of every
     sequence lives on rank i % world; every rank makes the same calls with the same arguments
