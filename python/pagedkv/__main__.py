@@ -75,8 +75,13 @@ def main(argv=None) -> int:
                      help="swaps of a cache with the disk checksum and one without, taking turns; "
                           "median and quartiles reported")
 
-    ck = add_bench("checksum", help="the disk tier's crc32c against the disk tier's throughput (CPU)")
-    ck.add_argument("--blocks", type=_positive, default=128, help="blocks per swap through the disk tier (4 MiB each)")
+    ck = add_bench("checksum", help="the disk tier's crc32c against the disk tier's throughput")
+    ck.add_argument("--blocks", type=_positive, default=128,
+                    help="blocks per swap through the disk tier (4 MiB each in float32, 2 MiB in bfloat16)")
+    ck.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the caches live (cuda: blocks cross the pinned host tier on the copy engines)")
+    ck.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="the caches' dtype (default: float32 on cpu, bfloat16 on cuda)")
     ck.add_argument("--gib", type=float, default=1.0, help="size of the file system ceiling runs")
     ck.add_argument("--rounds", type=_positive, default=41,
                     help="swaps of a cache with the checksum and one without, taking turns; median and quartiles")

@@ -361,20 +361,30 @@ def test_missing_disk_path_is_a_file_not_found_error(tmp_path):
     assert info.value.errno == errno.ENOENT
 
 
-def test_bench_checksum_runs(tmp_path):
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_bench_checksum_runs(tmp_path, dtype):
     """`python -m pagedkv bench checksum` at a toy size: finishes, saves its JSON, figures positive."""
     import json
 
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "pagedkv", "bench", "checksum", "--blocks", "40", "--gib", "0.05",
-                        "--rounds", "2", "--disk-path", str(tmp_path), "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                        "--rounds", "2", "--disk-path", str(tmp_path), "--out", str(out)]
+                       + (["--dtype", dtype] if dtype else []), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     (path,) = out.glob("checksum-*.json")
     res = json.loads(path.read_text())
+    assert res["dtype"] == (dtype or "float32") and res["device"] == "cpu"
+    assert res["block_bytes"] == res["cost"]["block_bytes"] == (2 << 20 if dtype else 4 << 20)
     assert res["crc32c_gb_s"]["portable"] > 0 and all(v > 0 for v in res["crc32c_gb_s"].values())
     for way in ("write", "read"):
         c = res["cost"][way]
         assert c["gb_s_checksum"] > 0 and c["gb_s_no_checksum"] > 0, c
         assert c["cost_q1"] <= c["cost_median"] <= c["cost_q3"], c
         assert res["bound"][way] > 0
+
+
+@pytest.mark.skipif(pagedkv.cuda_available(), reason="checks the message on a machine without a usable GPU")
+def test_bench_checksum_cuda_without_gpu(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pagedkv", "bench", "checksum", "--device", "cuda", "--rounds", "1",
+                        "--disk-path", str(tmp_path), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--device cpu" in r.stderr, r.stderr

@@ -82,10 +82,13 @@ def _median(xs: list) -> float:
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
-def _spilled_cache(checksum: bool, path: str, blocks: int, device: str):
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def _spilled_cache(checksum: bool, path: str, blocks: int, device: str, dtype: torch.dtype):
     """A cache with one sequence of `blocks` blocks in every layer, and a host tier of 32 blocks in
     front of its disk tier: each offload of the sequence spills all but a few blocks to disk."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     kv = _cache(checksum, num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=dtype,
                 device=device, device_blocks=blocks + 8, host_blocks=32, disk_blocks=blocks + 40, disk_path=path)
     s = kv.add_sequence()
@@ -111,14 +114,14 @@ def _round_trip(kv, s, sync) -> tuple[float, float]:
             (after["bytes_from_disk"] - before["bytes_from_disk"]) / (t2 - t1) / 1e9)
 
 
-def checksum_cost(path: str, blocks: int, rounds: int, device: str = "cuda") -> dict:
+def checksum_cost(path: str, blocks: int, rounds: int, device: str = "cuda", dtype: torch.dtype | None = None) -> dict:
     """The disk-tier checksum's cost, measured: two caches alike but for the per-block CRC-32C
     (one checksums, one does not) take turns, `rounds` times, at the same swap (offload through
     the host tier to disk, prefetch back), which of the two goes first alternating. Per round and
     direction: time with the checksum over time without, less 1 (0.02 = 2% slower); median and
     quartiles over the rounds (one warm-up round not counted), and the median GB/s of each."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    caches = {ck: _spilled_cache(ck, path, blocks, device) for ck in (True, False)}
+    caches = {ck: _spilled_cache(ck, path, blocks, device, dtype or default_dtype(device)) for ck in (True, False)}
     rates = {True: [], False: []}
     for i in range(rounds + 1):
         for ck in ((True, False) if i % 2 == 0 else (False, True)):
