@@ -26,6 +26,8 @@ void ChecksumThreads::work() {
       if (jobs_.empty()) return;  // stopping, nothing left
       job = std::move(jobs_.front());
       jobs_.pop_front();
+      if (job->taken) continue;  // its caller computed it already
+      job->taken = true;
     }
     const uint32_t crc = crc32c(job->data, job->len, job->crc);
     {
@@ -52,6 +54,15 @@ ChecksumThreads::Pending ChecksumThreads::start(const void* data, size_t len, ui
 
 uint32_t ChecksumThreads::Pending::value() {
   std::unique_lock<std::mutex> lock(owner_->mutex_);
+  if (!job_->taken) {  // no checksum thread has started it: cheaper to do it here than to wait
+    job_->taken = true;
+    lock.unlock();
+    const uint32_t crc = crc32c(job_->data, job_->len, job_->crc);
+    lock.lock();
+    job_->crc = crc;
+    job_->done = true;  // (the queue's entry is skipped by the thread that pops it)
+    return crc;
+  }
   owner_->done_.wait(lock, [this] { return job_->done; });
   return job_->crc;
 }

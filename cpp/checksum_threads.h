@@ -1,6 +1,8 @@
 // Threads that checksum a disk block while the I/O thread that asked moves the bytes: a block's
 // CRC-32C overlaps its own write (the CRC only reads the buffer the write reads), and a read's
-// checksum of the pieces already landed overlaps the read of the next. Private to cpp/.
+// checksum of the pieces already landed overlaps the read of the next. A job no thread has taken
+// by the time its value is wanted is computed by the caller itself, so a checksum thread slow to
+// wake (a busy host, a virtual CPU) never costs more than doing the CRC inline. Private to cpp/.
 #pragma once
 #include <condition_variable>
 #include <cstddef>
@@ -18,7 +20,8 @@ class ChecksumThreads {
 
  public:
   // The CRC-32C of one buffer, being computed. The buffer must stay unchanged until value()
-  // returns or the Pending is destroyed; both wait for the checksum to finish.
+  // returns or the Pending is destroyed; both wait for the checksum to finish (value() computes it
+  // on the calling thread if no checksum thread has started it).
   class Pending {
    public:
     Pending(ChecksumThreads* owner, std::shared_ptr<Job> job) : owner_(owner), job_(std::move(job)) {}
@@ -45,6 +48,7 @@ class ChecksumThreads {
     const void* data;
     size_t len;
     uint32_t crc = 0;  // the CRC before the bytes, then after them
+    bool taken = false;  // by a checksum thread or by the caller of value()
     bool done = false;
   };
   void work();

@@ -6,7 +6,8 @@
 // A block's CRC is computed on a checksum thread while its own write runs (both only read the
 // buffer), so the write waits for the disk, not for the checksum, when a core is free. A block is
 // read in pieces, each piece's CRC (continuing the one before) running on a checksum thread while
-// the next piece is read: only the last piece's checksum adds to the read. (Without the checksum a
+// the next piece is read: only the last piece's checksum, computed on the I/O thread itself, adds
+// to the read. (Without the checksum a
 // block is read in the same pieces, so that benches compare the checksum alone.)
 // CacheConfig::disk_checksum = false skips both (benches time the checksum's cost with it).
 #include <algorithm>
@@ -76,18 +77,20 @@ class DiskTier final : public TierStorage {
     file_.read(slot, dst);
     return crc32c(dst, bytes_per_block());
   }
-  // Piece i's CRC runs on a checksum thread while piece i + 1 is read.
+  // Piece i's CRC runs on a checksum thread while piece i + 1 is read; the last piece's, with
+  // nothing left to overlap, on this thread.
   uint32_t read_checked_in_pieces(int32_t slot, char* dst) const {
     const size_t n = bytes_per_block();
-    std::optional<ChecksumThreads::Pending> last;
+    std::optional<ChecksumThreads::Pending> before;
     uint32_t crc = 0;
     for (size_t at = 0; at < n; at += kReadPiece) {
       const size_t len = std::min(kReadPiece, n - at);
       file_.read_part(slot, dst + at, at, len);
-      if (last) crc = last->value();
-      last.emplace(checksums_->start(dst + at, len, crc));
+      if (before) crc = before->value();
+      if (at + len == n) return crc32c(dst + at, len, crc);
+      before.emplace(checksums_->start(dst + at, len, crc));
     }
-    return last->value();
+    return crc;  // (not reached: n > 0)
   }
   static std::string hex(uint32_t v) {
     char s[11];
