@@ -111,9 +111,7 @@ void DiskFile::write(int32_t slot, const void* src) {
            [](int fd, char* p, size_t n, off_t off) { return pwrite(fd, p, n, off); }, /*reading=*/false);
 }
 
-void DiskFile::read(int32_t slot, void* dst) const { read_part(slot, dst, 0, block_bytes_); }
-
-void DiskFile::read_part(int32_t slot, void* dst, size_t offset, size_t len) const {
+void DiskFile::read(int32_t slot, void* dst, size_t offset, size_t len) const {
   transfer(slot, static_cast<char*>(dst), offset, len,
            [](int fd, char* p, size_t n, off_t off) { return pread(fd, p, n, off); }, /*reading=*/true);
 }

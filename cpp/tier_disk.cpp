@@ -7,8 +7,8 @@
 // buffer), so the write waits for the disk, not for the checksum, when a core is free. A block is
 // read in pieces, each piece's CRC (continuing the one before) running on a checksum thread while
 // the next piece is read: only the last piece's checksum, computed on the I/O thread itself, adds
-// to the read. (Without the checksum a
-// block is read in the same pieces, so that benches compare the checksum alone.)
+// to the read. (Without the checksum a block is read in the same pieces, so that benches compare
+// the checksum alone.)
 // CacheConfig::disk_checksum = false skips both (benches time the checksum's cost with it).
 #include <algorithm>
 #include <cerrno>
@@ -30,6 +30,7 @@ namespace {
 constexpr size_t kOverlapMin = 256 << 10;
 constexpr size_t kReadPiece = 512 << 10;  // (a multiple of 4096: pieces keep O_DIRECT's alignment)
 constexpr int kChecksumThreads = 4;       // one per I/O thread (block_store.cpp, kColdThreads)
+static_assert(kOverlapMin <= kReadPiece, "a block read in several pieces must have checksum threads");
 
 class DiskTier final : public TierStorage {
  public:
@@ -58,8 +59,8 @@ class DiskTier final : public TierStorage {
   }
 
   void read_block(int32_t slot, void* dst) const override {
-    if (!checksum_) return read_in_pieces(slot, static_cast<char*>(dst));
-    const uint32_t got = checksums_ ? read_checked_in_pieces(slot, static_cast<char*>(dst)) : read_then_check(slot, dst);
+    const uint32_t got = read_pieces(slot, static_cast<char*>(dst));
+    if (!checksum_) return;
     const uint32_t want = crc_[size_t(slot)];
     if (got == want) return;
     const std::string why = detail::concat("slot ", slot, " of ", file_.path(), " fails its checksum (crc32c ",
@@ -68,29 +69,24 @@ class DiskTier final : public TierStorage {
   }
 
  private:
-  // Without the checksum, the same reads as with it (benches compare the two).
-  void read_in_pieces(int32_t slot, char* dst) const {
-    const size_t n = bytes_per_block(), piece = n >= kOverlapMin ? kReadPiece : n;
-    for (size_t at = 0; at < n; at += piece) file_.read_part(slot, dst + at, at, std::min(piece, n - at));
-  }
-  uint32_t read_then_check(int32_t slot, void* dst) const {
-    file_.read(slot, dst);
-    return crc32c(dst, bytes_per_block());
-  }
-  // Piece i's CRC runs on a checksum thread while piece i + 1 is read; the last piece's, with
-  // nothing left to overlap, on this thread.
-  uint32_t read_checked_in_pieces(int32_t slot, char* dst) const {
+  // Reads a block in pieces of kReadPiece (the same reads with the checksum and without, so
+  // benches compare the checksum alone) and returns its CRC (0 without the checksum). Piece i's
+  // CRC runs on a checksum thread while piece i + 1 is read; the last piece's, with nothing left
+  // to overlap, on this thread. (A block of more than one piece is at least kOverlapMin: it has
+  // checksum threads.)
+  uint32_t read_pieces(int32_t slot, char* dst) const {
     const size_t n = bytes_per_block();
     std::optional<ChecksumThreads::Pending> before;
     uint32_t crc = 0;
     for (size_t at = 0; at < n; at += kReadPiece) {
       const size_t len = std::min(kReadPiece, n - at);
-      file_.read_part(slot, dst + at, at, len);
+      file_.read(slot, dst + at, at, len);
+      if (!checksum_) continue;
       if (before) crc = before->value();
       if (at + len == n) return crc32c(dst + at, len, crc);
       before.emplace(checksums_->start(dst + at, len, crc));
     }
-    return crc;  // (not reached: n > 0)
+    return crc;
   }
   static std::string hex(uint32_t v) {
     char s[11];

@@ -1,5 +1,5 @@
-// The disk tier: one preallocated file of block-sized slots under `disk_path`, read and written
-// whole blocks at a time (O_DIRECT when the file system and the block size allow it). The
+// The disk tier: one preallocated file of block-sized slots under `disk_path`, written a whole
+// block and read whole or in pieces (O_DIRECT when the file system and the sizes allow it). The
 // positional calls are safe from several threads at once: the engine runs a batch on its I/O
 // threads (cpp/io_pool.h).
 #pragma once
@@ -20,14 +20,12 @@ class DiskFile {
   DiskFile(DiskFile&& o) noexcept;
   DiskFile& operator=(DiskFile&& o) noexcept;
 
-  // Whole-block I/O; a failed transfer throws IoError (with errno), a read cut short by the end of
-  // the file CorruptBlock, and leaves the caller's state to it: callers change block locations only
-  // after these return.
+  // A whole block written; bytes [offset, offset + len) of a block read into dst (the disk tier
+  // reads a block in pieces, to check each while the next is read). A failed transfer throws
+  // IoError (with errno), a read cut short by the end of the file CorruptBlock, and leaves the
+  // caller's state to it: callers change block locations only after these return.
   void write(int32_t slot, const void* src);
-  void read(int32_t slot, void* dst) const;
-  // Bytes [offset, offset + len) of a block into dst (dst is the block's buffer at offset): the
-  // disk tier reads a block in pieces to check each while the next is read.
-  void read_part(int32_t slot, void* dst, size_t offset, size_t len) const;
+  void read(int32_t slot, void* dst, size_t offset, size_t len) const;
 
   const std::string& path() const { return path_; }
 

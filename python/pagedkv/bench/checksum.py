@@ -24,7 +24,7 @@ import torch
 
 from .. import _C, cuda_available
 from .common import save
-from .disk_tier import BS, D, HK, LAYERS, checksum_cost, checksum_lines, default_dtype, disk_ceilings
+from .disk_tier import checksum_cost, checksum_lines, default_dtype, disk_ceilings
 
 
 def crc32c_rate(block_bytes: int, path: str = "best", seconds: float = 0.5) -> float:
@@ -46,11 +46,12 @@ def main(args) -> None:
         raise SystemExit("bench checksum --device cuda: no GPU that pagedkv's kernels run on (use --device cpu)")
     path = args.disk_path or tempfile.gettempdir()
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
-    block_bytes = LAYERS * 2 * HK * BS * D * dtype.itemsize  # the blocks of the caches below
-    paths = _C.crc32c_paths()  # fastest first: the disk tier's
-    crc = {p: crc32c_rate(block_bytes, p) for p in paths}
+    dtype_name = str(dtype).removeprefix("torch.")
     ceilings = disk_ceilings(path, args.gib)
     cost = checksum_cost(path, args.blocks, args.rounds, device=args.device, dtype=dtype)
+    block_bytes = cost["block_bytes"]
+    paths = _C.crc32c_paths()  # fastest first: the disk tier's
+    crc = {p: crc32c_rate(block_bytes, p) for p in paths}
     bound = {way: cost[way]["gb_s_checksum"] / crc[paths[0]] for way in ("write", "read")}
     print(f"checksum (crc32c) of {block_bytes / 2**20:.0f} MiB disk-tier blocks, one thread: "
           + ", ".join(f"{crc[p]:.2f} GB/s ({p})" for p in paths) + f"; the disk tier runs {paths[0]}")
@@ -58,6 +59,6 @@ def main(args) -> None:
         print("  " + line)
     print(f"  were nothing overlapped, the checksum's own time (at its rate on a cached block) would be write "
           f"{100 * bound['write']:.2f}%, read {100 * bound['read']:.2f}% of the disk tier's")
-    print(f"  caches on {args.device} in {str(dtype)[6:]}: the blocks cross "
+    print(f"  caches on {args.device} in {dtype_name}: the blocks cross "
           + ("a pinned host tier (copy engines)" if args.device == "cuda" else "a host tier (memcpy)"))
-    print(f"  saved {save('checksum', {'device': args.device, 'dtype': str(dtype)[6:], 'block_bytes': block_bytes, 'crc32c_gb_s': crc, 'ceilings': ceilings, 'cost': cost, 'bound': bound})}")
+    print(f"  saved {save('checksum', {'device': args.device, 'dtype': dtype_name, 'block_bytes': block_bytes, 'crc32c_gb_s': crc, 'ceilings': ceilings, 'cost': cost, 'bound': bound})}")

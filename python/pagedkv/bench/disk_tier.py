@@ -42,38 +42,17 @@ def disk_ceilings(path: str, gib: float) -> dict:
     return {"write": w, "read": r}
 
 
-def _cache(disk_checksum: bool, **config) -> PagedKV:
-    """PagedKV(**config) whose disk tier checksums its blocks (the default) or not."""
-    return PagedKV(disk_checksum=disk_checksum, **config)
-
-
 def disk_swaps(path: str, blocks: int, device: str = "cuda", checksum: bool = True) -> dict:
     """Engine swap-out through a small host tier to the disk tier, and back up: GB/s of block
     bytes that crossed the disk (its writes and reads run on the engine's I/O threads), with the
     per-block CRC-32C (`checksum`) or without."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    kv = _cache(checksum, num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=dtype,
-                device=device, device_blocks=blocks + 8, host_blocks=32, disk_blocks=blocks + 40, disk_path=path)
-    s = kv.add_sequence()
-    rows = torch.randn(blocks * BS, HK, D, device=device).to(dtype)
-    for layer in range(LAYERS):
-        kv.append([s], layer, rows, rows)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    kv.offload([s])            # device -> host, the host tier spilling to disk as it fills
-    sync()
-    down = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    kv.prefetch([s])           # disk -> host -> device
-    sync()
-    up = time.perf_counter() - t0
+    kv, s, rows = _spilled_cache(checksum, path, blocks, device, default_dtype(device))
+    to_disk, from_disk = _round_trip(kv, s, torch.cuda.synchronize if device == "cuda" else (lambda: None))
     st = kv.stats()
     ok = torch.equal(kv.gather(s, LAYERS - 1)[0], rows)
     kv.check_invariants()
     return {"blocks": blocks, "checksum": checksum, "block_bytes": kv.block_bytes,
-            "to_disk_gb_s": st["bytes_to_disk"] / down / 1e9,
-            "from_disk_gb_s": st["bytes_from_disk"] / up / 1e9, "bytes_to_disk": st["bytes_to_disk"],
+            "to_disk_gb_s": to_disk, "from_disk_gb_s": from_disk, "bytes_to_disk": st["bytes_to_disk"],
             "bytes_from_disk": st["bytes_from_disk"], "intact": ok}
 
 
@@ -89,8 +68,8 @@ def default_dtype(device: str) -> torch.dtype:
 def _spilled_cache(checksum: bool, path: str, blocks: int, device: str, dtype: torch.dtype):
     """A cache with one sequence of `blocks` blocks in every layer, and a host tier of 32 blocks in
     front of its disk tier: each offload of the sequence spills all but a few blocks to disk."""
-    kv = _cache(checksum, num_layers=LAYERS, num_kv_heads=HK, head_dim=D, block_size=BS, dtype=dtype,
-                device=device, device_blocks=blocks + 8, host_blocks=32, disk_blocks=blocks + 40, disk_path=path)
+    kv = PagedKV(LAYERS, HK, D, block_size=BS, dtype=dtype, device=device, device_blocks=blocks + 8,
+                 host_blocks=32, disk_blocks=blocks + 40, disk_path=path, disk_checksum=checksum)
     s = kv.add_sequence()
     rows = torch.randn(blocks * BS, HK, D, device=device).to(dtype)
     for layer in range(LAYERS):
