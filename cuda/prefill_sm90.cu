@@ -9,9 +9,9 @@
 namespace pagedkv::cuda::detail {
 namespace {
 
-template <typename T, int HD, bool PINGPONG = true>
+template <typename T, int HD, int F = kPingPong>
 struct PrefillInstance {
-  static constexpr auto kernel = prefill_sm90_kernel<T, HD, PINGPONG>;
+  static constexpr auto kernel = prefill_sm90_kernel<T, HD, F>;
   // Sets the shared-memory limit once per device and checks that the binary holds sm_90a code
   // for this kernel (a build without the 90a target would run an empty body through PTX JIT).
   static bool ready() {
@@ -38,15 +38,24 @@ struct PrefillInstance {
   }
 };
 
-// Calls f(PrefillInstance<...>{}) for the call's dtype and head_dim; variant 1: no ping-pong
-// between the consumer warpgroups (head_dim 128 only, for the bench to compare).
+// Calls f(PrefillInstance<...>{}) for the call's dtype and head_dim. Variants (head_dim 128 only,
+// for the bench to compare; AttentionTuning::prefill_variant): 0 the default (ping-pong), 1 no
+// ping-pong, 2 + kSplitKV, 3 + kPolyExp, 4 + both, 5 + kPolyExp | kPolyHalf.
 template <typename F>
 bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
   auto hd = [&](auto tag) {
     using T = typename decltype(tag)::type;
     switch (p.head_dim) {
       case 64: return f(PrefillInstance<T, 64>{});
-      case 128: return variant == 1 ? f(PrefillInstance<T, 128, false>{}) : f(PrefillInstance<T, 128>{});
+      case 128:
+        switch (variant) {
+          case 1: return f(PrefillInstance<T, 128, 0>{});
+          case 2: return f(PrefillInstance<T, 128, kPingPong | kSplitKV>{});
+          case 3: return f(PrefillInstance<T, 128, kPingPong | kPolyExp>{});
+          case 4: return f(PrefillInstance<T, 128, kPingPong | kSplitKV | kPolyExp>{});
+          case 5: return f(PrefillInstance<T, 128, kPingPong | kPolyExp | kPolyHalf>{});
+          default: return f(PrefillInstance<T, 128>{});
+        }
       case 256: return f(PrefillInstance<T, 256>{});
       default: return false;
     }

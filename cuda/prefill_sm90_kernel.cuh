@@ -42,8 +42,17 @@ struct PrefillShape {
   static constexpr uint32_t kQBytes = kM * HD * 2;
   static constexpr uint32_t kTileBytes = kN * HD * 2;
   static constexpr uint32_t kBarOffset = kQBytes + 2 * kStages * kTileBytes;
-  static constexpr size_t kSmem = kBarOffset + 2 * kStages * sizeof(uint64_t) + 1024;  // + alignment
+  static constexpr size_t kSmem = kBarOffset + 4 * kStages * sizeof(uint64_t) + 1024;  // + alignment
 };
+
+// Kernel variants, as feature bits (the default is kPingPong; the others exist for the bench):
+//   kPingPong  the consumer warpgroups take turns issuing their MMAs (FlashAttention-3);
+//   kSplitKV   K and V of a stage land and are released separately: S = QK^T waits only for K,
+//              and K's half of the stage goes back to the producer as soon as S is computed;
+//   kPolyExp   a quarter of the softmax's exponentials by a polynomial on the FMA pipes instead
+//              of the MUFU unit (whose 16 results per clock and SM bound the softmax);
+//   kPolyHalf  with kPolyExp: half of them.
+enum PrefillFeature : int { kPingPong = 1, kSplitKV = 2, kPolyExp = 4, kPolyHalf = 8 };
 
 constexpr float kPrefillLog2e = 1.4426950408889634f;
 constexpr float kPrefillLn2 = 0.6931471805599453f;
@@ -58,10 +67,12 @@ struct PrefillTile {
   __device__ int pos(int r) const { return first_pos + (m0 + min(r, m_count - 1)) / group; }
 };
 
-template <typename T, int HD>
+// Barriers per stage: full[s] (copies landed), empty[s] (consumers done with it); with kSplitKV
+// also fullV[s] / emptyV[s] for the V half (full / empty then cover K alone).
+template <typename T, int HD, int F>
 __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, const PrefillTile& w,
                                                  unsigned char* sK0, unsigned char* sV0, uint64_t* full,
-                                                 uint64_t* empty) {
+                                                 uint64_t* empty, uint64_t* fullV, uint64_t* emptyV) {
   using S = PrefillShape<HD>;
   constexpr int kRows = S::kN / 4;  // rows of a tile per producer warp
   constexpr int kIters = kRows * S::kChunks / 32;
@@ -81,18 +92,39 @@ __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, 
     }
     unsigned char* dK = sK0 + s * S::kTileBytes;
     unsigned char* dV = sV0 + s * S::kTileBytes;
+    if constexpr ((F & kSplitKV) != 0) {
+      // K first, its own arrival; then V once its half of the stage is free.
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const int it = lane + 32 * i, rl = it / S::kChunks, cv = it % S::kChunks;
-      const int64_t o = __shfl_sync(0xffffffffu, off, rl);
-      const bool ok = o != kNoRow;
-      const uint32_t d = swz_offset(warp * kRows + rl, cv, S::kN);
-      const T* src = pool + (ok ? o + cv * 8 : 0);
-      cp_async_16(dK + d, src, ok);
-      cp_async_16(dV + d, ok ? src + v_off : src, ok);
+      for (int i = 0; i < kIters; ++i) {
+        const int it = lane + 32 * i, rl = it / S::kChunks, cv = it % S::kChunks;
+        const int64_t o = __shfl_sync(0xffffffffu, off, rl);
+        const bool ok = o != kNoRow;
+        cp_async_16(dK + swz_offset(warp * kRows + rl, cv, S::kN), pool + (ok ? o + cv * 8 : 0), ok);
+      }
+      cp_async_arrive_noinc(&full[s]);
+      if (t >= S::kStages) mbar_wait(&emptyV[s], ((t / S::kStages) - 1) & 1);
+#pragma unroll
+      for (int i = 0; i < kIters; ++i) {
+        const int it = lane + 32 * i, rl = it / S::kChunks, cv = it % S::kChunks;
+        const int64_t o = __shfl_sync(0xffffffffu, off, rl);
+        const bool ok = o != kNoRow;
+        cp_async_16(dV + swz_offset(warp * kRows + rl, cv, S::kN), pool + (ok ? o + v_off + cv * 8 : 0), ok);
+      }
+      cp_async_arrive_noinc(&fullV[s]);  // (fires when this thread's K and V copies have landed)
+    } else {
+#pragma unroll
+      for (int i = 0; i < kIters; ++i) {
+        const int it = lane + 32 * i, rl = it / S::kChunks, cv = it % S::kChunks;
+        const int64_t o = __shfl_sync(0xffffffffu, off, rl);
+        const bool ok = o != kNoRow;
+        const uint32_t d = swz_offset(warp * kRows + rl, cv, S::kN);
+        const T* src = pool + (ok ? o + cv * 8 : 0);
+        cp_async_16(dK + d, src, ok);
+        cp_async_16(dV + d, ok ? src + v_off : src, ok);
+      }
+      // The stage's `full` barrier gets this thread's arrival once its copies have landed.
+      cp_async_arrive_noinc(&full[s]);
     }
-    // The stage's `full` barrier gets this thread's arrival once its copies have landed.
-    cp_async_arrive_noinc(&full[s]);
   }
   cp_async_wait<0>();
 }
@@ -126,6 +158,22 @@ __device__ __forceinline__ float tree_reduce(const float* sc, int off, Op op) {
   return t[0];
 }
 
+// 2^x on the FMA pipes (kPolyExp): x = j + f with j = round(x), f in [-1/2, 1/2]; 2^f by a
+// degree-3 polynomial fitted for relative error (at most 1.0e-4, against the 2^-9 to which P is
+// rounded to bf16), times 2^j built from j's bits. x is clamped at -126 first (2^-126 ~ 1e-38:
+// as good as 0 against a row sum of at least 1; -inf, a masked key, gives that too). NaN stays
+// NaN: the clamp compares x < -126 (false for NaN) and the polynomial carries it.
+__device__ __forceinline__ float ex2_poly(float x) {
+  constexpr float kMagic = 12582912.f;  // 1.5 * 2^23: x + kMagic holds round(x) in its low bits
+  const float xc = x < -126.f ? -126.f : x;
+  const float t = xc + kMagic;
+  const float f = xc - (t - kMagic);
+  float r = fmaf(5.500858e-2f, f, 2.4221037e-1f);
+  r = fmaf(r, f, 6.932829e-1f);
+  r = fmaf(r, f, 1.f);
+  return r * __int_as_float((__float_as_int(t) << 23) + 0x3F800000);  // 2^j (j >= -126: a normal float)
+}
+
 // The keys a row at `pos` sees, as virtual-key offsets from `base`: offset c is visible iff
 // c <= hi and (c >= lo or c < sink_end). Virtual keys are sinks [0, n_sink), then the window
 // part whose key is ws + (v - n_sink); the key tests of key_visible become offset compares, so a
@@ -143,10 +191,11 @@ __device__ __forceinline__ RowLimits row_limits(const PagedAttentionParams& p, c
   return r;
 }
 
-template <typename T, int HD, bool PINGPONG>
+template <typename T, int HD, int F>
 __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, const PrefillTile& w, int cw, bool pair,
                                                  unsigned char* sQ, unsigned char* sK0, unsigned char* sV0,
-                                                 uint64_t* full, uint64_t* empty) {
+                                                 uint64_t* full, uint64_t* empty, uint64_t* fullV, uint64_t* emptyV) {
+  constexpr bool kSplit = (F & kSplitKV) != 0;
   using S = PrefillShape<HD>;
   constexpr int kN = S::kN;
   const int ctid = threadIdx.x - 128 * (cw + 1), warp = ctid / 32, lane = ctid % 32;
@@ -169,7 +218,7 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
   // Ping-pong (FlashAttention-3): with two consumer warpgroups, each issues its MMAs only on its
   // turn (named barrier 3 + cw) and then hands the turn over, so one group's softmax runs while
   // the other's MMAs keep the tensor cores busy. Group 1 gives group 0 the first turn.
-  const bool turns = PINGPONG && pair;
+  const bool turns = (F & kPingPong) != 0 && pair;
   auto my_turn = [&] {
     if (turns) named_barrier(3 + cw, 256);
   };
@@ -243,8 +292,13 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     mA = nA, mB = nB;
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j) {  // one FFMA and one ex2 per score
-      sc[4 * j] = ex2(fmaf(sc[4 * j], sl2, -uA)), sc[4 * j + 1] = ex2(fmaf(sc[4 * j + 1], sl2, -uA));
-      sc[4 * j + 2] = ex2(fmaf(sc[4 * j + 2], sl2, -uB)), sc[4 * j + 3] = ex2(fmaf(sc[4 * j + 3], sl2, -uB));
+      if ((F & kPolyExp) != 0 && j % ((F & kPolyHalf) != 0 ? 2 : 4) == 1) {
+        sc[4 * j] = ex2_poly(fmaf(sc[4 * j], sl2, -uA)), sc[4 * j + 1] = ex2_poly(fmaf(sc[4 * j + 1], sl2, -uA));
+        sc[4 * j + 2] = ex2_poly(fmaf(sc[4 * j + 2], sl2, -uB)), sc[4 * j + 3] = ex2_poly(fmaf(sc[4 * j + 3], sl2, -uB));
+      } else {
+        sc[4 * j] = ex2(fmaf(sc[4 * j], sl2, -uA)), sc[4 * j + 1] = ex2(fmaf(sc[4 * j + 1], sl2, -uA));
+        sc[4 * j + 2] = ex2(fmaf(sc[4 * j + 2], sl2, -uB)), sc[4 * j + 3] = ex2(fmaf(sc[4 * j + 3], sl2, -uB));
+      }
     }
     const float sumA = tree_reduce<kN / 8>(sc, 0, [](float x, float y) { return x + y; });
     const float sumB = tree_reduce<kN / 8>(sc, 2, [](float x, float y) { return x + y; });
@@ -264,6 +318,11 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
   // Software pipeline (FlashAttention-3's intra-warpgroup overlap): while the tensor cores run
   // S_t = Q K_t and O += P_{t-1} V_{t-1}, nothing waits; the softmax of S_t then overlaps the
   // P.V product, and O is rescaled once that product has landed.
+  // (kSplitKV: K's half of stage s is released once S_t has landed, V's once P V has.)
+  auto release = [&](uint64_t* bar) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
   float alphaA, alphaB;
   mbar_wait(&full[0], 0);
   fence_proxy_async();
@@ -272,11 +331,13 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
   their_turn();
   wgmma_wait<0>();
   fence_regs(sc);
+  if (kSplit) release(&empty[0]);
   softmax(0, &alphaA, &alphaB);
   to_operand();
   for (int t = 1; t < w.n_tiles; ++t) {
     const int s = t % S::kStages, prev = (t - 1) % S::kStages;
     mbar_wait(&full[s], (t / S::kStages) & 1);
+    if (kSplit) mbar_wait(&fullV[prev], ((t - 1) / S::kStages) & 1);
     fence_proxy_async();  // the producer's cp.async writes, now seen, to wgmma's async proxy
     my_turn();
     issue_qk(s);
@@ -284,18 +345,22 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     their_turn();
     wgmma_wait<1>();
     fence_regs(sc);
+    if (kSplit) release(&empty[s]);
     softmax(t, &alphaA, &alphaB);
     wgmma_wait<0>();
     fence_regs(o);
     fence_regs_u32(pf);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[prev]);
+    release(kSplit ? &emptyV[prev] : &empty[prev]);
 #pragma unroll
     for (int j = 0; j < HD / 8; ++j) {
       o[4 * j] *= alphaA, o[4 * j + 1] *= alphaA;
       o[4 * j + 2] *= alphaB, o[4 * j + 3] *= alphaB;
     }
     to_operand();
+  }
+  if (kSplit) {
+    mbar_wait(&fullV[(w.n_tiles - 1) % S::kStages], ((w.n_tiles - 1) / S::kStages) & 1);
+    fence_proxy_async();
   }
   my_turn();
   issue_pv((w.n_tiles - 1) % S::kStages);
@@ -316,7 +381,9 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     const int r = h ? rB : rA;
     if (r >= w.m_count) continue;
     const float l = h ? lB : lA, m = h ? mB : mA;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    // (A row that saw no key has m = -inf: out 0, lse -inf. Its l need not be 0 under kPolyExp,
+    // whose 2^-inf is 2^-126.)
+    const float inv = l > 0.f && m != -INFINITY ? 1.f / l : 0.f;
     const int pm = w.m0 + r;
     const int64_t qrow = w.row0 + pm / w.group, head = int64_t(w.kvh) * w.group + pm % w.group;
     T* dst = out + (qrow * num_q_heads + head) * HD + 2 * q4;
@@ -342,7 +409,7 @@ __device__ void prefill_no_keys(const PagedAttentionParams& p, const PrefillTile
 
 #endif  // sm_90a
 
-template <typename T, int HD, bool PINGPONG>
+template <typename T, int HD, int F>
 __global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttentionParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = PrefillShape<HD>;
@@ -353,6 +420,8 @@ __global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttenti
   unsigned char* sV0 = sK0 + S::kStages * S::kTileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kBarOffset);
   uint64_t* empty = full + S::kStages;
+  uint64_t* fullV = empty + S::kStages;  // (kSplitKV only)
+  uint64_t* emptyV = fullV + S::kStages;
 
   PrefillTile w;
   w.seq = blockIdx.z, w.kvh = blockIdx.y, w.group = p.num_q_heads / p.num_kv_heads;
@@ -370,16 +439,20 @@ __global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttenti
   }
   const int consumers = w.m_count > 64 ? 2 : 1;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S::kStages; ++s) mbar_init(&full[s], 128), mbar_init(&empty[s], 4 * consumers);
+    for (int s = 0; s < S::kStages; ++s) {
+      mbar_init(&full[s], 128), mbar_init(&empty[s], 4 * consumers);
+      mbar_init(&fullV[s], 128), mbar_init(&emptyV[s], 4 * consumers);
+    }
   }
   __syncthreads();
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     regs_dealloc<S::kProducerRegs>();
-    prefill_producer<T, HD>(p, w, sK0, sV0, full, empty);
+    prefill_producer<T, HD, F>(p, w, sK0, sV0, full, empty, fullV, emptyV);
   } else {
     regs_alloc<S::kConsumerRegs>();
-    if (wg - 1 < consumers) prefill_consumer<T, HD, PINGPONG>(p, w, wg - 1, consumers == 2, sQ, sK0, sV0, full, empty);
+    if (wg - 1 < consumers)
+      prefill_consumer<T, HD, F>(p, w, wg - 1, consumers == 2, sQ, sK0, sV0, full, empty, fullV, emptyV);
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // not sm_90a code: the host never launches this (prefill_sm90_supports); never run empty

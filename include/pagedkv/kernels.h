@@ -39,7 +39,7 @@ struct AttentionTuning {
   int32_t force_splits = 0;  // split-K kernel: > 0 forces that many splits
   int32_t variant = 0;       // split-K kernel: 1 forces the 3-stage configuration (head_dim <= 128), -1 the base one
   int32_t aim_ctas = 2;      // split-K kernel: resident CTAs per SM that split-K aims at below a full wave
-  int32_t prefill_variant = 0;  // tensor-core kernel: 1 turns off the ping-pong of its consumer warpgroups
+  int32_t prefill_variant = 0;  // tensor-core kernel variant, for benches (cuda/prefill_sm90.cu, by_type_hd)
 };
 
 // Packed query rows per sequence (max_q_len x GQA group) from which kAuto takes the tensor-core

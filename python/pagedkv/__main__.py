@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     ck.add_argument("--rounds", type=_positive, default=41,
                     help="swaps of a cache with the checksum and one without, taking turns; median and quartiles")
     ck.add_argument("--disk-path", default=None, help="folder of the disk tier (default: the temp dir)")
+    ck.add_argument("--control", action="store_true",
+                    help="A/A run: neither cache checksums, so the reported cost is the method's own bias")
 
     srv = add_bench("serve", help="Zipf chat sessions over a device tier smaller than their KV, per policy")
     srv.add_argument("--device", default="cuda")

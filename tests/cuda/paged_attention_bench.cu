@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "check_util.h"
@@ -121,14 +122,27 @@ void bench(const char* out_path) {
 
 
 // Multi-token timings (--prefill-bench): bf16, 32 query / 8 KV heads, head_dim 128, page 16, pages in
-// random order; the n new rows are the last n tokens of each sequence of L. Both kernels per
-// shape; TFLOP/s counts 4 x heads x head_dim x the keys each query row sees.
+// random order; the n new rows are the last n tokens of each sequence of L. The split-K kernel and
+// the tensor-core kernel's variants (PKV_VARIANTS, default "0,1"; cuda/prefill_sm90.cu) per shape,
+// PKV_ROUNDS rounds (default 1) of 7 x 3 calls each, the variants taking turns within a round;
+// median over all. TFLOP/s counts 4 x heads x head_dim x the keys each query row sees.
 void bench_prefill(const char* out_path) {
   const int shapes[][3] = {{1, 8192, 2048}, {1, 32768, 4096}, {1, 131072, 4096}, {4, 16384, 1024},
                            {8, 4096, 4096}, {32, 8192, 8},    {64, 4096, 4},    {1, 131072, 16384}};
   FILE* f = out_path ? std::fopen(out_path, "w") : nullptr;
   std::mt19937_64 rng(7);
   const char* only = std::getenv("PKV_SHAPE");  // index into shapes: just that one, tensor cores only (ncu)
+  std::vector<int> variants;
+  {
+    std::string list = std::getenv("PKV_VARIANTS") ? std::getenv("PKV_VARIANTS") : "0,1";
+    for (size_t at = 0; at < list.size();) {
+      size_t end = list.find(',', at);
+      if (end == std::string::npos) end = list.size();
+      variants.push_back(std::atoi(list.substr(at, end - at).c_str()));
+      at = end + 1;
+    }
+  }
+  const int rounds = std::getenv("PKV_ROUNDS") ? std::max(1, std::atoi(std::getenv("PKV_ROUNDS"))) : 1;
   for (int si = 0; si < int(sizeof shapes / sizeof shapes[0]); ++si) {
     if (only && std::atoi(only) != si) continue;
     const auto& sh = shapes[si];
@@ -138,43 +152,51 @@ void bench_prefill(const char* out_path) {
     // keys seen per row: ctx - n + 1 + i for row i
     const double keys = double(B) * (double(n) * (ctx - n) + double(n) * (n + 1) / 2);
     const double flops = 4.0 * Hq * hd * keys;
-    double us_by[4] = {0, 0, 0, 0};  // [path]; [3]: tensor cores without ping-pong
-    for (int path : {1, 2, 3}) {
-      if (only && path == cuda::AttentionTuning::kSplitK) continue;
-      cuda::AttentionTuning tu = g_tuning;
-      tu.path = path == 3 ? cuda::AttentionTuning::kTensorCore : path;
-      tu.prefill_variant = path == 3 ? 1 : 0;
-      void* d_ws = nullptr;
-      const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms, tu);
-      if (ws) CK(cudaMalloc(&d_ws, ws));
-      cudaStream_t st;
-      CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-      CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st, tu));
-      CK(cudaStreamSynchronize(st));
-      cudaEvent_t e0, e1;
-      CK(cudaEventCreate(&e0));
-      CK(cudaEventCreate(&e1));
-      std::vector<float> t;
-      for (int rep = 0; rep < 7; ++rep) {
-        CK(cudaEventRecord(e0, st));
-        for (int i = 0; i < 3; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st, tu));
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        t.push_back(ms * 1000.f / 3);
+    // runs[0]: split-K; runs[1 + i]: tensor cores, variant variants[i]
+    const int nrun = 1 + int(variants.size());
+    std::vector<std::vector<float>> t(nrun);
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int round = 0; round < rounds; ++round)
+      for (int r = 0; r < nrun; ++r) {
+        if (r == 0 && (only || round > 0)) continue;  // split-K: once, and not under ncu
+        cuda::AttentionTuning tu = g_tuning;
+        tu.path = r == 0 ? cuda::AttentionTuning::kSplitK : cuda::AttentionTuning::kTensorCore;
+        tu.prefill_variant = r == 0 ? 0 : variants[size_t(r - 1)];
+        void* d_ws = nullptr;
+        const size_t ws = cuda::paged_attention_workspace_bytes(p, g_num_sms, tu);
+        if (ws) CK(cudaMalloc(&d_ws, ws));
+        CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st, tu));
+        CK(cudaStreamSynchronize(st));
+        for (int rep = 0; rep < 7; ++rep) {
+          CK(cudaEventRecord(e0, st));
+          for (int i = 0; i < 3; ++i) CK(cuda::paged_attention(p, d_ws, ws, g_num_sms, st, tu));
+          CK(cudaEventRecord(e1, st));
+          CK(cudaEventSynchronize(e1));
+          float ms;
+          CK(cudaEventElapsedTime(&ms, e0, e1));
+          t[size_t(r)].push_back(ms * 1000.f / 3);
+        }
+        if (d_ws) CK(cudaFree(d_ws));
       }
-      std::sort(t.begin(), t.end());
-      us_by[path] = t[t.size() / 2];
-      CK(cudaEventDestroy(e0));
-      CK(cudaEventDestroy(e1));
-      CK(cudaStreamDestroy(st));
-      if (d_ws) CK(cudaFree(d_ws));
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    CK(cudaStreamDestroy(st));
+    auto median = [](std::vector<float> v) {
+      if (v.empty()) return 0.0;
+      std::sort(v.begin(), v.end());
+      return double(v[v.size() / 2]);
+    };
+    const double sk = median(t[0]), tc = median(t[1]);
+    std::printf("PREFILL %2d x %6d n %5d  split-K %9.1f us %6.1f TF/s", B, ctx, n, sk, sk > 0 ? flops / sk * 1e-6 : 0.0);
+    for (int r = 1; r < nrun; ++r) {
+      const double us = median(t[size_t(r)]);
+      std::printf(" | v%d %9.1f us %6.1f TF/s %.3fx", variants[size_t(r - 1)], us, flops / us * 1e-6, tc / us);
     }
-    const double tc = us_by[cuda::AttentionTuning::kTensorCore], sk = us_by[cuda::AttentionTuning::kSplitK];
-    const double np = us_by[3];
-    std::printf("PREFILL %2d x %6d n %5d  split-K %9.1f us %6.1f TF/s | tensor-core %9.1f us %6.1f TF/s | %.2fx | no ping-pong %9.1f us %6.1f TF/s\n",
-                B, ctx, n, sk, flops / sk * 1e-6, tc, flops / tc * 1e-6, sk / tc, np, flops / np * 1e-6);
+    std::printf("\n");
     if (f) std::fprintf(f, "%d %d %d %.2f %.2f\n", B, ctx, n, sk, tc);
   }
   if (f) std::fclose(f);

@@ -388,3 +388,23 @@ def test_bench_checksum_cuda_without_gpu(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pagedkv", "bench", "checksum", "--device", "cuda", "--rounds", "1",
                         "--disk-path", str(tmp_path), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--device cpu" in r.stderr, r.stderr
+
+
+def test_checksum_cost_control_is_two_unchecked_caches(tmp_path, monkeypatch):
+    """`bench checksum --control` (an A/A run): both caches without the checksum; without it, one of each."""
+    from pagedkv.bench import disk_tier
+
+    seen = []
+    real = disk_tier._spilled_cache
+
+    def spy(checksum, *args, **kw):
+        seen.append(checksum)
+        return real(checksum, *args, **kw)
+
+    monkeypatch.setattr(disk_tier, "_spilled_cache", spy)
+    out = disk_tier.checksum_cost(str(tmp_path), 48, 2, device="cpu", control=True)
+    assert seen == [False, False] and out["control"] is True
+    assert disk_tier.checksum_lines(out, {"write": 1.0, "read": 1.0})[0].startswith("A/A control")
+    seen.clear()
+    out = disk_tier.checksum_cost(str(tmp_path), 48, 2, device="cpu")
+    assert seen == [True, False] and out["control"] is False

@@ -14,6 +14,8 @@ Measured in one run:
               (disk tier GB/s over crc32c GB/s): what it would cost if nothing overlapped it (a
               lower bound of that: blocks fresh from the disk are not in the cache);
   ceilings    the file system's own sequential 2 MiB write (fsync'd) and read (cache dropped).
+`--control` runs the same rounds with neither cache checksumming (an A/A run): what the method
+reports when there is nothing to find, the floor under the cost.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def main(args) -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
     dtype_name = str(dtype).removeprefix("torch.")
     ceilings = disk_ceilings(path, args.gib)
-    cost = checksum_cost(path, args.blocks, args.rounds, device=args.device, dtype=dtype)
+    cost = checksum_cost(path, args.blocks, args.rounds, device=args.device, dtype=dtype, control=args.control)
     block_bytes = cost["block_bytes"]
     paths = _C.crc32c_paths()  # fastest first: the disk tier's
     crc = {p: crc32c_rate(block_bytes, p) for p in paths}
@@ -61,4 +63,4 @@ def main(args) -> None:
           f"{100 * bound['write']:.2f}%, read {100 * bound['read']:.2f}% of the disk tier's")
     print(f"  caches on {args.device} in {dtype_name}: the blocks cross "
           + ("a pinned host tier (copy engines)" if args.device == "cuda" else "a host tier (memcpy)"))
-    print(f"  saved {save('checksum', {'device': args.device, 'dtype': dtype_name, 'block_bytes': block_bytes, 'crc32c_gb_s': crc, 'ceilings': ceilings, 'cost': cost, 'bound': bound})}")
+    print(f"  saved {save('checksum', {'device': args.device, 'control': args.control, 'dtype': dtype_name, 'block_bytes': block_bytes, 'crc32c_gb_s': crc, 'ceilings': ceilings, 'cost': cost, 'bound': bound})}")

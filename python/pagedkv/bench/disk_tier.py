@@ -93,14 +93,18 @@ def _round_trip(kv, s, sync) -> tuple[float, float]:
             (after["bytes_from_disk"] - before["bytes_from_disk"]) / (t2 - t1) / 1e9)
 
 
-def checksum_cost(path: str, blocks: int, rounds: int, device: str = "cuda", dtype: torch.dtype | None = None) -> dict:
+def checksum_cost(path: str, blocks: int, rounds: int, device: str = "cuda", dtype: torch.dtype | None = None,
+                  control: bool = False) -> dict:
     """The disk-tier checksum's cost, measured: two caches alike but for the per-block CRC-32C
     (one checksums, one does not) take turns, `rounds` times, at the same swap (offload through
     the host tier to disk, prefetch back), which of the two goes first alternating. Per round and
     direction: time with the checksum over time without, less 1 (0.02 = 2% slower); median and
-    quartiles over the rounds (one warm-up round not counted), and the median GB/s of each."""
+    quartiles over the rounds (one warm-up round not counted), and the median GB/s of each.
+    `control`: both caches without the checksum (an A/A run), so the "cost" is the method's own
+    bias and spread on this machine (two files, two pools), the floor a real cost stands on."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    caches = {ck: _spilled_cache(ck, path, blocks, device, dtype or default_dtype(device)) for ck in (True, False)}
+    caches = {ck: _spilled_cache(ck and not control, path, blocks, device, dtype or default_dtype(device))
+              for ck in (True, False)}
     rates = {True: [], False: []}
     for i in range(rounds + 1):
         for ck in ((True, False) if i % 2 == 0 else (False, True)):
@@ -110,7 +114,7 @@ def checksum_cost(path: str, blocks: int, rounds: int, device: str = "cuda", dty
         if not torch.equal(kv.gather(s, LAYERS - 1)[0], rows):
             raise SystemExit("bench: the blocks came back from disk different")
         kv.check_invariants()
-    out = {"blocks": blocks, "rounds": rounds, "block_bytes": caches[True][0].block_bytes}
+    out = {"blocks": blocks, "rounds": rounds, "block_bytes": caches[True][0].block_bytes, "control": control}
     for d, way in enumerate(("write", "read")):
         on, off = [r[d] for r in rates[True][1:]], [r[d] for r in rates[False][1:]]
         cost = sorted(b / a - 1 for a, b in zip(on, off))
@@ -123,6 +127,9 @@ def checksum_cost(path: str, blocks: int, rounds: int, device: str = "cuda", dty
 def checksum_lines(c: dict, ceilings: dict) -> list[str]:
     lines = [f"disk-tier checksum (crc32c per block): {c['rounds']} rounds of {c['blocks']} x "
              f"{c['block_bytes'] / 2**20:.0f} MiB swaps, a cache with it and one without taking turns:"]
+    if c.get("control"):
+        lines = [f"A/A control: {c['rounds']} rounds of {c['blocks']} x {c['block_bytes'] / 2**20:.0f} MiB swaps, two "
+                 f"caches both WITHOUT the checksum taking turns ('with' = the first cache): the method's own bias:"]
     for way in ("write", "read"):
         r = c[way]
         lines.append(f"  {way:<6} {r['gb_s_checksum']:.2f} GB/s with, {r['gb_s_no_checksum']:.2f} without "
