@@ -17,16 +17,20 @@ wait $(jobs -p | grep -v $pip_pid) 2>/dev/null
 nvcc -gencode=arch=compute_90a,code=sm_90a build/pa/*.o -o build/pa_check || exit 1
 echo "harness built: $(( $(date +%s) - t0 )) s"
 timeout 150 ./build/pa_check --quick 2>&1 | tail -4
-PKV_VARIANTS=0,1,2,3,4,5 PKV_ROUNDS=3 timeout 240 ./build/pa_check --prefill-bench 2>&1 | tee "$OUT/variants.txt"
-PKV_SHAPE=1 PKV_VARIANTS=0 timeout 150 ncu --clock-control none -k regex:prefill_sm90 -c 1 --section WarpStateStats \
-  --section SourceCounters --section SpeedOfLight --import-source yes -f -o "$OUT/src" ./build/pa_check --prefill-bench > "$OUT/ncu-run.log" 2>&1
-echo "ncu rc=$?"
-ncu -i "$OUT/src.ncu-rep" --page source --csv --print-source sass > "$OUT/src-sass.csv" 2>"$OUT/src-err.log"; echo "source page rc=$? $(wc -c < $OUT/src-sass.csv)"
-ncu -i "$OUT/src.ncu-rep" --page details > "$OUT/details.txt" 2>&1
-gzip -f "$OUT/src.ncu-rep"
+PKV_VARIANTS=0,2,3,5,6,7,9,10 PKV_ROUNDS=3 timeout 240 ./build/pa_check --prefill-bench 2>&1 | tee "$OUT/variants.txt"
+for v in 0 9; do
+  PKV_SHAPE=1 PKV_VARIANTS=$v timeout 150 ncu --clock-control none -k regex:prefill_sm90 -c 1 --section WarpStateStats \
+    --section SourceCounters --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats \
+    --import-source yes -f -o "$OUT/src$v" ./build/pa_check --prefill-bench > "$OUT/ncu-run$v.log" 2>&1
+  echo "ncu v$v rc=$?"
+  ncu -i "$OUT/src$v.ncu-rep" --page source --csv --print-source sass > "$OUT/src$v-sass.csv" 2>>"$OUT/ncu-run$v.log"; echo "source page rc=$? $(wc -c < $OUT/src$v-sass.csv)"
+  ncu -i "$OUT/src$v.ncu-rep" --page details > "$OUT/details$v.txt" 2>&1
+  grep -E "Duration|Issue Slots Busy|Eligible Warps|No Eligible|Compute \(SM\) Throughput" "$OUT/details$v.txt" | head -8
+done
 wait $pip_pid; tail -2 "$OUT/build.log"; echo "all built: $(( $(date +%s) - t0 )) s"
 for a in "--device cuda" "--device cuda --control" "--device cpu --dtype bfloat16" "--device cuda --dtype float32" "--device cuda"; do
   echo "== checksum $a"; timeout 120 python3 -m pagedkv bench checksum $a --rounds 41 --gib 0.5 --out "$OUT" 2>&1 | grep -v -E "Warning|INFO"
 done
-(cd "$OUT" && tar czf logs.tgz --remove-files build.log ncu-run.log src-err.log 2>/dev/null)
+rm -f "$OUT"/*.ncu-rep
+(cd "$OUT" && tar czf all.tgz --remove-files $(ls | grep -v -E "^variants.txt$") 2>/dev/null)
 ls -la "$OUT"

@@ -1,6 +1,7 @@
 // Host side of the Hopper tensor-core prefill kernel (prefill_sm90_kernel.cuh): which calls it
 // takes, the per-device launch attributes, the launch.
 #include <atomic>
+#include <type_traits>
 
 #include "pagedkv/kernels.h"
 #include "prefill_sm90.h"
@@ -40,7 +41,9 @@ struct PrefillInstance {
 
 // Calls f(PrefillInstance<...>{}) for the call's dtype and head_dim. Variants (head_dim 128 only,
 // for the bench to compare; AttentionTuning::prefill_variant): 0 the default (ping-pong), 1 no
-// ping-pong, 2 + kSplitKV, 3 + kPolyExp, 4 + both, 5 + kPolyExp | kPolyHalf.
+// ping-pong; bf16 only: 2 + kSplitKV, 3 + kPolyExp, 4 + both, 5 + kPolyExp | kPolyHalf,
+// 6 + kMaskSplit, 7 + kMaskSplit | kSplitKV, 8 + kMaskSplit | kPolyExp, 9 + kMaskSplit | kFastDesc,
+// 10 + kMaskSplit | kFastDesc | kPolyExp.
 template <typename F>
 bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
   auto hd = [&](auto tag) {
@@ -48,13 +51,22 @@ bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
     switch (p.head_dim) {
       case 64: return f(PrefillInstance<T, 64>{});
       case 128:
-        switch (variant) {
-          case 1: return f(PrefillInstance<T, 128, 0>{});
-          case 2: return f(PrefillInstance<T, 128, kPingPong | kSplitKV>{});
-          case 3: return f(PrefillInstance<T, 128, kPingPong | kPolyExp>{});
-          case 4: return f(PrefillInstance<T, 128, kPingPong | kSplitKV | kPolyExp>{});
-          case 5: return f(PrefillInstance<T, 128, kPingPong | kPolyExp | kPolyHalf>{});
-          default: return f(PrefillInstance<T, 128>{});
+        if (variant == 1) return f(PrefillInstance<T, 128, 0>{});
+        if constexpr (!std::is_same_v<T, __nv_bfloat16>) {
+          return f(PrefillInstance<T, 128>{});
+        } else {
+          switch (variant) {
+            case 2: return f(PrefillInstance<T, 128, kPingPong | kSplitKV>{});
+            case 3: return f(PrefillInstance<T, 128, kPingPong | kPolyExp>{});
+            case 4: return f(PrefillInstance<T, 128, kPingPong | kSplitKV | kPolyExp>{});
+            case 5: return f(PrefillInstance<T, 128, kPingPong | kPolyExp | kPolyHalf>{});
+            case 6: return f(PrefillInstance<T, 128, kPingPong | kMaskSplit>{});
+            case 7: return f(PrefillInstance<T, 128, kPingPong | kMaskSplit | kSplitKV>{});
+            case 8: return f(PrefillInstance<T, 128, kPingPong | kMaskSplit | kPolyExp>{});
+            case 9: return f(PrefillInstance<T, 128, kPingPong | kMaskSplit | kFastDesc>{});
+            case 10: return f(PrefillInstance<T, 128, kPingPong | kMaskSplit | kFastDesc | kPolyExp>{});
+            default: return f(PrefillInstance<T, 128>{});
+          }
         }
       case 256: return f(PrefillInstance<T, 256>{});
       default: return false;

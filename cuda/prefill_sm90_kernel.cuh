@@ -24,6 +24,7 @@
 #include <cfloat>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "paged_attention_scope.cuh"
 #include "pagedkv/attention_params.h"
@@ -51,8 +52,12 @@ struct PrefillShape {
 //              and K's half of the stage goes back to the producer as soon as S is computed;
 //   kPolyExp   a quarter of the softmax's exponentials by a polynomial on the FMA pipes instead
 //              of the MUFU unit (whose 16 results per clock and SM bound the softmax);
-//   kPolyHalf  with kPolyExp: half of them.
-enum PrefillFeature : int { kPingPong = 1, kSplitKV = 2, kPolyExp = 4, kPolyHalf = 8 };
+//   kPolyHalf  with kPolyExp: half of them;
+//   kMaskSplit two softmax bodies, one for masked tiles and one with no mask code at all (else
+//              the compiler predicates the per-element masking, and unmasked tiles still issue it).
+//   kFastDesc  wgmma descriptors built once (per warpgroup, per stage) and stepped by constants,
+//              the warpgroup index made warp-uniform (shuffled from lane 0) for the compiler.
+enum PrefillFeature : int { kPingPong = 1, kSplitKV = 2, kPolyExp = 4, kPolyHalf = 8, kMaskSplit = 16, kFastDesc = 32 };
 
 constexpr float kPrefillLog2e = 1.4426950408889634f;
 constexpr float kPrefillLn2 = 0.6931471805599453f;
@@ -92,26 +97,8 @@ __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, 
     }
     unsigned char* dK = sK0 + s * S::kTileBytes;
     unsigned char* dV = sV0 + s * S::kTileBytes;
-    if constexpr ((F & kSplitKV) != 0) {
-      // K first, its own arrival; then V once its half of the stage is free.
-#pragma unroll
-      for (int i = 0; i < kIters; ++i) {
-        const int it = lane + 32 * i, rl = it / S::kChunks, cv = it % S::kChunks;
-        const int64_t o = __shfl_sync(0xffffffffu, off, rl);
-        const bool ok = o != kNoRow;
-        cp_async_16(dK + swz_offset(warp * kRows + rl, cv, S::kN), pool + (ok ? o + cv * 8 : 0), ok);
-      }
-      cp_async_arrive_noinc(&full[s]);
-      if (t >= S::kStages) mbar_wait(&emptyV[s], ((t / S::kStages) - 1) & 1);
-#pragma unroll
-      for (int i = 0; i < kIters; ++i) {
-        const int it = lane + 32 * i, rl = it / S::kChunks, cv = it % S::kChunks;
-        const int64_t o = __shfl_sync(0xffffffffu, off, rl);
-        const bool ok = o != kNoRow;
-        cp_async_16(dV + swz_offset(warp * kRows + rl, cv, S::kN), pool + (ok ? o + v_off + cv * 8 : 0), ok);
-      }
-      cp_async_arrive_noinc(&fullV[s]);  // (fires when this thread's K and V copies have landed)
-    } else {
+    // This thread's copies of the tile's K rows and/or V rows into stage s.
+    auto copy = [&](bool with_k, bool with_v) {
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         const int it = lane + 32 * i, rl = it / S::kChunks, cv = it % S::kChunks;
@@ -119,10 +106,19 @@ __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, 
         const bool ok = o != kNoRow;
         const uint32_t d = swz_offset(warp * kRows + rl, cv, S::kN);
         const T* src = pool + (ok ? o + cv * 8 : 0);
-        cp_async_16(dK + d, src, ok);
-        cp_async_16(dV + d, ok ? src + v_off : src, ok);
+        if (with_k) cp_async_16(dK + d, src, ok);
+        if (with_v) cp_async_16(dV + d, ok ? src + v_off : src, ok);
       }
-      // The stage's `full` barrier gets this thread's arrival once its copies have landed.
+    };
+    // A barrier gets this thread's arrival once every copy it issued before has landed.
+    if constexpr ((F & kSplitKV) != 0) {  // K, its arrival; then V once its half of the stage is free
+      copy(true, false);
+      cp_async_arrive_noinc(&full[s]);
+      if (t >= S::kStages) mbar_wait(&emptyV[s], ((t / S::kStages) - 1) & 1);
+      copy(false, true);
+      cp_async_arrive_noinc(&fullV[s]);
+    } else {
+      copy(true, true);
       cp_async_arrive_noinc(&full[s]);
     }
   }
@@ -241,14 +237,24 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
   float sc[kN / 2];       // S of the newest tile, then its P (float)
   uint32_t pf[kN / 16][4];  // P of the previous tile as the A operand of P.V
 
+  // (kFastDesc: a descriptor's address field is bits 0-13 of address / 16, and every shared
+  // address here is under 256 KiB, so adding offset / 16 to a descriptor moves its address.)
+  const uint64_t q_desc = smem_desc(q_addr, 16, 1024), k_desc = smem_desc(k_addr, 16, 1024);
+  const uint64_t v_desc = smem_desc(v_addr, kN * 128, 1024);
   // S = Q K^T of the tile in stage s, issued (not waited for).
   auto issue_qk = [&](int s) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
       const uint32_t col = (kk / 4) * 128, sub = (kk % 4) * 32;
-      const uint64_t da = smem_desc(q_addr + col * S::kM + sub, 16, 1024);
-      const uint64_t db = smem_desc(k_addr + s * S::kTileBytes + col * kN + sub, 16, 1024);
+      uint64_t da, db;
+      if constexpr ((F & kFastDesc) != 0) {
+        da = q_desc + ((col * S::kM + sub) >> 4);
+        db = k_desc + ((s * S::kTileBytes) >> 4) + ((col * kN + sub) >> 4);
+      } else {
+        da = smem_desc(q_addr + col * S::kM + sub, 16, 1024);
+        db = smem_desc(k_addr + s * S::kTileBytes + col * kN + sub, 16, 1024);
+      }
       wgmma_ss<0>(sc, da, db, kk > 0, static_cast<T*>(nullptr));
     }
     wgmma_commit();
@@ -258,15 +264,19 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk) {
-      const uint64_t db = smem_desc(v_addr + s * S::kTileBytes + kk * 16 * 128, kN * 128, 1024);
+      const uint64_t db = (F & kFastDesc) != 0
+                              ? v_desc + ((s * S::kTileBytes) >> 4) + ((kk * 16 * 128) >> 4)
+                              : smem_desc(v_addr + s * S::kTileBytes + kk * 16 * 128, kN * 128, 1024);
       wgmma_rs<1>(o, pf[kk], db, 1, static_cast<T*>(nullptr));
     }
     wgmma_commit();
   };
   // Online softmax of tile t in place (sc becomes P in float); returns O's rescale factors.
-  auto softmax = [&](int t, float* alphaA, float* alphaB) {
+  // (mode: 0 masking decided per tile at run time, in one body; 1 masked; 2 unmasked.)
+  auto softmax_body = [&](auto mode, bool masked, int t, float* alphaA, float* alphaB) {
+    constexpr int kMode = decltype(mode)::value;
+    if constexpr (kMode != 0) masked = kMode == 1;
     const int v0 = t * kN;
-    const bool masked = !tile_unmasked<kN>(p, w.sc, v0, pmin, pmax);
     RowLimits la, lb;
     if (masked) la = row_limits(p, w.sc, posA, v0 + 2 * q4), lb = row_limits(p, w.sc, posB, v0 + 2 * q4);
 #pragma unroll
@@ -306,6 +316,17 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     // Pin the exponentials here, under the P.V product in flight: left alone, the compiler sinks
     // them below the wait for it (they are first needed after), and nothing overlaps.
     fence_regs(sc);
+  };
+  auto softmax = [&](int t, float* alphaA, float* alphaB) {
+    const bool masked = !tile_unmasked<kN>(p, w.sc, t * kN, pmin, pmax);
+    if constexpr ((F & kMaskSplit) != 0) {
+      if (masked)
+        softmax_body(std::integral_constant<int, 1>{}, true, t, alphaA, alphaB);
+      else
+        softmax_body(std::integral_constant<int, 2>{}, false, t, alphaA, alphaB);
+    } else {
+      softmax_body(std::integral_constant<int, 0>{}, masked, t, alphaA, alphaB);
+    }
   };
   auto to_operand = [&] {
 #pragma unroll
@@ -445,7 +466,9 @@ __global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttenti
     }
   }
   __syncthreads();
-  const int wg = threadIdx.x / 128;
+  // (kFastDesc: from lane 0 by shuffle, the compiler knows wg is warp-uniform and can keep what
+  // derives from it, the warpgroup's Q descriptor, in uniform registers.)
+  const int wg = (F & kFastDesc) != 0 ? __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0) : int(threadIdx.x / 128);
   if (wg == 0) {
     regs_dealloc<S::kProducerRegs>();
     prefill_producer<T, HD, F>(p, w, sK0, sV0, full, empty, fullV, emptyV);
