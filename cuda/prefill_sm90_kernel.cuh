@@ -54,7 +54,8 @@ struct PrefillShape {
 //              of the MUFU unit (whose 16 results per clock and SM bound the softmax);
 //   kPolyHalf  with kPolyExp: half of them;
 //   kMaskSplit two softmax bodies, one for masked tiles and one with no mask code at all (else
-//              the compiler predicates the per-element masking, and unmasked tiles still issue it).
+//              the compiler predicates the per-element masking, and unmasked tiles still issue it);
+//              which tiles need a mask is found once per warpgroup (first_tile), not per tile;
 //   kFastDesc  wgmma descriptors built once (per warpgroup, per stage) and stepped by constants,
 //              the warpgroup index made warp-uniform (shuffled from lane 0) for the compiler.
 enum PrefillFeature : int { kPingPong = 1, kSplitKV = 2, kPolyExp = 4, kPolyHalf = 8, kMaskSplit = 16, kFastDesc = 32 };
@@ -133,6 +134,17 @@ __device__ __forceinline__ bool tile_unmasked(const PagedAttentionParams& p, con
   if (sc.key(v0 + KN - 1) > pmin) return false;
   if (p.window <= 0 || v0 + KN <= sc.n_sink) return true;
   return sc.key(max(v0, sc.n_sink)) > pmax - p.window;
+}
+
+// The first t in [lo, hi) for which pred(t) holds, or hi; pred must be false then true over t.
+template <typename Pred>
+__device__ __forceinline__ int first_tile(int lo, int hi, Pred pred) {
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (pred(mid)) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
 }
 
 // Reduces the pairs (sc[4j + off], sc[4j + off + 1]) over j < N with op, as a tree (levels by
@@ -317,14 +329,29 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     // them below the wait for it (they are first needed after), and nothing overlaps.
     fence_regs(sc);
   };
+  // kMaskSplit: tile t is wholly visible to every row of this warpgroup iff t < t_hi and (no
+  // window, or t lies in the sinks, or t >= t_lo): tile_unmasked's tests, each monotone in t.
+  int t_hi = w.n_tiles, t_lo = 0;
+  if constexpr ((F & kMaskSplit) != 0) {
+    t_hi = first_tile(0, w.n_tiles, [&](int t) {
+      const int last = t * kN + kN - 1;
+      return last >= w.sc.n_keys || w.sc.key(last) > pmin;
+    });
+    if (p.window > 0)
+      t_lo = first_tile(0, w.n_tiles, [&](int t) {
+        const int v = max(t * kN, w.sc.n_sink);
+        return v >= w.sc.n_keys || w.sc.key(v) > pmax - p.window;
+      });
+  }
   auto softmax = [&](int t, float* alphaA, float* alphaB) {
-    const bool masked = !tile_unmasked<kN>(p, w.sc, t * kN, pmin, pmax);
     if constexpr ((F & kMaskSplit) != 0) {
+      const bool masked = !(t < t_hi && (p.window <= 0 || (t + 1) * kN <= w.sc.n_sink || t >= t_lo));
       if (masked)
         softmax_body(std::integral_constant<int, 1>{}, true, t, alphaA, alphaB);
       else
         softmax_body(std::integral_constant<int, 2>{}, false, t, alphaA, alphaB);
     } else {
+      const bool masked = !tile_unmasked<kN>(p, w.sc, t * kN, pmin, pmax);
       softmax_body(std::integral_constant<int, 0>{}, masked, t, alphaA, alphaB);
     }
   };
