@@ -1,36 +1,31 @@
 #!/usr/bin/env bash
-# Device call 1 (2026-12-06): prefill variants + source-level stall profile; disk checksum cost.
+# One device call (2026-12-06): the tensor-core prefill's variants side by side (harness), the
+# disk checksum's placement probe (bench/disk_crc_probe.cpp), then `bench prefill` with FlashInfer.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader
-lscpu | grep -E "Model name|^CPU\(s\)"
 t0=$(date +%s)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
 (CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a" python3 -m pip install --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1; echo "pip rc=$?" >> "$OUT/build.log") &
 pip_pid=$!
 mkdir -p build/pa
 F="-std=c++17 -O3 -Iinclude --expt-relaxed-constexpr -lineinfo -gencode=arch=compute_90a,code=sm_90a"
+pids=()
 for f in tests/cuda/paged_attention_check.cu tests/cuda/paged_attention_bench.cu cuda/paged_attention.cu cuda/prefill_sm90.cu cuda/kv_write.cu cuda/host_copy.cu; do
-  nvcc $F -c $f -o build/pa/$(basename $f).o &
+  nvcc $F -c $f -o build/pa/$(basename $f).o & pids+=($!)
 done
-wait $(jobs -p | grep -v $pip_pid) 2>/dev/null
+g++ -O2 -std=c++17 -Iinclude bench/disk_crc_probe.cpp cpp/disk_file.cpp cpp/crc32c.cpp -pthread -o build/disk_crc_probe
+wait "${pids[@]}"
 nvcc -gencode=arch=compute_90a,code=sm_90a build/pa/*.o -o build/pa_check || exit 1
 echo "harness built: $(( $(date +%s) - t0 )) s"
-timeout 150 ./build/pa_check --quick 2>&1 | tail -4
-PKV_VARIANTS=0,2,3,5,6,7,9,10 PKV_ROUNDS=3 timeout 240 ./build/pa_check --prefill-bench 2>&1 | tee "$OUT/variants.txt"
-for v in 0 9; do
-  PKV_SHAPE=1 PKV_VARIANTS=$v timeout 150 ncu --clock-control none -k regex:prefill_sm90 -c 1 --section WarpStateStats \
-    --section SourceCounters --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats \
-    --import-source yes -f -o "$OUT/src$v" ./build/pa_check --prefill-bench > "$OUT/ncu-run$v.log" 2>&1
-  echo "ncu v$v rc=$?"
-  ncu -i "$OUT/src$v.ncu-rep" --page source --csv --print-source sass > "$OUT/src$v-sass.csv" 2>>"$OUT/ncu-run$v.log"; echo "source page rc=$? $(wc -c < $OUT/src$v-sass.csv)"
-  ncu -i "$OUT/src$v.ncu-rep" --page details > "$OUT/details$v.txt" 2>&1
-  grep -E "Duration|Issue Slots Busy|Eligible Warps|No Eligible|Compute \(SM\) Throughput" "$OUT/details$v.txt" | head -8
-done
-wait $pip_pid; tail -2 "$OUT/build.log"; echo "all built: $(( $(date +%s) - t0 )) s"
-for a in "--device cuda" "--device cuda --control" "--device cpu --dtype bfloat16" "--device cuda --dtype float32" "--device cuda"; do
-  echo "== checksum $a"; timeout 120 python3 -m pagedkv bench checksum $a --rounds 41 --gib 0.5 --out "$OUT" 2>&1 | grep -v -E "Warning|INFO"
-done
-rm -f "$OUT"/*.ncu-rep
-(cd "$OUT" && tar czf all.tgz --remove-files $(ls | grep -v -E "^variants.txt$") 2>/dev/null)
+timeout 120 ./build/pa_check --quick 2>&1 | tail -2
+PKV_VARIANTS=14,0,9,11,12,1 PKV_ROUNDS=2 timeout 200 ./build/pa_check --prefill-bench 2>&1 | tee "$OUT/variants.txt"
+./build/disk_crc_probe /tmp 128 2 21 2>&1 | tee "$OUT/crc_probe.txt"
+wait $pip_pid; tail -1 "$OUT/build.log"; echo "all built: $(( $(date +%s) - t0 )) s"
+timeout ${PREFILL_TIMEOUT:-330} python3 -m pagedkv bench prefill --out "$OUT" 2>&1 | tee "$OUT/prefill.txt" | grep -v -E "Warning|INFO"
+(cd "$OUT" && tar czf logs.tgz --remove-files build.log 2>/dev/null)
 ls -la "$OUT"

@@ -10,7 +10,10 @@
 namespace pagedkv::cuda::detail {
 namespace {
 
-template <typename T, int HD, int F = kPingPong>
+// The tensor-core kernel's features (prefill_sm90_kernel.cuh, PrefillFeature).
+constexpr int kDefaultFeatures = kPingPong | kMaskSplit | kFastDesc | kSplitKV | kPrefetchBT;
+
+template <typename T, int HD, int F = kDefaultFeatures>
 struct PrefillInstance {
   static constexpr auto kernel = prefill_sm90_kernel<T, HD, F>;
   // Sets the shared-memory limit once per device and checks that the binary holds sm_90a code
@@ -40,31 +43,27 @@ struct PrefillInstance {
 };
 
 // Calls f(PrefillInstance<...>{}) for the call's dtype and head_dim. Variants (head_dim 128 only,
-// for the bench to compare; AttentionTuning::prefill_variant): 0 the default (ping-pong), 1 no
-// ping-pong; bf16 only: 2 + kSplitKV, 3 + kPolyExp, 4 + both, 5 + kPolyExp | kPolyHalf,
-// 6 + kMaskSplit, 7 + kMaskSplit | kSplitKV, 8 + kMaskSplit | kPolyExp, 9 + kMaskSplit | kFastDesc,
-// 10 + kMaskSplit | kFastDesc | kPolyExp.
+// for the bench to compare; AttentionTuning::prefill_variant): 0 the default, 1 the default
+// without ping-pong; bf16 only: 9 kPingPong | kMaskSplit | kFastDesc, 11 + kSplitKV,
+// 12 + kPrefetchBT, 13 + both, 14 the kernel of 2026-12-04 (kPingPong alone).
 template <typename F>
 bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
   auto hd = [&](auto tag) {
     using T = typename decltype(tag)::type;
+    constexpr int k9 = kPingPong | kMaskSplit | kFastDesc;
     switch (p.head_dim) {
       case 64: return f(PrefillInstance<T, 64>{});
       case 128:
-        if (variant == 1) return f(PrefillInstance<T, 128, 0>{});
+        if (variant == 1) return f(PrefillInstance<T, 128, kDefaultFeatures & ~kPingPong>{});
         if constexpr (!std::is_same_v<T, __nv_bfloat16>) {
           return f(PrefillInstance<T, 128>{});
         } else {
           switch (variant) {
-            case 2: return f(PrefillInstance<T, 128, kPingPong | kSplitKV>{});
-            case 3: return f(PrefillInstance<T, 128, kPingPong | kPolyExp>{});
-            case 4: return f(PrefillInstance<T, 128, kPingPong | kSplitKV | kPolyExp>{});
-            case 5: return f(PrefillInstance<T, 128, kPingPong | kPolyExp | kPolyHalf>{});
-            case 6: return f(PrefillInstance<T, 128, kPingPong | kMaskSplit>{});
-            case 7: return f(PrefillInstance<T, 128, kPingPong | kMaskSplit | kSplitKV>{});
-            case 8: return f(PrefillInstance<T, 128, kPingPong | kMaskSplit | kPolyExp>{});
-            case 9: return f(PrefillInstance<T, 128, kPingPong | kMaskSplit | kFastDesc>{});
-            case 10: return f(PrefillInstance<T, 128, kPingPong | kMaskSplit | kFastDesc | kPolyExp>{});
+            case 9: return f(PrefillInstance<T, 128, k9>{});
+            case 11: return f(PrefillInstance<T, 128, k9 | kSplitKV>{});
+            case 12: return f(PrefillInstance<T, 128, k9 | kPrefetchBT>{});
+            case 13: return f(PrefillInstance<T, 128, k9 | kSplitKV | kPrefetchBT>{});
+            case 14: return f(PrefillInstance<T, 128, kPingPong>{});
             default: return f(PrefillInstance<T, 128>{});
           }
         }

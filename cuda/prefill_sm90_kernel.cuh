@@ -39,26 +39,26 @@ struct PrefillShape {
   static constexpr int kStages = HD == 64 ? 4 : HD == 128 ? 3 : 2;
   static constexpr int kChunks = HD / 8;            // 16-byte chunks per row
   static constexpr int kThreads = 384;
-  static constexpr int kProducerRegs = 56, kConsumerRegs = 224;  // 128 x 56 + 256 x 224 <= 64K
+  static constexpr int kProducerRegs = 64, kConsumerRegs = 216;  // 128 x 64 + 256 x 216 <= 64K
   static constexpr uint32_t kQBytes = kM * HD * 2;
   static constexpr uint32_t kTileBytes = kN * HD * 2;
   static constexpr uint32_t kBarOffset = kQBytes + 2 * kStages * kTileBytes;
   static constexpr size_t kSmem = kBarOffset + 4 * kStages * sizeof(uint64_t) + 1024;  // + alignment
 };
 
-// Kernel variants, as feature bits (the default is kPingPong; the others exist for the bench):
+// The kernel's features, as bits (prefill_sm90.cu: all of them by default; the bench compares
+// the kernel without some, cuda/NOTES.md):
 //   kPingPong  the consumer warpgroups take turns issuing their MMAs (FlashAttention-3);
 //   kSplitKV   K and V of a stage land and are released separately: S = QK^T waits only for K,
 //              and K's half of the stage goes back to the producer as soon as S is computed;
-//   kPolyExp   a quarter of the softmax's exponentials by a polynomial on the FMA pipes instead
-//              of the MUFU unit (whose 16 results per clock and SM bound the softmax);
-//   kPolyHalf  with kPolyExp: half of them;
 //   kMaskSplit two softmax bodies, one for masked tiles and one with no mask code at all (else
 //              the compiler predicates the per-element masking, and unmasked tiles still issue it);
 //              which tiles need a mask is found once per warpgroup (first_tile), not per tile;
 //   kFastDesc  wgmma descriptors built once (per warpgroup, per stage) and stepped by constants,
-//              the warpgroup index made warp-uniform (shuffled from lane 0) for the compiler.
-enum PrefillFeature : int { kPingPong = 1, kSplitKV = 2, kPolyExp = 4, kPolyHalf = 8, kMaskSplit = 16, kFastDesc = 32 };
+//              the warpgroup index made warp-uniform (shuffled from lane 0) for the compiler;
+//   kPrefetchBT the producer loads the next tile's block-table entries before it waits for the
+//              stage to come free, so that load's latency is not on its path.
+enum PrefillFeature : int { kPingPong = 1, kSplitKV = 2, kMaskSplit = 4, kFastDesc = 8, kPrefetchBT = 16 };
 
 constexpr float kPrefillLog2e = 1.4426950408889634f;
 constexpr float kPrefillLn2 = 0.6931471805599453f;
@@ -86,16 +86,28 @@ __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, 
   const T* pool = static_cast<const T*>(p.pool);
   const int32_t* bt_row = p.block_table + int64_t(w.seq) * p.max_blocks;
   const int64_t v_off = int64_t(p.num_kv_heads) * p.block_size * HD;  // K tile -> V tile
+  // Lane l resolves row warp * kRows + l of each tile (the copies take it by shuffle): its key,
+  // and the block-table entry of the key's block (kNoRow's stand-in -1 past the scope).
+  auto lookup = [&](int t, int& key, int32_t& blk) {
+    const int v = t * S::kN + warp * kRows + lane;
+    key = -1, blk = -1;
+    if (lane < kRows && v < w.sc.n_keys) key = w.sc.key(v), blk = bt_row[key / p.block_size];
+  };
+  int key_next = -1;
+  int32_t blk_next = -1;
+  if constexpr ((F & kPrefetchBT) != 0) lookup(0, key_next, blk_next);
   for (int t = 0; t < w.n_tiles; ++t) {
     const int s = t % S::kStages;
-    if (t >= S::kStages) mbar_wait(&empty[s], ((t / S::kStages) - 1) & 1);
-    // Lane l resolves row warp * kRows + l of the tile; the copies take it by shuffle.
-    int64_t off = kNoRow;
-    const int v = t * S::kN + warp * kRows + lane;
-    if (lane < kRows && v < w.sc.n_keys) {
-      const int key = w.sc.key(v), lb = key / p.block_size;
-      off = tile_offset(p, bt_row[lb], 0, w.kvh) + int64_t(key - lb * p.block_size) * HD;
+    int key;
+    int32_t blk;
+    if constexpr ((F & kPrefetchBT) != 0) {
+      key = key_next, blk = blk_next;
+      if (t + 1 < w.n_tiles) lookup(t + 1, key_next, blk_next);  // lands while this tile waits
     }
+    if (t >= S::kStages) mbar_wait(&empty[s], ((t / S::kStages) - 1) & 1);
+    if constexpr ((F & kPrefetchBT) == 0) lookup(t, key, blk);
+    int64_t off = kNoRow;
+    if (key >= 0) off = tile_offset(p, blk, 0, w.kvh) + int64_t(key % p.block_size) * HD;
     unsigned char* dK = sK0 + s * S::kTileBytes;
     unsigned char* dV = sV0 + s * S::kTileBytes;
     // This thread's copies of the tile's K rows and/or V rows into stage s.
@@ -164,22 +176,6 @@ __device__ __forceinline__ float tree_reduce(const float* sc, int off, Op op) {
   for (int j = 0; j < N; ++j) t[j] = op(sc[4 * j + off], sc[4 * j + off + 1]);
   tree_level<N / 2>(t, op);
   return t[0];
-}
-
-// 2^x on the FMA pipes (kPolyExp): x = j + f with j = round(x), f in [-1/2, 1/2]; 2^f by a
-// degree-3 polynomial fitted for relative error (at most 1.0e-4, against the 2^-9 to which P is
-// rounded to bf16), times 2^j built from j's bits. x is clamped at -126 first (2^-126 ~ 1e-38:
-// as good as 0 against a row sum of at least 1; -inf, a masked key, gives that too). NaN stays
-// NaN: the clamp compares x < -126 (false for NaN) and the polynomial carries it.
-__device__ __forceinline__ float ex2_poly(float x) {
-  constexpr float kMagic = 12582912.f;  // 1.5 * 2^23: x + kMagic holds round(x) in its low bits
-  const float xc = x < -126.f ? -126.f : x;
-  const float t = xc + kMagic;
-  const float f = xc - (t - kMagic);
-  float r = fmaf(5.500858e-2f, f, 2.4221037e-1f);
-  r = fmaf(r, f, 6.932829e-1f);
-  r = fmaf(r, f, 1.f);
-  return r * __int_as_float((__float_as_int(t) << 23) + 0x3F800000);  // 2^j (j >= -126: a normal float)
 }
 
 // The keys a row at `pos` sees, as virtual-key offsets from `base`: offset c is visible iff
@@ -314,13 +310,8 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     mA = nA, mB = nB;
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j) {  // one FFMA and one ex2 per score
-      if ((F & kPolyExp) != 0 && j % ((F & kPolyHalf) != 0 ? 2 : 4) == 1) {
-        sc[4 * j] = ex2_poly(fmaf(sc[4 * j], sl2, -uA)), sc[4 * j + 1] = ex2_poly(fmaf(sc[4 * j + 1], sl2, -uA));
-        sc[4 * j + 2] = ex2_poly(fmaf(sc[4 * j + 2], sl2, -uB)), sc[4 * j + 3] = ex2_poly(fmaf(sc[4 * j + 3], sl2, -uB));
-      } else {
-        sc[4 * j] = ex2(fmaf(sc[4 * j], sl2, -uA)), sc[4 * j + 1] = ex2(fmaf(sc[4 * j + 1], sl2, -uA));
-        sc[4 * j + 2] = ex2(fmaf(sc[4 * j + 2], sl2, -uB)), sc[4 * j + 3] = ex2(fmaf(sc[4 * j + 3], sl2, -uB));
-      }
+      sc[4 * j] = ex2(fmaf(sc[4 * j], sl2, -uA)), sc[4 * j + 1] = ex2(fmaf(sc[4 * j + 1], sl2, -uA));
+      sc[4 * j + 2] = ex2(fmaf(sc[4 * j + 2], sl2, -uB)), sc[4 * j + 3] = ex2(fmaf(sc[4 * j + 3], sl2, -uB));
     }
     const float sumA = tree_reduce<kN / 8>(sc, 0, [](float x, float y) { return x + y; });
     const float sumB = tree_reduce<kN / 8>(sc, 2, [](float x, float y) { return x + y; });
@@ -429,9 +420,7 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     const int r = h ? rB : rA;
     if (r >= w.m_count) continue;
     const float l = h ? lB : lA, m = h ? mB : mA;
-    // (A row that saw no key has m = -inf: out 0, lse -inf. Its l need not be 0 under kPolyExp,
-    // whose 2^-inf is 2^-126.)
-    const float inv = l > 0.f && m != -INFINITY ? 1.f / l : 0.f;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
     const int pm = w.m0 + r;
     const int64_t qrow = w.row0 + pm / w.group, head = int64_t(w.kvh) * w.group + pm % w.group;
     T* dst = out + (qrow * num_q_heads + head) * HD + 2 * q4;
