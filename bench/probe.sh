@@ -22,8 +22,8 @@ g++ -O2 -std=c++17 -Iinclude bench/disk_crc_probe.cpp cpp/disk_file.cpp cpp/crc3
 wait "${pids[@]}"
 nvcc -gencode=arch=compute_90a,code=sm_90a build/pa/*.o -o build/pa_check || exit 1
 echo "harness built: $(( $(date +%s) - t0 )) s"
-timeout 120 ./build/pa_check --quick 2>&1 | tail -2
-PKV_VARIANTS=14,0,9,11,12,1 PKV_ROUNDS=2 timeout 200 ./build/pa_check --prefill-bench 2>&1 | tee "$OUT/variants.txt"
+timeout 150 ./build/pa_check 2>&1 | tail -3   # the whole float64 sweep (head dims, dtypes, block sizes)
+PKV_VARIANTS=14,0,9,11,12,15,1 PKV_ROUNDS=2 timeout 200 ./build/pa_check --prefill-bench 2>&1 | tee "$OUT/variants.txt"
 ./build/disk_crc_probe /tmp 128 2 21 2>&1 | tee "$OUT/crc_probe.txt"
 wait $pip_pid; tail -1 "$OUT/build.log"; echo "all built: $(( $(date +%s) - t0 )) s"
 timeout ${PREFILL_TIMEOUT:-330} python3 -m pagedkv bench prefill --out "$OUT" 2>&1 | tee "$OUT/prefill.txt" | grep -v -E "Warning|INFO"

@@ -45,7 +45,8 @@ struct PrefillInstance {
 // Calls f(PrefillInstance<...>{}) for the call's dtype and head_dim. Variants (head_dim 128 only,
 // for the bench to compare; AttentionTuning::prefill_variant): 0 the default, 1 the default
 // without ping-pong; bf16 only: 9 kPingPong | kMaskSplit | kFastDesc, 11 + kSplitKV,
-// 12 + kPrefetchBT, 13 + both, 14 the kernel of 2026-12-04 (kPingPong alone).
+// 12 + kPrefetchBT, 13 + both, 14 the kernel of 2026-12-04 (kPingPong alone), 15 the default +
+// kSkipRescale.
 template <typename F>
 bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
   auto hd = [&](auto tag) {
@@ -64,6 +65,7 @@ bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
             case 12: return f(PrefillInstance<T, 128, k9 | kPrefetchBT>{});
             case 13: return f(PrefillInstance<T, 128, k9 | kSplitKV | kPrefetchBT>{});
             case 14: return f(PrefillInstance<T, 128, kPingPong>{});
+            case 15: return f(PrefillInstance<T, 128, kDefaultFeatures | kSkipRescale>{});
             default: return f(PrefillInstance<T, 128>{});
           }
         }
