@@ -5,6 +5,8 @@
 //   crc+write    CRC inline, then pwrite            read+crc    pread, then the CRC inline
 //   write||crc   CRC on a helper thread during the  crc-alone   the CRC of every block on the
 //                pwrite (what the disk tier does)               four threads, no I/O
+//   crc32+write, write||crc32: the same on SSE4.2's crc32 instruction instead of the AVX-512
+//                folding (does 512-bit code on the I/O cores slow the writes?)
 // The buffer (N x B, larger than the last-level cache by default) is rewritten by memset before
 // each write round, as the host tier's slots are rewritten by the copy engines between swaps.
 // Build: g++ -O2 -std=c++17 -Iinclude bench/disk_crc_probe.cpp cpp/disk_file.cpp cpp/crc32c.cpp
@@ -45,6 +47,7 @@ double run_threads(int n, const std::function<void(int)>& job) {
 
 // One helper thread per I/O thread: crc of (p, len) while the caller does its I/O.
 struct Helper {
+  Crc32cPath path = crc32c_best();
   std::mutex m;
   std::condition_variable cv;
   const void* p = nullptr;
@@ -59,7 +62,7 @@ struct Helper {
       has = false;
       const void* q = p;
       lk.unlock();
-      const uint32_t c = crc32c(q, len);
+      const uint32_t c = crc32c_on(path, q, len);
       lk.lock();
       crc = c, done = true;
       cv.notify_all();
@@ -97,7 +100,8 @@ int main(int argc, char** argv) {
   std::memset(buf, 1, size_t(n) * bytes);
   DiskFile file(dir, n, bytes);
   std::vector<uint32_t> crcs(static_cast<size_t>(n));
-  std::vector<Helper> helpers(kThreads);
+  std::vector<Helper> helpers(2 * kThreads);  // [kThreads, 2 kThreads): on the crc32 instruction path
+  for (int i = kThreads; i < 2 * kThreads; ++i) helpers[size_t(i)].path = Crc32cPath::crc32;
   auto blk = [&](int i) { return buf + size_t(i) * bytes; };
   auto refresh = [&](int r) {  // the host slots get new bytes between swaps (not in the timing)
     for (int i = 0; i < n; ++i) std::memset(blk(i), r & 0xff, bytes);
@@ -114,10 +118,20 @@ int main(int argc, char** argv) {
            crcs[size_t(i)] = h.wait();
          }},
         {"crc-alone", [&](int i) { crcs[size_t(i)] = crc32c(blk(i), bytes); }},
+        {"crc32+write", [&](int i) {
+           crcs[size_t(i)] = crc32c_on(Crc32cPath::crc32, blk(i), bytes);
+           file.write(i, blk(i));
+         }},
+        {"write||crc32", [&](int i) {
+           Helper& h = helpers[size_t(kThreads + i % kThreads)];
+           h.start(blk(i), bytes);
+           file.write(i, blk(i));
+           crcs[size_t(i)] = h.wait();
+         }},
         {"read", [&](int i) { file.read(i, blk(i), 0, bytes); }},
         {"read+crc", [&](int i) { file.read(i, blk(i), 0, bytes); crcs[size_t(i)] ^= crc32c(blk(i), bytes); }},
     };
-    if (r % 2) std::reverse(ways.begin(), ways.begin() + 4);  // which write way goes first alternates
+    if (r % 2) std::reverse(ways.begin(), ways.begin() + 6);  // which write way goes first alternates
     for (auto& [name, job] : ways) {
       if (name.rfind("read", 0) != 0) refresh(r);
       const double t = run_threads(n, job);

@@ -10,8 +10,9 @@
 namespace pagedkv::cuda::detail {
 namespace {
 
-// The tensor-core kernel's features (prefill_sm90_kernel.cuh, PrefillFeature).
-constexpr int kDefaultFeatures = kPingPong | kMaskSplit | kFastDesc | kSplitKV | kPrefetchBT;
+// The tensor-core kernel's features (prefill_sm90_kernel.cuh, PrefillFeature): the fastest set
+// measured (cuda/NOTES.md, 2026-12-06; kSplitKV is faster alone but slower with kPrefetchBT).
+constexpr int kDefaultFeatures = kPingPong | kMaskSplit | kFastDesc | kPrefetchBT;
 
 template <typename T, int HD, int F = kDefaultFeatures>
 struct PrefillInstance {
@@ -44,14 +45,13 @@ struct PrefillInstance {
 
 // Calls f(PrefillInstance<...>{}) for the call's dtype and head_dim. Variants (head_dim 128 only,
 // for the bench to compare; AttentionTuning::prefill_variant): 0 the default, 1 the default
-// without ping-pong; bf16 only: 9 kPingPong | kMaskSplit | kFastDesc, 11 + kSplitKV,
-// 12 + kPrefetchBT, 13 + both, 14 the kernel of 2026-12-04 (kPingPong alone), 15 the default +
-// kSkipRescale.
+// without ping-pong; bf16 only: 9 the default without kPrefetchBT, 11 that with kSplitKV, 13 the
+// default with kSplitKV, 14 the kernel of 2026-12-04 (kPingPong alone).
 template <typename F>
 bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
   auto hd = [&](auto tag) {
     using T = typename decltype(tag)::type;
-    constexpr int k9 = kPingPong | kMaskSplit | kFastDesc;
+    constexpr int k9 = kDefaultFeatures & ~kPrefetchBT;
     switch (p.head_dim) {
       case 64: return f(PrefillInstance<T, 64>{});
       case 128:
@@ -62,10 +62,8 @@ bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
           switch (variant) {
             case 9: return f(PrefillInstance<T, 128, k9>{});
             case 11: return f(PrefillInstance<T, 128, k9 | kSplitKV>{});
-            case 12: return f(PrefillInstance<T, 128, k9 | kPrefetchBT>{});
-            case 13: return f(PrefillInstance<T, 128, k9 | kSplitKV | kPrefetchBT>{});
+            case 13: return f(PrefillInstance<T, 128, kDefaultFeatures | kSplitKV>{});
             case 14: return f(PrefillInstance<T, 128, kPingPong>{});
-            case 15: return f(PrefillInstance<T, 128, kDefaultFeatures | kSkipRescale>{});
             default: return f(PrefillInstance<T, 128>{});
           }
         }

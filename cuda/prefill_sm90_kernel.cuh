@@ -46,8 +46,8 @@ struct PrefillShape {
   static constexpr size_t kSmem = kBarOffset + 4 * kStages * sizeof(uint64_t) + 1024;  // + alignment
 };
 
-// The kernel's features, as bits (prefill_sm90.cu: all of them by default; the bench compares
-// the kernel without some, cuda/NOTES.md):
+// The kernel's features, as bits (prefill_sm90.cu picks the default; the bench compares the
+// others, cuda/NOTES.md):
 //   kPingPong  the consumer warpgroups take turns issuing their MMAs (FlashAttention-3);
 //   kSplitKV   K and V of a stage land and are released separately: S = QK^T waits only for K,
 //              and K's half of the stage goes back to the producer as soon as S is computed;
@@ -57,11 +57,8 @@ struct PrefillShape {
 //   kFastDesc  wgmma descriptors built once (per warpgroup, per stage) and stepped by constants,
 //              the warpgroup index made warp-uniform (shuffled from lane 0) for the compiler;
 //   kPrefetchBT the producer loads the next tile's block-table entries before it waits for the
-//              stage to come free, so that load's latency is not on its path;
-//   kSkipRescale a warp skips rescaling O on a tile where none of its rows' maxima moved.
-enum PrefillFeature : int {
-  kPingPong = 1, kSplitKV = 2, kMaskSplit = 4, kFastDesc = 8, kPrefetchBT = 16, kSkipRescale = 32
-};
+//              stage to come free, so that load's latency is not on its path.
+enum PrefillFeature : int { kPingPong = 1, kSplitKV = 2, kMaskSplit = 4, kFastDesc = 8, kPrefetchBT = 16 };
 
 constexpr float kPrefillLog2e = 1.4426950408889634f;
 constexpr float kPrefillLn2 = 0.6931471805599453f;
@@ -393,14 +390,10 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     fence_regs(o);
     fence_regs_u32(pf);
     release(kSplit ? &emptyV[prev] : &empty[prev]);
-    // (kSkipRescale: a warp whose rows' maxima all stayed put has alpha == 1 exactly, and
-    // multiplying by 1 changes nothing: it skips the HD / 2 multiplies.)
-    if ((F & kSkipRescale) == 0 || __any_sync(0xffffffffu, alphaA != 1.f || alphaB != 1.f)) {
 #pragma unroll
-      for (int j = 0; j < HD / 8; ++j) {
-        o[4 * j] *= alphaA, o[4 * j + 1] *= alphaA;
-        o[4 * j + 2] *= alphaB, o[4 * j + 3] *= alphaB;
-      }
+    for (int j = 0; j < HD / 8; ++j) {
+      o[4 * j] *= alphaA, o[4 * j + 1] *= alphaA;
+      o[4 * j + 2] *= alphaB, o[4 * j + 3] *= alphaB;
     }
     to_operand();
   }
