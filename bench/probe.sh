@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (2026-12-06, third): the new default prefill kernel checked (float64 sweep),
 # timed against the 12-04 kernel and the losing combination, the disk CRC placement probe, and
-# the package's CUDA tests (pytest -k cuda).
+# the engine's checksum cost with writes on the crc32 path, the package's CUDA tests (pytest -k cuda).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -23,6 +23,7 @@ timeout 120 ./build/pa_check 2>&1 | tail -2
 PKV_VARIANTS=14,0,13 PKV_ROUNDS=2 timeout 120 ./build/pa_check --prefill-bench 2>&1 | tee "$OUT/variants.txt"
 ./build/disk_crc_probe /tmp 128 2 21 2>&1 | tee "$OUT/crc_probe.txt"
 wait $pip_pid; tail -1 "$OUT/build.log"; echo "all built: $(( $(date +%s) - t0 )) s"
+timeout 90 python3 -m pagedkv bench checksum --device cuda --rounds 41 --gib 0.5 --out "$OUT" 2>&1 | grep -v -E "Warning|INFO"
 timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest tests/python -q -x -k cuda -p no:cacheprovider > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | head -10
 (cd "$OUT" && tar czf logs.tgz --remove-files build.log pytest.log 2>/dev/null)
