@@ -2,10 +2,13 @@
 # One call on a lent GPU machine: build, test (ctest incl. the CUDA kernel sweep, pytest on CUDA),
 # then the demo and benchmarks, with peers and ceilings in the same run. Logs and JSON go to $OUT.
 # Usage there: bash bench/device_run.sh [PARTS]   (FlashInfer wheels travel in .whl/)
-#   PARTS: comma-separated of tests, demo, kernel, prefill, ncu, offload, serve, longctx, longctx1m, hf;
+#   PARTS: comma-separated of tests, demo, kernel, prefill, ncu, offload, checksum, serve, longctx,
+#   longctx1m, hf;
 #   ncu: Nsight Compute of our decode kernel beside FlashInfer's and SDPA's (NCU_SHAPE="16 32768");
 #   env: HF_ARGS, SERVE_ARGS, LONGCTX_ARGS, PREFILL_ARGS (e.g. --quick), PYTEST_K and *_TIMEOUT (see below);
 #   longctx1m: mode (d) to 1M tokens on a machine with 512 GiB of RAM (an x4 kind);
+#   checksum: the disk CRC's placement outside the engine (bench/disk_crc_probe.cpp), then the
+#   engine's paired cost with CUDA caches, its A/A control and CPU caches of the same block size;
 #   all = tests,demo,kernel,offload,serve; more = longctx,hf (the long runs)
 set -uo pipefail
 what=${1:-all}
@@ -45,6 +48,13 @@ if has ncu; then  # hardware counters: ours against the peers on one shape (benc
   ncu -i "$OUT/ncu.ncu-rep" --page raw --csv > "$OUT/ncu-raw.csv" 2>> "$OUT/ncu-run.log"
   python3 bench/ncu_summary.py "$OUT/ncu-raw.csv" | tee "$OUT/ncu-summary.txt"
   rm -f "$OUT/ncu.ncu-rep"  # too large to come back; the raw CSV holds every metric
+fi
+if has checksum; then
+  g++ -O2 -std=c++17 -Iinclude bench/disk_crc_probe.cpp cpp/disk_file.cpp cpp/crc32c.cpp -pthread -o build/disk_crc_probe \
+    && ./build/disk_crc_probe /tmp 128 2 21 2>&1 | tee "$OUT/crc_probe.txt"
+  for a in "--device cuda" "--device cuda --control" "--device cpu --dtype bfloat16"; do
+    timeout 120 python3 -m pagedkv bench checksum $a --rounds 41 --gib 0.5 --out "$OUT" 2>&1 | grep -v -E "Warning|INFO"
+  done
 fi
 has offload && timeout ${OFFLOAD_TIMEOUT:-300} python3 -m pagedkv bench offload --out "$OUT" 2>&1 | tee "$OUT/offload.txt" | tail -24
 has serve && timeout ${SERVE_TIMEOUT:-300} python3 -m pagedkv bench serve --out "$OUT" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.txt" | tail -16

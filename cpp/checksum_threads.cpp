@@ -29,7 +29,7 @@ void ChecksumThreads::work() {
       if (job->taken) continue;  // its caller computed it already
       job->taken = true;
     }
-    const uint32_t crc = crc32c_on(job->path, job->data, job->len, job->crc);
+    const uint32_t crc = crc32c(job->data, job->len, job->crc);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job->crc = crc;
@@ -39,12 +39,11 @@ void ChecksumThreads::work() {
   }
 }
 
-ChecksumThreads::Pending ChecksumThreads::start(const void* data, size_t len, uint32_t crc, Crc32cPath path) {
+ChecksumThreads::Pending ChecksumThreads::start(const void* data, size_t len, uint32_t crc) {
   auto job = std::make_shared<Job>();
   job->data = data;
   job->len = len;
   job->crc = crc;
-  job->path = path;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     jobs_.push_back(job);
@@ -58,7 +57,7 @@ uint32_t ChecksumThreads::Pending::value() {
   if (!job_->taken) {  // no checksum thread has started it: cheaper to do it here than to wait
     job_->taken = true;
     lock.unlock();
-    const uint32_t crc = crc32c_on(job_->path, job_->data, job_->len, job_->crc);
+    const uint32_t crc = crc32c(job_->data, job_->len, job_->crc);
     lock.lock();
     job_->crc = crc;
     job_->done = true;  // (the queue's entry is skipped by the thread that pops it)

@@ -13,8 +13,6 @@
 #include <thread>
 #include <vector>
 
-#include "pagedkv/crc32c.h"
-
 namespace pagedkv {
 
 class ChecksumThreads {
@@ -42,16 +40,14 @@ class ChecksumThreads {
   ChecksumThreads(const ChecksumThreads&) = delete;
   ChecksumThreads& operator=(const ChecksumThreads&) = delete;
 
-  // Starts crc32c_on(path, data, len, crc) on one of the threads (crc: the CRC of the bytes before
-  // these).
-  Pending start(const void* data, size_t len, uint32_t crc = 0, Crc32cPath path = crc32c_best());
+  // Starts crc32c(data, len, crc) on one of the threads (crc: the CRC of the bytes before these).
+  Pending start(const void* data, size_t len, uint32_t crc = 0);
 
  private:
   struct Job {
     const void* data;
     size_t len;
     uint32_t crc = 0;  // the CRC before the bytes, then after them
-    Crc32cPath path = Crc32cPath::portable;
     bool taken = false;  // by a checksum thread or by the caller of value()
     bool done = false;
   };

@@ -9,9 +9,6 @@
 // the next piece is read: only the last piece's checksum, computed on the I/O thread itself, adds
 // to the read. (Without the checksum a block is read in the same pieces, so that benches compare
 // the checksum alone.)
-// Writes take the crc32 instruction's path, not the AVX-512 folding the reads use: on a GPU
-// machine's host the folding beside O_DIRECT writes slowed them by ~20% (bench/disk_crc_probe.cpp,
-// docs/LAB_NOTES.md 2026-12-06), far more than its own time.
 // CacheConfig::disk_checksum = false skips both (benches time the checksum's cost with it).
 #include <algorithm>
 #include <cerrno>
@@ -33,7 +30,6 @@ namespace {
 constexpr size_t kOverlapMin = 256 << 10;
 constexpr size_t kReadPiece = 512 << 10;  // (a multiple of 4096: pieces keep O_DIRECT's alignment)
 constexpr int kChecksumThreads = 4;       // one per I/O thread (block_store.cpp, kColdThreads)
-constexpr Crc32cPath kWritePath = Crc32cPath::crc32;  // (or the best path below it this CPU has)
 static_assert(kOverlapMin <= kReadPiece, "a block read in several pieces must have checksum threads");
 
 class DiskTier final : public TierStorage {
@@ -52,12 +48,12 @@ class DiskTier final : public TierStorage {
   void write_block(int32_t slot, const void* src) override {
     if (!checksum_) return file_.write(slot, src);
     if (!checksums_) {
-      const uint32_t crc = crc32c_on(kWritePath, src, bytes_per_block());
+      const uint32_t crc = crc32c(src, bytes_per_block());
       file_.write(slot, src);
       crc_[size_t(slot)] = crc;
       return;
     }
-    ChecksumThreads::Pending crc = checksums_->start(src, bytes_per_block(), 0, kWritePath);  // the bytes being written
+    ChecksumThreads::Pending crc = checksums_->start(src, bytes_per_block());  // the bytes being written
     file_.write(slot, src);
     crc_[size_t(slot)] = crc.value();
   }
