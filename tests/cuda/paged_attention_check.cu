@@ -68,7 +68,7 @@ struct Case {
   std::vector<int> q_lens{1}, kv_lens{1000};
   int window = 0, sinks = 0, force_splits = 0;
   int path = cuda::AttentionTuning::kAuto;  // kTensorCore: the sm_90a prefill kernel where it runs
-  int variant = 0;  // AttentionTuning::prefill_variant (cuda/prefill_sm90.cu: 1 no ping-pong, 2-5 bench variants)
+  int variant = 0;  // AttentionTuning::prefill_variant (cuda/prefill_sm90.cu, by_type_hd: the bench's variants)
   int rope_style = 0, rope_dim = 0;  // sink rotation: kRopeNeox | kRopeGptj (0: none), rotary dims
   bool lse = true;
   float q_scale = 1.f;
@@ -308,7 +308,8 @@ static void add_prefill_cases(std::vector<Case>& cs, bool quick, std::mt19937_64
   { Case x = b; x.q_lens = {130, 1, 64}; x.kv_lens = {130, 900, 300}; x.group = 5; x.bs = 3; cs.push_back(x); }
   { Case x = b; x.window = 100, x.sinks = 4; x.q_lens = {300, 17}; x.kv_lens = {1000, 40}; cs.push_back(x); }
   // More CTAs than SMs, of both consumer groups, of one (64 packed rows or fewer) and of none
-  // (shorter queries than the longest) in one launch; with and without ping-pong.
+  // (shorter queries than the longest) in one launch; in every variant the bench times, and those
+  // again with a window and sinks.
   Case many = b;
   many.group = 8, many.kvh = 8, many.q_lens = {400, 5, 300, 77, 1}, many.kv_lens = {1400, 5, 900, 2000, 50};
   for (int v : {0, 1, 9, 11, 13, 14}) { Case x = many; x.variant = v; cs.push_back(x); }

@@ -125,11 +125,12 @@ def checksum_cost(path: str, blocks: int, rounds: int, device: str = "cuda", dty
 
 
 def checksum_lines(c: dict, ceilings: dict) -> list[str]:
-    lines = [f"disk-tier checksum (crc32c per block): {c['rounds']} rounds of {c['blocks']} x "
-             f"{c['block_bytes'] / 2**20:.0f} MiB swaps, a cache with it and one without taking turns:"]
+    swaps = f"{c['rounds']} rounds of {c['blocks']} x {c['block_bytes'] / 2**20:.0f} MiB swaps"
     if c.get("control"):
-        lines = [f"A/A control: {c['rounds']} rounds of {c['blocks']} x {c['block_bytes'] / 2**20:.0f} MiB swaps, two "
-                 f"caches both WITHOUT the checksum taking turns ('with' = the first cache): the method's own bias:"]
+        lines = [f"A/A control: {swaps}, two caches both WITHOUT the checksum taking turns ('with' = the first "
+                 f"cache): the method's own bias:"]
+    else:
+        lines = [f"disk-tier checksum (crc32c per block): {swaps}, a cache with it and one without taking turns:"]
     for way in ("write", "read"):
         r = c[way]
         lines.append(f"  {way:<6} {r['gb_s_checksum']:.2f} GB/s with, {r['gb_s_no_checksum']:.2f} without "
