@@ -50,7 +50,8 @@ if has ncu; then  # hardware counters: ours against the peers on one shape (benc
   rm -f "$OUT/ncu.ncu-rep"  # too large to come back; the raw CSV holds every metric
 fi
 if has checksum; then
-  g++ -O2 -std=c++17 -Iinclude bench/disk_crc_probe.cpp cpp/disk_file.cpp cpp/crc32c.cpp -pthread -o build/disk_crc_probe \
+  g++ -O2 -std=c++17 -Iinclude bench/disk_crc_probe.cpp cpp/disk_file.cpp cpp/crc32c.cpp cpp/checksum_threads.cpp \
+    -pthread -o build/disk_crc_probe \
     && ./build/disk_crc_probe /tmp 128 2 21 2>&1 | tee "$OUT/crc_probe.txt"
   for a in "--device cuda" "--device cuda --control" "--device cpu --dtype bfloat16"; do
     timeout 120 python3 -m pagedkv bench checksum $a --rounds 41 --gib 0.5 --out "$OUT" 2>&1 | grep -v -E "Warning|INFO"

@@ -3,28 +3,28 @@
 // disk tier could place it, the ways taking turns for R rounds; median ms per round of each.
 //   write        pwrite alone                       read        pread alone
 //   crc+write    CRC inline, then pwrite            read+crc    pread, then the CRC inline
-//   write||crc   CRC on a helper thread during the  crc-alone   the CRC of every block on the
-//                pwrite (what the disk tier does)               four threads, no I/O
-//   crc32+write, write||crc32: the same on SSE4.2's crc32 instruction instead of the AVX-512
-//                folding (does 512-bit code on the I/O cores slow the writes?)
+//   write||crc   CRC on a checksum thread during    crc-alone   the CRC of every block on the
+//                the pwrite (the disk tier's                    four threads, no I/O
+//                ChecksumThreads, as it does it)
+//   crc32+write  crc+write on SSE4.2's crc32 instruction instead of the AVX-512 folding (does
+//                512-bit code on the I/O cores slow the writes?)
 // The buffer (N x B, larger than the last-level cache by default) is rewritten by memset before
 // each write round, as the host tier's slots are rewritten by the copy engines between swaps.
 // Build: g++ -O2 -std=c++17 -Iinclude bench/disk_crc_probe.cpp cpp/disk_file.cpp cpp/crc32c.cpp
-//        -pthread -o build/disk_crc_probe
+//        cpp/checksum_threads.cpp -pthread -o build/disk_crc_probe
 // Run:   build/disk_crc_probe DIR [N=128] [B_MiB=2] [R=21]
 #include <algorithm>
 #include <chrono>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "../cpp/checksum_threads.h"
 #include "pagedkv/crc32c.h"
 #include "pagedkv/disk_file.h"
 
@@ -45,49 +45,6 @@ double run_threads(int n, const std::function<void(int)>& job) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// One helper thread per I/O thread: crc of (p, len) while the caller does its I/O.
-struct Helper {
-  Crc32cPath path = crc32c_best();
-  std::mutex m;
-  std::condition_variable cv;
-  const void* p = nullptr;
-  size_t len = 0;
-  uint32_t crc = 0;
-  bool has = false, done = false, stop = false;
-  std::thread t{[this] {
-    for (;;) {
-      std::unique_lock<std::mutex> lk(m);
-      cv.wait(lk, [this] { return has || stop; });
-      if (stop) return;
-      has = false;
-      const void* q = p;
-      lk.unlock();
-      const uint32_t c = crc32c_on(path, q, len);
-      lk.lock();
-      crc = c, done = true;
-      cv.notify_all();
-    }
-  }};
-  void start(const void* q, size_t l) {
-    std::lock_guard<std::mutex> lk(m);
-    p = q, len = l, has = true, done = false;
-    cv.notify_all();
-  }
-  uint32_t wait() {
-    std::unique_lock<std::mutex> lk(m);
-    cv.wait(lk, [this] { return done; });
-    return crc;
-  }
-  ~Helper() {
-    {
-      std::lock_guard<std::mutex> lk(m);
-      stop = true;
-    }
-    cv.notify_all();
-    t.join();
-  }
-};
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -100,8 +57,7 @@ int main(int argc, char** argv) {
   std::memset(buf, 1, size_t(n) * bytes);
   DiskFile file(dir, n, bytes);
   std::vector<uint32_t> crcs(static_cast<size_t>(n));
-  std::vector<Helper> helpers(2 * kThreads);  // [kThreads, 2 kThreads): on the crc32 instruction path
-  for (int i = kThreads; i < 2 * kThreads; ++i) helpers[size_t(i)].path = Crc32cPath::crc32;
+  ChecksumThreads checksums(kThreads);  // the disk tier's: one per I/O thread
   auto blk = [&](int i) { return buf + size_t(i) * bytes; };
   auto refresh = [&](int r) {  // the host slots get new bytes between swaps (not in the timing)
     for (int i = 0; i < n; ++i) std::memset(blk(i), r & 0xff, bytes);
@@ -112,26 +68,19 @@ int main(int argc, char** argv) {
         {"write", [&](int i) { file.write(i, blk(i)); }},
         {"crc+write", [&](int i) { crcs[size_t(i)] = crc32c(blk(i), bytes); file.write(i, blk(i)); }},
         {"write||crc", [&](int i) {
-           Helper& h = helpers[size_t(i % kThreads)];
-           h.start(blk(i), bytes);
+           ChecksumThreads::Pending crc = checksums.start(blk(i), bytes);
            file.write(i, blk(i));
-           crcs[size_t(i)] = h.wait();
+           crcs[size_t(i)] = crc.value();
          }},
         {"crc-alone", [&](int i) { crcs[size_t(i)] = crc32c(blk(i), bytes); }},
         {"crc32+write", [&](int i) {
            crcs[size_t(i)] = crc32c_on(Crc32cPath::crc32, blk(i), bytes);
            file.write(i, blk(i));
          }},
-        {"write||crc32", [&](int i) {
-           Helper& h = helpers[size_t(kThreads + i % kThreads)];
-           h.start(blk(i), bytes);
-           file.write(i, blk(i));
-           crcs[size_t(i)] = h.wait();
-         }},
         {"read", [&](int i) { file.read(i, blk(i), 0, bytes); }},
         {"read+crc", [&](int i) { file.read(i, blk(i), 0, bytes); crcs[size_t(i)] ^= crc32c(blk(i), bytes); }},
     };
-    if (r % 2) std::reverse(ways.begin(), ways.begin() + 6);  // which write way goes first alternates
+    if (r % 2) std::reverse(ways.begin(), ways.begin() + 5);  // which write way goes first alternates
     for (auto& [name, job] : ways) {
       if (name.rfind("read", 0) != 0) refresh(r);
       const double t = run_threads(n, job);

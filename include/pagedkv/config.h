@@ -45,7 +45,7 @@ struct CacheConfig {
   CopyBatch copy_batch = CopyBatch::batch;
   // A bench and test switch, not a tuning choice: false writes and reads disk-tier blocks without
   // their CRC-32C (no corruption is detected), so `bench offload` can time the checksum's cost as
-  // the same swaps with it and without it. Default on; Python: _C.Engine(disk_checksum=).
+  // the same swaps with it and without it. Default on; Python: PagedKV(disk_checksum=).
   bool disk_checksum = true;
   // Which registered tier implementation holds the coldest level (tier.h): "disk" (a file of block
   // slots) unless a test or an extension registers another.

@@ -47,7 +47,7 @@ def disk_swaps(path: str, blocks: int, device: str = "cuda", checksum: bool = Tr
     bytes that crossed the disk (its writes and reads run on the engine's I/O threads), with the
     per-block CRC-32C (`checksum`) or without."""
     kv, s, rows = _spilled_cache(checksum, path, blocks, device, default_dtype(device))
-    to_disk, from_disk = _round_trip(kv, s, torch.cuda.synchronize if device == "cuda" else (lambda: None))
+    to_disk, from_disk = _round_trip(kv, s, device)
     st = kv.stats()
     ok = torch.equal(kv.gather(s, LAYERS - 1)[0], rows)
     kv.check_invariants()
@@ -77,8 +77,9 @@ def _spilled_cache(checksum: bool, path: str, blocks: int, device: str, dtype: t
     return kv, s, rows
 
 
-def _round_trip(kv, s, sync) -> tuple[float, float]:
+def _round_trip(kv, s, device: str) -> tuple[float, float]:
     """(GB/s to disk, GB/s from disk) of one offload of `s` and its prefetch back."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     before = kv.stats()
     sync()
     t0 = time.perf_counter()
@@ -102,14 +103,13 @@ def checksum_cost(path: str, blocks: int, rounds: int, device: str = "cuda", dty
     quartiles over the rounds (one warm-up round not counted), and the median GB/s of each.
     `control`: both caches without the checksum (an A/A run), so the "cost" is the method's own
     bias and spread on this machine (two files, two pools), the floor a real cost stands on."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     caches = {ck: _spilled_cache(ck and not control, path, blocks, device, dtype or default_dtype(device))
               for ck in (True, False)}
     rates = {True: [], False: []}
     for i in range(rounds + 1):
         for ck in ((True, False) if i % 2 == 0 else (False, True)):
             kv, s, _ = caches[ck]
-            rates[ck].append(_round_trip(kv, s, sync))
+            rates[ck].append(_round_trip(kv, s, device))
     for ck, (kv, s, rows) in caches.items():
         if not torch.equal(kv.gather(s, LAYERS - 1)[0], rows):
             raise SystemExit("bench: the blocks came back from disk different")
