@@ -2,13 +2,14 @@
 # One call on a lent GPU machine: build, test (ctest incl. the CUDA kernel sweep, pytest on CUDA),
 # then the demo and benchmarks, with peers and ceilings in the same run. Logs and JSON go to $OUT.
 # Usage there: bash bench/device_run.sh [PARTS]   (FlashInfer wheels travel in .whl/)
-#   PARTS: comma-separated of tests, demo, kernel, prefill, ncu, offload, checksum, serve, longctx,
-#   longctx1m, hf;
+#   PARTS: comma-separated of tests, pytest, demo, kernel, prefill, ncu, offload, checksum, serve,
+#   longctx, longctx1m, hf; pytest: the pytest line of tests alone;
 #   ncu: Nsight Compute of our decode kernel beside FlashInfer's and SDPA's (NCU_SHAPE="16 32768");
 #   env: HF_ARGS, SERVE_ARGS, LONGCTX_ARGS, PREFILL_ARGS (e.g. --quick), PYTEST_K and *_TIMEOUT (see below);
 #   longctx1m: mode (d) to 1M tokens on a machine with 512 GiB of RAM (an x4 kind);
 #   checksum: the disk CRC's placement outside the engine (bench/disk_crc_probe.cpp), then the
-#   engine's paired cost with CUDA caches, its A/A control and CPU caches of the same block size;
+#   engine's paired cost with CUDA caches (the folding CRC, then the crc32 instruction's), its A/A
+#   control and CPU caches of the same block size (both paths);
 #   all = tests,demo,kernel,offload,serve; more = longctx,hf (the long runs)
 set -uo pipefail
 what=${1:-all}
@@ -36,6 +37,8 @@ if has tests; then
     timeout ${SAN_TIMEOUT:-200} compute-sanitizer --tool $tool --error-exitcode 9 build/py/pagedkv_cuda_check --quick \
       > "$OUT/sanitizer-$tool.log" 2>&1; echo "compute-sanitizer $tool rc=$?"; tail -2 "$OUT/sanitizer-$tool.log"
   done
+fi
+if has tests || has pytest; then
   timeout ${PYTEST_TIMEOUT:-240} python3 -m pytest tests/python -q -k "${PYTEST_K:-cuda}" -p no:cacheprovider > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | head -20
 fi
@@ -53,8 +56,13 @@ if has checksum; then
   g++ -O2 -std=c++17 -Iinclude bench/disk_crc_probe.cpp cpp/disk_file.cpp cpp/crc32c.cpp cpp/checksum_threads.cpp \
     -pthread -o build/disk_crc_probe \
     && ./build/disk_crc_probe /tmp 128 2 21 2>&1 | tee "$OUT/crc_probe.txt"
-  for a in "--device cuda" "--device cuda --control" "--device cpu --dtype bfloat16"; do
-    timeout 120 python3 -m pagedkv bench checksum $a --rounds 41 --gib 0.5 --out "$OUT" 2>&1 | grep -v -E "Warning|INFO"
+  # (PAGEDKV_CRC32C_PATH=crc32: the disk tier on the crc32 instruction instead of the folding)
+  for a in "--device cuda" "crc32 --device cuda" "--device cuda --control" "--device cpu --dtype bfloat16" \
+           "crc32 --device cpu --dtype bfloat16"; do
+    cap=fold; [[ $a == crc32* ]] && cap=crc32 a=${a#crc32 }
+    echo "== bench checksum $a (PAGEDKV_CRC32C_PATH=$cap)"
+    PAGEDKV_CRC32C_PATH=$cap timeout ${CHECKSUM_TIMEOUT:-120} python3 -m pagedkv bench checksum $a \
+      --rounds ${CHECKSUM_ROUNDS:-41} --gib 0.5 --out "$OUT" 2>&1 | grep -v -E "Warning|INFO"
   done
 fi
 has offload && timeout ${OFFLOAD_TIMEOUT:-300} python3 -m pagedkv bench offload --out "$OUT" 2>&1 | tee "$OUT/offload.txt" | tail -24

@@ -6,7 +6,10 @@
 // by "shift by n zero bytes" tables (multiplying by x^(8n) mod P, linear in the CRC).
 #include "pagedkv/crc32c.h"
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -227,12 +230,28 @@ uint32_t crc32c_portable(const void* data, size_t len, uint32_t crc) {
 
 bool crc32c_hardware() { return crc32c_best() != Crc32cPath::portable; }
 
-Crc32cPath crc32c_best() {
+namespace {
+Crc32cPath cpu_best() {
 #ifdef PAGEDKV_CRC32C_X86
   if (cpu_has_fold()) return Crc32cPath::fold;
   if (cpu_has_sse42()) return Crc32cPath::crc32;
 #endif
   return Crc32cPath::portable;
+}
+}  // namespace
+
+Crc32cPath crc32c_best() {
+  // PAGEDKV_CRC32C_PATH=crc32 (or portable) caps the path, read once: to time the paths against
+  // each other inside the engine (bench/device_run.sh checksum). Other values are ignored.
+  static const Crc32cPath best = [] {
+    const Crc32cPath cpu = cpu_best();
+    const char* env = std::getenv("PAGEDKV_CRC32C_PATH");
+    if (env == nullptr) return cpu;
+    const std::string want(env);
+    const Crc32cPath cap = want == "portable" ? Crc32cPath::portable : want == "crc32" ? Crc32cPath::crc32 : Crc32cPath::fold;
+    return std::min(cpu, cap);
+  }();
+  return best;
 }
 
 const char* crc32c_path_name(Crc32cPath path) {

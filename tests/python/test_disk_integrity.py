@@ -97,6 +97,25 @@ def test_crc32c_binding_known_values():
     assert _C.crc32c(x) == _C.crc32c(x, portable=True)
 
 
+@pytest.mark.parametrize("cap", ["crc32", "portable"])
+def test_crc32c_path_capped_by_the_environment(cap):
+    # PAGEDKV_CRC32C_PATH caps the path the disk tier runs (benches time the paths inside the
+    # engine); the values stay the same.
+    code = textwrap.dedent(f"""
+        import torch
+        from pagedkv import _C
+        paths = _C.crc32c_paths()
+        assert "{cap}" in paths and paths.index("{cap}") == 0, paths
+        x = torch.randint(0, 256, (70_001,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+        assert _C.crc32c(x) == _C.crc32c(x, portable=True)
+    """)
+    env = dict(os.environ, PAGEDKV_CRC32C_PATH=cap)
+    if cap == "crc32" and "crc32" not in _C.crc32c_paths():
+        pytest.skip("this CPU has no crc32 instruction")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("head_dim,block_size", SHAPES)
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_corrupt_block_is_named_and_the_rest_stays_exact(tmp_path, head_dim, block_size, where):
