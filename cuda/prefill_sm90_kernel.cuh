@@ -7,10 +7,12 @@
 // last-first: under a causal mask the last rows see the most keys, so the longest CTAs start first.
 //
 // Warp specialisation (384 threads). Warpgroup 0 is the producer: it resolves each tile's keys
-// through the block table and brings K and V rows with cp.async into a kStages-deep ring of
-// 128-byte-swizzled shared-memory tiles (the layout wgmma reads, sm90_ptx.cuh); each copy
-// thread's arrival on the stage's `full` mbarrier fires when its copies land
-// (cp.async.mbarrier.arrive), and consumers fence the generic->async proxy after waiting. Warpgroups 1 and 2 are consumers, 64 packed rows each:
+// through the block table and brings K and V rows into a kStages-deep ring of 128-byte-swizzled
+// shared-memory tiles (the layout wgmma reads, sm90_ptx.cuh). Each producer warp fills a quarter
+// of a tile: by TMA, one box per page (or part of one), where those rows are whole pages of the
+// pool in key order (kTmaKV: no window, not striped, pool blocks); otherwise row by row with
+// cp.async, each thread's arrival on the stage's `full` mbarrier firing when its copies land
+// (cp.async.mbarrier.arrive); consumers fence the generic->async proxy after waiting. Warpgroups 1 and 2 are consumers, 64 packed rows each:
 // S = Q K^T by wgmma from shared memory, the online softmax in registers (base 2), then
 // O += P V by wgmma with P from registers and V as an MN-major operand, and release the stage on
 // its `empty` mbarrier. setmaxnreg moves registers from the producer to the consumers.
@@ -21,6 +23,8 @@
 // read. A tile is masked element by element only where it is not wholly visible to every row of
 // the warpgroup (the causal diagonal, window edges, the last partial tile).
 #pragma once
+#include <cuda.h>  // CUtensorMap (a type only: nothing is linked from the driver library)
+
 #include <cfloat>
 #include <climits>
 #include <cstdint>
@@ -57,8 +61,11 @@ struct PrefillShape {
 //   kFastDesc  wgmma descriptors built once (per warpgroup, per stage) and stepped by constants,
 //              the warpgroup index made warp-uniform (shuffled from lane 0) for the compiler;
 //   kPrefetchBT the producer loads the next tile's block-table entries before it waits for the
-//              stage to come free, so that load's latency is not on its path.
-enum PrefillFeature : int { kPingPong = 1, kSplitKV = 2, kMaskSplit = 4, kFastDesc = 8, kPrefetchBT = 16 };
+//              stage to come free, so that load's latency is not on its path;
+//   kTmaKV     a producer warp whose rows are whole pages (or aligned parts of one) in key order
+//              brings them by TMA boxes of tma_rows rows (the host's tensor map over the pool's
+//              rows of head_dim), not by 16-byte cp.async copies computed thread by thread.
+enum PrefillFeature : int { kPingPong = 1, kSplitKV = 2, kMaskSplit = 4, kFastDesc = 8, kPrefetchBT = 16, kTmaKV = 32 };
 
 constexpr float kPrefillLog2e = 1.4426950408889634f;
 constexpr float kPrefillLn2 = 0.6931471805599453f;
@@ -75,10 +82,13 @@ struct PrefillTile {
 
 // Barriers per stage: full[s] (copies landed), empty[s] (consumers done with it); with kSplitKV
 // also fullV[s] / emptyV[s] for the V half (full / empty then cover K alone).
+// kv_map: the tensor map over the pool's rows (a __grid_constant__ parameter), boxes of 64 dims x
+// tma_rows rows, 128-byte swizzle; tma_rows 0: none (the call is not eligible, prefill_sm90.cu).
 template <typename T, int HD, int F>
 __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, const PrefillTile& w,
                                                  unsigned char* sK0, unsigned char* sV0, uint64_t* full,
-                                                 uint64_t* empty, uint64_t* fullV, uint64_t* emptyV) {
+                                                 uint64_t* empty, uint64_t* fullV, uint64_t* emptyV,
+                                                 const void* kv_map, int tma_rows) {
   using S = PrefillShape<HD>;
   constexpr int kRows = S::kN / 4;  // rows of a tile per producer warp
   constexpr int kIters = kRows * S::kChunks / 32;
@@ -110,6 +120,29 @@ __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, 
     if (key >= 0) off = tile_offset(p, blk, 0, w.kvh) + int64_t(key % p.block_size) * HD;
     unsigned char* dK = sK0 + s * S::kTileBytes;
     unsigned char* dV = sV0 + s * S::kTileBytes;
+    // kTmaKV: this warp's rows are whole pool pages in key order (the call's keys are contiguous
+    // and page-aligned when tma_rows > 0), so lane l with l % tma_rows == 0 brings rows
+    // [l, l + tma_rows) as one box per 64 head dims; its pool row (off / HD) must fit the map's
+    // int32 coordinate. Row l's smem offset in the swizzled tile is (warp * kRows + l) * 128 per
+    // column block, and the TMA swizzle lays each box out as swz_offset does.
+    bool tma = false;
+    if constexpr ((F & kTmaKV) != 0)
+      tma = tma_rows > 0 &&
+            __all_sync(0xffffffffu, lane >= kRows || (key >= 0 && blk >= 0 && off / HD + v_off / HD + kRows <= INT_MAX));
+    auto tma_copy = [&](uint64_t* bar, bool with_k, bool with_v) {
+      if (lane == 0) mbar_arrive_expect_tx(bar, uint32_t((int(with_k) + int(with_v)) * kRows * HD * sizeof(T)));
+      __syncwarp();
+      if (lane < kRows && lane % tma_rows == 0) {
+        const int row = int(off / HD);
+#pragma unroll
+        for (int c = 0; c < HD / 64; ++c) {
+          const uint32_t d = uint32_t(c * S::kN * 128 + (warp * kRows + lane) * 128);
+          if (with_k) tma_load_2d(dK + d, kv_map, c * 64, row, bar);
+          if (with_v) tma_load_2d(dV + d, kv_map, c * 64, row + int(v_off / HD), bar);
+        }
+      }
+      if (lane != 0) mbar_arrive(bar);
+    };
     // This thread's copies of the tile's K rows and/or V rows into stage s.
     auto copy = [&](bool with_k, bool with_v) {
 #pragma unroll
@@ -124,12 +157,23 @@ __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, 
       }
     };
     // A barrier gets this thread's arrival once every copy it issued before has landed.
+    // (A TMA warp arrives once per barrier too: lane 0 with the bytes expected, the others plain.)
     if constexpr ((F & kSplitKV) != 0) {  // K, its arrival; then V once its half of the stage is free
-      copy(true, false);
-      cp_async_arrive_noinc(&full[s]);
+      if (tma) {
+        tma_copy(&full[s], true, false);
+      } else {
+        copy(true, false);
+        cp_async_arrive_noinc(&full[s]);
+      }
       if (t >= S::kStages) mbar_wait(&emptyV[s], ((t / S::kStages) - 1) & 1);
-      copy(false, true);
-      cp_async_arrive_noinc(&fullV[s]);
+      if (tma) {
+        tma_copy(&fullV[s], false, true);
+      } else {
+        copy(false, true);
+        cp_async_arrive_noinc(&fullV[s]);
+      }
+    } else if (tma) {
+      tma_copy(&full[s], true, true);
     } else {
       copy(true, true);
       cp_async_arrive_noinc(&full[s]);
@@ -446,8 +490,10 @@ __device__ void prefill_no_keys(const PagedAttentionParams& p, const PrefillTile
 
 #endif  // sm_90a
 
+// kv_map / tma_rows: see prefill_producer (the map is read only by kTmaKV instances).
 template <typename T, int HD, int F>
-__global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttentionParams p) {
+__global__ void __launch_bounds__(384, 1)
+    prefill_sm90_kernel(const PagedAttentionParams p, const __grid_constant__ CUtensorMap kv_map, const int tma_rows) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = PrefillShape<HD>;
   extern __shared__ unsigned char smem_raw[];
@@ -487,7 +533,7 @@ __global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(const PagedAttenti
   const int wg = (F & kFastDesc) != 0 ? __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0) : int(threadIdx.x / 128);
   if (wg == 0) {
     regs_dealloc<S::kProducerRegs>();
-    prefill_producer<T, HD, F>(p, w, sK0, sV0, full, empty, fullV, emptyV);
+    prefill_producer<T, HD, F>(p, w, sK0, sV0, full, empty, fullV, emptyV, &kv_map, tma_rows);
   } else {
     regs_alloc<S::kConsumerRegs>();
     if (wg - 1 < consumers)

@@ -1,6 +1,7 @@
 // Hopper (sm_90a) PTX the tensor-core prefill kernel uses: shared-memory mbarriers, the
-// generic->async proxy fence, warpgroup MMA fences and waits, register reallocation, and the
-// wgmma shared-memory matrix descriptor. Compiled only where __CUDA_ARCH_FEAT_SM90_ALL is set.
+// generic->async proxy fence, TMA tile loads, warpgroup MMA fences and waits, register
+// reallocation, and the wgmma shared-memory matrix descriptor. Compiled only where
+// __CUDA_ARCH_FEAT_SM90_ALL is set.
 #pragma once
 #include <cstdint>
 
@@ -32,6 +33,22 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
 // expected count includes this thread; nothing is added to it).
 __device__ __forceinline__ void cp_async_arrive_noinc(uint64_t* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+
+// Arrives on `bar` and adds `bytes` to the transfers its phase waits for (TMA copies that signal
+// `bar` count their bytes off as they land).
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+
+// TMA: the box at (c0, c1) of the 2-D tensor map at generic address `map` (a __grid_constant__
+// kernel parameter) into shared memory at `dst`, its bytes counted off `bar` when they land.
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int c0, int c1, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar))
+      : "memory");
 }
 
 // Ordinary (and cp.async) shared-memory writes of this thread become visible to the async proxy
