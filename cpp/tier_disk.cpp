@@ -8,11 +8,14 @@
 // read in pieces, each piece's CRC (continuing the one before) running on a checksum thread while
 // the next piece is read: only the last piece's checksum, computed on the I/O thread itself, adds
 // to the read. (Without the checksum a block is read in the same pieces, so that benches compare
-// the checksum alone.)
+// the checksum alone.) PAGEDKV_DISK_READ_PIECE_KIB (a multiple of 4; 0: whole blocks, the CRC
+// after the read) changes the piece size, read once per tier: benches time the two against each
+// other on one host.
 // CacheConfig::disk_checksum = false skips both (benches time the checksum's cost with it).
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -34,7 +37,8 @@ static_assert(kOverlapMin <= kReadPiece, "a block read in several pieces must ha
 
 class DiskTier final : public TierStorage {
  public:
-  explicit DiskTier(const TierSpec& s) : TierStorage(s.num_slots, s.block_bytes), checksum_(s.cfg.disk_checksum) {
+  explicit DiskTier(const TierSpec& s)
+      : TierStorage(s.num_slots, s.block_bytes), checksum_(s.cfg.disk_checksum), read_piece_(read_piece()) {
     if (s.num_slots > 0) {
       file_ = DiskFile(s.cfg.disk_path, s.num_slots, s.block_bytes);
       crc_.assign(size_t(s.num_slots), 0);
@@ -78,8 +82,9 @@ class DiskTier final : public TierStorage {
     const size_t n = bytes_per_block();
     std::optional<ChecksumThreads::Pending> before;
     uint32_t crc = 0;
-    for (size_t at = 0; at < n; at += kReadPiece) {
-      const size_t len = std::min(kReadPiece, n - at);
+    const size_t piece = read_piece_ == 0 ? n : read_piece_;
+    for (size_t at = 0; at < n; at += piece) {
+      const size_t len = std::min(piece, n - at);
       file_.read(slot, dst + at, at, len);
       if (!checksum_) continue;
       if (before) crc = before->value();
@@ -88,12 +93,25 @@ class DiskTier final : public TierStorage {
     }
     return crc;
   }
+  // kReadPiece, or PAGEDKV_DISK_READ_PIECE_KIB's (0: whole blocks) where it is a multiple of 4 KiB
+  // (O_DIRECT's alignment) and at least kOverlapMin (so that a block of several pieces has
+  // checksum threads).
+  static size_t read_piece() {
+    const char* env = std::getenv("PAGEDKV_DISK_READ_PIECE_KIB");
+    if (env == nullptr) return kReadPiece;
+    char* end = nullptr;
+    const unsigned long kib = std::strtoul(env, &end, 10);
+    if (end == env || *end != '\0' || kib % 4 != 0 || kib > (1ul << 30)) return kReadPiece;
+    if (kib != 0 && (kib << 10) < kOverlapMin) return kReadPiece;
+    return size_t(kib) << 10;
+  }
   static std::string hex(uint32_t v) {
     char s[11];
     std::snprintf(s, sizeof s, "0x%08x", v);
     return s;
   }
   bool checksum_;
+  size_t read_piece_;  // bytes, 0: whole blocks
   DiskFile file_;
   std::vector<uint32_t> crc_;  // [capacity] the CRC-32C of the block last written to each slot
   std::unique_ptr<ChecksumThreads> checksums_;  // with the checksum, for blocks of kOverlapMin or more

@@ -176,7 +176,11 @@ PIECE = 512 << 10
 
 
 @pytest.mark.parametrize("layers,head_dim,block_size", BIG)
-def test_big_blocks_are_checked_in_every_piece(tmp_path, layers, head_dim, block_size):
+@pytest.mark.parametrize("piece_kib", [None, "0", "256"])
+def test_big_blocks_are_checked_in_every_piece(tmp_path, monkeypatch, layers, head_dim, block_size, piece_kib):
+    # piece_kib: PAGEDKV_DISK_READ_PIECE_KIB (None: the default 512 KiB pieces; 0: whole blocks)
+    if piece_kib is not None:
+        monkeypatch.setenv("PAGEDKV_DISK_READ_PIECE_KIB", piece_kib)
     gen = torch.Generator().manual_seed(5)
     kv = pagedkv.PagedKV(num_layers=layers, num_kv_heads=1, head_dim=head_dim, block_size=block_size,
                          dtype=torch.float32, device="cpu", device_blocks=2, host_blocks=2, disk_blocks=16,

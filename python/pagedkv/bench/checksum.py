@@ -19,6 +19,7 @@ reports when there is nothing to find, the floor under the cost.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 
@@ -63,4 +64,8 @@ def main(args) -> None:
           f"{100 * bound['write']:.2f}%, read {100 * bound['read']:.2f}% of the disk tier's")
     print(f"  caches on {args.device} in {dtype_name}: the blocks cross "
           + ("a pinned host tier (copy engines)" if args.device == "cuda" else "a host tier (memcpy)"))
-    print(f"  saved {save('checksum', {'device': args.device, 'control': args.control, 'dtype': dtype_name, 'block_bytes': block_bytes, 'crc32c_gb_s': crc, 'ceilings': ceilings, 'cost': cost, 'bound': bound})}")
+    # (the disk tier's diagnostic switches, where set: cpp/crc32c.cpp, cpp/tier_disk.cpp)
+    env = {k: os.environ[k] for k in ("PAGEDKV_CRC32C_PATH", "PAGEDKV_DISK_READ_PIECE_KIB") if k in os.environ}
+    if env:
+        print("  environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print(f"  saved {save('checksum', {'device': args.device, 'control': args.control, 'dtype': dtype_name, 'block_bytes': block_bytes, 'crc32c_gb_s': crc, 'ceilings': ceilings, 'cost': cost, 'bound': bound, 'environment': env})}")
