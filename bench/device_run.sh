@@ -2,8 +2,9 @@
 # One call on a lent GPU machine: build, test (ctest incl. the CUDA kernel sweep, pytest on CUDA),
 # then the demo and benchmarks, with peers and ceilings in the same run. Logs and JSON go to $OUT.
 # Usage there: bash bench/device_run.sh [PARTS]   (FlashInfer wheels travel in .whl/)
-#   PARTS: comma-separated of tests, pytest, demo, kernel, prefill, ncu, offload, checksum, serve,
-#   longctx, longctx1m, hf; pytest: the pytest line of tests alone;
+#   PARTS: comma-separated of tests, pytest, harness, demo, kernel, prefill, ncu, offload, checksum,
+#   serve, longctx, longctx1m, hf; pytest: the pytest line of tests alone; harness: the kernel check
+#   (every case) and the prefill variants' timings (PKV_VARIANTS, PKV_ROUNDS: bench/kernel_check.sh);
 #   ncu: Nsight Compute of our decode kernel beside FlashInfer's and SDPA's (NCU_SHAPE="16 32768");
 #   env: HF_ARGS, SERVE_ARGS, LONGCTX_ARGS, PREFILL_ARGS (e.g. --quick), PYTEST_K and *_TIMEOUT (see below);
 #   longctx1m: mode (d) to 1M tokens on a machine with 512 GiB of RAM (an x4 kind);
@@ -41,6 +42,11 @@ fi
 if has tests || has pytest; then
   timeout ${PYTEST_TIMEOUT:-240} python3 -m pytest tests/python -q -k "${PYTEST_K:-cuda}" -p no:cacheprovider > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | head -20
+fi
+if has harness; then  # the kernels against float64 (every case), then the prefill kernel's variants side by side
+  timeout ${CHECK_TIMEOUT:-200} build/py/pagedkv_cuda_check > "$OUT/check.log" 2>&1; echo "check rc=$?"; tail -3 "$OUT/check.log"
+  PKV_VARIANTS=${PKV_VARIANTS:-0,1} PKV_ROUNDS=${PKV_ROUNDS:-2} timeout 200 build/py/pagedkv_cuda_check --prefill-bench \
+    "$OUT/prefill_harness.txt" 2>&1 | tail -30
 fi
 has demo && timeout 100 python3 -m pagedkv demo --prompt 8192 --steps 128 2>&1 | tail -6
 has kernel && timeout 200 python3 -m pagedkv bench kernel --out "$OUT" 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
