@@ -96,7 +96,8 @@ struct PrefillInstance {
 // Calls f(PrefillInstance<...>{}) for the call's dtype and head_dim. Variants (head_dim 128 only,
 // for the bench to compare; AttentionTuning::prefill_variant): 0 the default, 1 the default
 // without ping-pong; bf16 only: 9 the default without kPrefetchBT, 10 the default without kTmaKV
-// (cp.async alone), 13 the default with kSplitKV, 14 the kernel of 2026-12-04 (kPingPong alone).
+// (cp.async alone), 12 the default with kEarlyRescale, 13 the default with kSplitKV, 14 the
+// kernel of 2026-12-04 (kPingPong alone).
 template <typename F>
 bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
   auto hd = [&](auto tag) {
@@ -112,6 +113,7 @@ bool by_type_hd(const PagedAttentionParams& p, int variant, F&& f) {
           switch (variant) {
             case 9: return f(PrefillInstance<T, 128, k9>{});
             case 10: return f(PrefillInstance<T, 128, kDefaultFeatures & ~kTmaKV>{});
+            case 12: return f(PrefillInstance<T, 128, kDefaultFeatures | kEarlyRescale>{});
             case 13: return f(PrefillInstance<T, 128, kDefaultFeatures | kSplitKV>{});
             case 14: return f(PrefillInstance<T, 128, kPingPong>{});
             default: return f(PrefillInstance<T, 128>{});

@@ -64,8 +64,12 @@ struct PrefillShape {
 //              stage to come free, so that load's latency is not on its path;
 //   kTmaKV     a producer warp whose rows are whole pages (or aligned parts of one) in key order
 //              brings them by TMA boxes of tma_rows rows (the host's tensor map over the pool's
-//              rows of head_dim), not by 16-byte cp.async copies computed thread by thread.
-enum PrefillFeature : int { kPingPong = 1, kSplitKV = 2, kMaskSplit = 4, kFastDesc = 8, kPrefetchBT = 16, kTmaKV = 32 };
+//              rows of head_dim), not by 16-byte cp.async copies computed thread by thread;
+//   kEarlyRescale O is rescaled between issuing the next S = QK^T and issuing P.V (while the QK
+//              product runs: FlashAttention-3's order), not after P.V lands.
+enum PrefillFeature : int {
+  kPingPong = 1, kSplitKV = 2, kMaskSplit = 4, kFastDesc = 8, kPrefetchBT = 16, kTmaKV = 32, kEarlyRescale = 64
+};
 
 constexpr float kPrefillLog2e = 1.4426950408889634f;
 constexpr float kPrefillLn2 = 0.6931471805599453f;
@@ -406,6 +410,15 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
+  // O *= alpha row by row: after P.V has landed, or (kEarlyRescale) once the next QK^T is issued.
+  auto rescale = [&](float aA, float aB) {
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) {
+      o[4 * j] *= aA, o[4 * j + 1] *= aA;
+      o[4 * j + 2] *= aB, o[4 * j + 3] *= aB;
+    }
+  };
+  constexpr bool kEarly = (F & kEarlyRescale) != 0;
   float alphaA, alphaB;
   mbar_wait(&full[0], 0);
   fence_proxy_async();
@@ -424,6 +437,7 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     fence_proxy_async();  // the producer's cp.async writes, now seen, to wgmma's async proxy
     my_turn();
     issue_qk(s);
+    if (kEarly) rescale(alphaA, alphaB);  // (the previous tile's factors; O has no product in flight)
     issue_pv(prev);
     their_turn();
     wgmma_wait<1>();
@@ -434,11 +448,7 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     fence_regs(o);
     fence_regs_u32(pf);
     release(kSplit ? &emptyV[prev] : &empty[prev]);
-#pragma unroll
-    for (int j = 0; j < HD / 8; ++j) {
-      o[4 * j] *= alphaA, o[4 * j + 1] *= alphaA;
-      o[4 * j + 2] *= alphaB, o[4 * j + 3] *= alphaB;
-    }
+    if (!kEarly) rescale(alphaA, alphaB);
     to_operand();
   }
   if (kSplit) {
@@ -446,6 +456,7 @@ __device__ __forceinline__ void prefill_consumer(const PagedAttentionParams& p, 
     fence_proxy_async();
   }
   my_turn();
+  if (kEarly) rescale(alphaA, alphaB);
   issue_pv((w.n_tiles - 1) % S::kStages);
   their_turn();
   wgmma_wait<0>();

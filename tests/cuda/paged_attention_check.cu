@@ -312,8 +312,8 @@ static void add_prefill_cases(std::vector<Case>& cs, bool quick, std::mt19937_64
   // again with a window and sinks.
   Case many = b;
   many.group = 8, many.kvh = 8, many.q_lens = {400, 5, 300, 77, 1}, many.kv_lens = {1400, 5, 900, 2000, 50};
-  for (int v : {0, 1, 9, 10, 13, 14}) { Case x = many; x.variant = v; cs.push_back(x); }
-  for (int v : {1, 9, 10, 13, 14}) { Case x = b; x.variant = v, x.window = 100, x.sinks = 4, x.q_lens = {300, 17}, x.kv_lens = {1000, 40}; cs.push_back(x); }
+  for (int v : {0, 1, 9, 10, 12, 13, 14}) { Case x = many; x.variant = v; cs.push_back(x); }
+  for (int v : {1, 9, 10, 12, 13, 14}) { Case x = b; x.variant = v, x.window = 100, x.sinks = 4, x.q_lens = {300, 17}, x.kv_lens = {1000, 40}; cs.push_back(x); }
   if (quick) return;
   { Case x = many; x.hd = 64, x.window = 100, x.sinks = 4, x.dtype = DType::f16; cs.push_back(x); }
   { Case x = many; x.hd = 256, x.bs = 32, x.group = 3; cs.push_back(x); }
