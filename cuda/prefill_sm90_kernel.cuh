@@ -12,10 +12,11 @@
 // of a tile: by TMA, one box per page (or part of one), where those rows are whole pages of the
 // pool in key order (kTmaKV: no window, not striped, pool blocks); otherwise row by row with
 // cp.async, each thread's arrival on the stage's `full` mbarrier firing when its copies land
-// (cp.async.mbarrier.arrive); consumers fence the generic->async proxy after waiting. Warpgroups 1 and 2 are consumers, 64 packed rows each:
-// S = Q K^T by wgmma from shared memory, the online softmax in registers (base 2), then
-// O += P V by wgmma with P from registers and V as an MN-major operand, and release the stage on
-// its `empty` mbarrier. setmaxnreg moves registers from the producer to the consumers.
+// (cp.async.mbarrier.arrive); consumers fence the generic->async proxy after waiting.
+// Warpgroups 1 and 2 are consumers, 64 packed rows each: S = Q K^T by wgmma from shared memory,
+// the online softmax in registers (base 2), then O += P V by wgmma with P from registers and V as
+// an MN-major operand, and release the stage on its `empty` mbarrier. setmaxnreg moves registers
+// from the producer to the consumers.
 //
 // Key order and masks. As in the split-K kernel (paged_attention_scope.cuh), the keys some row of
 // the m-tile sees are numbered in "virtual" order (sinks, then the window of the lowest row, up to
