@@ -71,12 +71,13 @@ struct Case {
   int variant = 0;  // AttentionTuning::prefill_variant (cuda/prefill_sm90.cu, by_type_hd: the bench's variants)
   int rope_style = 0, rope_dim = 0;  // sink rotation: kRopeNeox | kRopeGptj (0: none), rotary dims
   bool lse = true;
+  bool staged = false;  // about a third of the blocks passing through a staging area (entries <= -2)
   float q_scale = 1.f;
   std::string str() const {
     char b[256];
-    int n = std::snprintf(b, sizeof b, "%s hd=%d g=%d kvh=%d bs=%d win=%d sink=%d rope=%d/%d split=%d path=%d/%d lse=%d q/kv:",
+    int n = std::snprintf(b, sizeof b, "%s hd=%d g=%d kvh=%d bs=%d win=%d sink=%d rope=%d/%d split=%d path=%d/%d lse=%d staged=%d q/kv:",
                           dtype_name(dtype), hd, group, kvh, bs, window, sinks, rope_style, rope_dim,
-                          force_splits, path, variant, int(lse));
+                          force_splits, path, variant, int(lse), int(staged));
     for (size_t i = 0; i < q_lens.size(); ++i) n += std::snprintf(b + n, sizeof b - n, " %d/%d", q_lens[i], kv_lens[i]);
     return b;
   }
@@ -139,6 +140,10 @@ static double run_case(Case c, std::mt19937_64& rng) {
   for (int s = 0; s < num_slots; ++s) perm[s] = s;
   std::shuffle(perm.begin(), perm.end(), rng);
   for (auto& x : bt) x = x < 0 ? -1 : perm[x];
+  int n_staged = 0;  // staged slices, after the pool's slots in the same allocation
+  if (c.staged)
+    for (auto& x : bt)
+      if (x >= 0 && rng() % 3 == 0) x = staged_entry(n_staged++);
 
   PagedAttentionParams p;
   p.num_seqs = S, p.num_rows = rows, p.max_q_len = max_q, p.max_blocks = max_blocks;
@@ -148,7 +153,8 @@ static double run_case(Case c, std::mt19937_64& rng) {
 
   std::normal_distribution<float> nd(0.f, 1.f);
   std::uniform_real_distribution<float> ud(-1.f, 1.f);
-  std::vector<uint16_t> pool(size_t(num_slots) * L * 2 * c.kvh * c.bs * hd, nan_bits(c.dtype));
+  p.staged_offset = int64_t(num_slots) * L * 2 * c.kvh * c.bs * hd;
+  std::vector<uint16_t> pool(size_t(p.staged_offset) + size_t(n_staged) * 2 * c.kvh * c.bs * hd, nan_bits(c.dtype));
   for (int i = 0; i < S; ++i)
     for (int j = 0; j < c.kv_lens[i]; ++j) {
       if (!seen(i, j)) continue;
@@ -313,6 +319,8 @@ static void add_prefill_cases(std::vector<Case>& cs, bool quick, std::mt19937_64
   Case many = b;
   many.group = 8, many.kvh = 8, many.q_lens = {400, 5, 300, 77, 1}, many.kv_lens = {1400, 5, 900, 2000, 50};
   for (int v : {0, 1, 9, 10, 12, 13, 14}) { Case x = many; x.variant = v; cs.push_back(x); }
+  // Staged blocks among pool blocks: warps whose rows touch one copy by cp.async, the others by TMA.
+  for (int bs : {16, 64}) { Case x = many; x.bs = bs, x.staged = true; cs.push_back(x); }
   for (int v : {1, 9, 10, 12, 13, 14}) { Case x = b; x.variant = v, x.window = 100, x.sinks = 4, x.q_lens = {300, 17}, x.kv_lens = {1000, 40}; cs.push_back(x); }
   if (quick) return;
   { Case x = many; x.hd = 64, x.window = 100, x.sinks = 4, x.dtype = DType::f16; cs.push_back(x); }
