@@ -24,7 +24,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-t0=$(date +%s)
+t0=$(date +%s) t_start=$(date +%s)
 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a" PAGEDKV_TESTS=ON \
   python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
@@ -50,14 +50,6 @@ if has harness; then  # the kernels against float64 (every case), then the prefi
 fi
 has demo && timeout 100 python3 -m pagedkv demo --prompt 8192 --steps 128 2>&1 | tail -6
 has kernel && timeout 200 python3 -m pagedkv bench kernel --out "$OUT" 2>&1 | tee "$OUT/kernel.txt" | grep -v -E "Warning|INFO"
-has prefill && timeout ${PREFILL_TIMEOUT:-400} python3 -m pagedkv bench prefill --out "$OUT" ${PREFILL_ARGS:-} 2>&1 | tee "$OUT/prefill.txt" | grep -v -E "Warning|INFO"
-if has ncu; then  # hardware counters: ours against the peers on one shape (bench/ncu_kernel.py)
-  timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --profile-from-start off --set full -f -o "$OUT/ncu" \
-    python3 bench/ncu_kernel.py ${NCU_SHAPE:-16 32768} > "$OUT/ncu-run.log" 2>&1; echo "ncu rc=$?"
-  ncu -i "$OUT/ncu.ncu-rep" --page raw --csv > "$OUT/ncu-raw.csv" 2>> "$OUT/ncu-run.log"
-  python3 bench/ncu_summary.py "$OUT/ncu-raw.csv" | tee "$OUT/ncu-summary.txt"
-  rm -f "$OUT/ncu.ncu-rep"  # too large to come back; the raw CSV holds every metric
-fi
 if has checksum; then
   g++ -O2 -std=c++17 -Iinclude bench/disk_crc_probe.cpp cpp/disk_file.cpp cpp/crc32c.cpp cpp/checksum_threads.cpp \
     -pthread -o build/disk_crc_probe \
@@ -70,6 +62,16 @@ if has checksum; then
     env ${run%%|*} timeout ${CHECKSUM_TIMEOUT:-120} python3 -m pagedkv bench checksum ${run#*|} \
       --rounds ${CHECKSUM_ROUNDS:-41} --gib 0.5 --out "$OUT" 2>&1 | grep -v -E "Warning|INFO"
   done
+fi
+# DEADLINE (seconds from the start): the prefill bench is cut there, so the archive below still runs
+left() { local l=$(( ${DEADLINE:-100000} - ($(date +%s) - t_start) )); (( l < $1 )) && echo $(( l > 1 ? l : 1 )) || echo $1; }
+has prefill && timeout $(left ${PREFILL_TIMEOUT:-400}) python3 -m pagedkv bench prefill --out "$OUT" ${PREFILL_ARGS:-} 2>&1 | tee "$OUT/prefill.txt" | grep -v -E "Warning|INFO"
+if has ncu; then  # hardware counters: ours against the peers on one shape (bench/ncu_kernel.py)
+  timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --profile-from-start off --set full -f -o "$OUT/ncu" \
+    python3 bench/ncu_kernel.py ${NCU_SHAPE:-16 32768} > "$OUT/ncu-run.log" 2>&1; echo "ncu rc=$?"
+  ncu -i "$OUT/ncu.ncu-rep" --page raw --csv > "$OUT/ncu-raw.csv" 2>> "$OUT/ncu-run.log"
+  python3 bench/ncu_summary.py "$OUT/ncu-raw.csv" | tee "$OUT/ncu-summary.txt"
+  rm -f "$OUT/ncu.ncu-rep"  # too large to come back; the raw CSV holds every metric
 fi
 has offload && timeout ${OFFLOAD_TIMEOUT:-300} python3 -m pagedkv bench offload --out "$OUT" 2>&1 | tee "$OUT/offload.txt" | tail -24
 has serve && timeout ${SERVE_TIMEOUT:-300} python3 -m pagedkv bench serve --out "$OUT" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.txt" | tail -16
