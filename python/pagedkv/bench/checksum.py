@@ -65,7 +65,7 @@ def main(args) -> None:
     print(f"  caches on {args.device} in {dtype_name}: the blocks cross "
           + ("a pinned host tier (copy engines)" if args.device == "cuda" else "a host tier (memcpy)"))
     # (the disk tier's diagnostic switches, where set: cpp/crc32c.cpp, cpp/tier_disk.cpp)
-    env = {k: os.environ[k] for k in ("PAGEDKV_CRC32C_PATH", "PAGEDKV_DISK_READ_PIECE_KIB") if k in os.environ}
+    env = {k: os.getenv(k) for k in ("PAGEDKV_CRC32C_PATH", "PAGEDKV_DISK_READ_PIECE_KIB") if os.getenv(k) is not None}
     if env:
-        print("  environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"  saved {save('checksum', {'device': args.device, 'control': args.control, 'dtype': dtype_name, 'block_bytes': block_bytes, 'crc32c_gb_s': crc, 'ceilings': ceilings, 'cost': cost, 'bound': bound, 'environment': env})}")
+        print("  disk tier switches set: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print(f"  saved {save('checksum', {'device': args.device, 'control': args.control, 'dtype': dtype_name, 'block_bytes': block_bytes, 'crc32c_gb_s': crc, 'ceilings': ceilings, 'cost': cost, 'bound': bound, 'switches': env})}")
