@@ -4,7 +4,8 @@
 # Usage there: bash bench/device_run.sh [PARTS]   (FlashInfer wheels travel in .whl/)
 #   PARTS: comma-separated of tests, pytest, harness, demo, kernel, prefill, ncu, offload, checksum,
 #   serve, longctx, longctx1m, hf; pytest: the pytest line of tests alone; harness: the kernel check
-#   (every case) and the prefill variants' timings (PKV_VARIANTS, PKV_ROUNDS: bench/kernel_check.sh);
+#   (every case; CHECK_MODE=--quick: the short sweep) and the prefill variants' timings
+#   (PKV_VARIANTS, PKV_ROUNDS: bench/kernel_check.sh); CHECKSUM_RUNS=N: the checksum part's first N;
 #   ncu: Nsight Compute of our decode kernel beside FlashInfer's and SDPA's (NCU_SHAPE="16 32768");
 #   env: HF_ARGS, SERVE_ARGS, LONGCTX_ARGS, PREFILL_ARGS (e.g. --quick), PYTEST_K and *_TIMEOUT (see below);
 #   longctx1m: mode (d) to 1M tokens on a machine with 512 GiB of RAM (an x4 kind);
@@ -44,7 +45,7 @@ if has tests || has pytest; then
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | head -20
 fi
 if has harness; then  # the kernels against float64 (every case), then the prefill kernel's variants side by side
-  timeout ${CHECK_TIMEOUT:-200} build/py/pagedkv_cuda_check > "$OUT/check.log" 2>&1; echo "check rc=$?"; tail -3 "$OUT/check.log"
+  timeout ${CHECK_TIMEOUT:-200} build/py/pagedkv_cuda_check ${CHECK_MODE:-} > "$OUT/check.log" 2>&1; echo "check rc=$?"; tail -3 "$OUT/check.log"
   PKV_VARIANTS=${PKV_VARIANTS:-0,1} PKV_ROUNDS=${PKV_ROUNDS:-2} timeout 200 build/py/pagedkv_cuda_check --prefill-bench \
     "$OUT/prefill_harness.txt" 2>&1 | tail -30
 fi
@@ -58,6 +59,7 @@ if has checksum; then
   # instruction instead of the folding; PAGEDKV_DISK_READ_PIECE_KIB=0: blocks read whole, then checked.
   for run in "|--device cuda" "PAGEDKV_CRC32C_PATH=crc32|--device cuda" "PAGEDKV_DISK_READ_PIECE_KIB=0|--device cuda" \
              "|--device cuda --control" "|--device cpu --dtype bfloat16" "PAGEDKV_CRC32C_PATH=crc32|--device cpu --dtype bfloat16"; do
+    (( ${CHECKSUM_RUNS:-99} > 0 )) || break; CHECKSUM_RUNS=$(( ${CHECKSUM_RUNS:-99} - 1 ))  # (the first N runs only)
     echo "== bench checksum ${run#*|} (${run%%|*})"
     env ${run%%|*} timeout ${CHECKSUM_TIMEOUT:-120} python3 -m pagedkv bench checksum ${run#*|} \
       --rounds ${CHECKSUM_ROUNDS:-41} --gib 0.5 --out "$OUT" 2>&1 | grep -v -E "Warning|INFO"
