@@ -14,8 +14,8 @@ namespace pagedkv::cuda::detail {
 namespace {
 
 // The tensor-core kernel's features (prefill_sm90_kernel.cuh, PrefillFeature): the fastest set
-// measured (cuda/NOTES.md, 2026-12-06; kSplitKV is faster alone but slower with kPrefetchBT),
-// with TMA pages (kTmaKV; not yet timed: variant 10 is the set without it).
+// measured (cuda/NOTES.md, 2026-12-06; kSplitKV is faster alone but slower with kPrefetchBT;
+// TMA pages 1.00-1.10x the cp.async set, variant 10; kEarlyRescale slower, variant 12).
 constexpr int kDefaultFeatures = kPingPong | kMaskSplit | kFastDesc | kPrefetchBT | kTmaKV;
 
 // cuTensorMapEncodeTiled, reached through the runtime (no link against the driver library), or
