@@ -25,7 +25,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-t0=$(date +%s) t_start=$(date +%s)
+t0=$(date +%s)
 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a" PAGEDKV_TESTS=ON \
   python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
@@ -65,8 +65,8 @@ if has checksum; then
       --rounds ${CHECKSUM_ROUNDS:-41} --gib 0.5 --out "$OUT" 2>&1 | grep -v -E "Warning|INFO"
   done
 fi
-# DEADLINE (seconds from the start): the prefill bench is cut there, so the archive below still runs
-left() { local l=$(( ${DEADLINE:-100000} - ($(date +%s) - t_start) )); (( l < $1 )) && echo $(( l > 1 ? l : 1 )) || echo $1; }
+# DEADLINE (seconds from the build's start): the prefill bench is cut there, so the archive below still runs
+left() { local l=$(( ${DEADLINE:-100000} - ($(date +%s) - t0) )); (( l < $1 )) && echo $(( l > 1 ? l : 1 )) || echo $1; }
 has prefill && timeout $(left ${PREFILL_TIMEOUT:-400}) python3 -m pagedkv bench prefill --out "$OUT" ${PREFILL_ARGS:-} 2>&1 | tee "$OUT/prefill.txt" | grep -v -E "Warning|INFO"
 if has ncu; then  # hardware counters: ours against the peers on one shape (bench/ncu_kernel.py)
   timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --profile-from-start off --set full -f -o "$OUT/ncu" \

@@ -272,12 +272,7 @@ uint32_t crc32c_on(Crc32cPath path, const void* data, size_t len, uint32_t crc) 
 }
 
 uint32_t crc32c(const void* data, size_t len, uint32_t crc) {
-#ifdef PAGEDKV_CRC32C_X86
-  static const Crc32cPath best = crc32c_best();
-  return crc32c_on(best, data, len, crc);
-#else
-  return crc32c_portable(data, len, crc);
-#endif
+  return crc32c_on(crc32c_best(), data, len, crc);  // (crc32c_best() decides once)
 }
 
 }  // namespace pagedkv
