@@ -56,11 +56,13 @@ class CudaBackend final : public DeviceBackend {
   explicit CudaBackend(const CacheConfig& c)
       : device_(c.cuda_device), block_bytes_(size_t(c.block_bytes())), ctx_(c.cuda_device) {
     DeviceGuard guard(device_);
-    cudaStream_t a = nullptr, b = nullptr;
+    cudaStream_t a = nullptr, b = nullptr, k = nullptr;
     PKV_CUDA(cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking));
     PKV_CUDA(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking));
+    PKV_CUDA(cudaStreamCreateWithFlags(&k, cudaStreamNonBlocking));
     d2h_ = a;
     h2d_ = b;
+    crc_ = k;
     batch_ = c.copy_batch != CopyBatch::off;
 #if CUDART_VERSION >= 13000
     if (c.copy_batch == CopyBatch::overlap) batch_flags_ = cudaMemcpyFlagPreferOverlapWithCompute;
@@ -69,6 +71,7 @@ class CudaBackend final : public DeviceBackend {
   ~CudaBackend() override {
     if (d2h_) cudaStreamDestroy(d2h_);
     if (h2d_) cudaStreamDestroy(h2d_);
+    if (crc_) cudaStreamDestroy(crc_);
   }
 
   bool on_cuda() const override { return true; }
@@ -113,9 +116,22 @@ class CudaBackend final : public DeviceBackend {
     PKV_CUDA(cudaStreamWaitEvent(d2h_, event_of(after_compute), 0));
     for (const Fence& f : waits)
       if (f && !fence_done(f)) PKV_CUDA(cudaStreamWaitEvent(d2h_, event_of(f), 0));
+    // The checksums run on their own stream beside the copies (they read the same bytes, written
+    // before the copies start), and the fence waits for both.
+    std::vector<cuda::BlockCrcJob> jobs;
+    for (const BlockCopy& c : copies)
+      if (c.crc) jobs.push_back({c.src, c.crc});
+    Fence checksummed;
+    if (!jobs.empty()) {
+      PKV_CUDA(cudaStreamWaitEvent(crc_, event_of(record(d2h_)), 0));
+      PKV_CUDA(cuda::crc32c_blocks(jobs.data(), int64_t(jobs.size()), block_bytes_, crc_));
+      checksummed = record(crc_);
+    }
     issue_runs(copies, d2h_, cudaMemcpyDeviceToHost);
+    if (checksummed) PKV_CUDA(cudaStreamWaitEvent(d2h_, event_of(checksummed), 0));
     return record(d2h_);
   }
+  bool checksums_blocks() const override { return true; }
   Fence to_device(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits, void* compute,
                   bool compute_waits) override {
     if (copies.empty()) return nullptr;
@@ -268,6 +284,7 @@ class CudaBackend final : public DeviceBackend {
   mutable CudaContext ctx_;
   cudaStream_t d2h_ = nullptr;
   cudaStream_t h2d_ = nullptr;
+  cudaStream_t crc_ = nullptr;  // checksums of blocks going down, beside their copies (to_host)
   bool batch_ = true;
   unsigned batch_flags_ = 0;
 };

@@ -120,6 +120,7 @@ nb::dict stats_dict(const Stats& s) {
   d["device_hits"] = c.device_hits;
   d["device_misses"] = c.device_misses;
   d["cow_copies"] = c.cow_copies;
+  d["disk_crcs_carried"] = c.disk_crcs_carried;
   d["slices_staged"] = c.slices_staged;
   d["bytes_staged"] = c.bytes_staged;
   d["transfer_wait_s"] = c.transfer_wait_s;

@@ -129,7 +129,10 @@ void BlockStore::evict_to_host(const std::vector<BlockId>& victims, const KeepSe
     if (w) waits.push_back(std::move(w));
     if (Fence landing = take_fence(device_ready_, id)) waits.push_back(std::move(landing));  // a prefetch
     host_slots.push_back(slot);
-    copies.push_back({slot_ptr({Tier::host, slot}), slot_ptr(loc(id))});
+    // (With a CRC table the backend checksums every block it brings down.)
+    uint32_t* crc = host_crc_device_ ? host_crc_device_ + slot : nullptr;
+    if (crc) host_crc_known_[size_t(slot)] = 1;
+    copies.push_back({slot_ptr({Tier::host, slot}), slot_ptr(loc(id)), crc});
   }
   Fence landed;
   {
@@ -168,9 +171,11 @@ void BlockStore::write_to_cold(const std::vector<BlockId>& victims) {
             "the host tier is full and the disk tier cannot take ", n, " more blocks");
   std::vector<int32_t> slots;
   std::vector<const char*> from;
+  std::vector<const uint32_t*> crcs;  // (read once the block's eviction has landed)
   for (BlockId id : victims) {
     slots.push_back(tier(Tier::disk).alloc_slot());
     from.push_back(slot_ptr(loc(id)));
+    crcs.push_back(host_crc(loc(id).slot));
     auto ready = host_ready_.find(id);
     WaitClock clock(counters_.transfer_wait_s);
     if (ready != host_ready_.end()) fence_wait_host(ready->second);  // its eviction has landed
@@ -179,7 +184,10 @@ void BlockStore::write_to_cold(const std::vector<BlockId>& victims) {
   {
     WaitClock clock(counters_.transfer_wait_s);
     TierStorage& cold = tier(Tier::disk);
-    errors = io_->run(victims.size(), [&](size_t i) { cold.write_block(slots[i], from[i]); });
+    errors = io_->run(victims.size(), [&](size_t i) {
+      if (crcs[i]) cold.write_block_with_crc(slots[i], from[i], *crcs[i]);
+      else cold.write_block(slots[i], from[i]);
+    });
   }
   std::exception_ptr first;
   for (size_t i = 0; i < victims.size(); ++i) {
@@ -193,6 +201,7 @@ void BlockStore::write_to_cold(const std::vector<BlockId>& victims) {
     host_order_->on_leave(id);
     directory_.set_loc(id, {Tier::disk, slots[i]});
     ++counters_.blocks_to_disk;
+    counters_.disk_crcs_carried += crcs[i] != nullptr;
     counters_.bytes_to_disk += cfg_.block_bytes();
   }
   if (first) std::rethrow_exception(first);
@@ -280,6 +289,10 @@ void BlockStore::cold_to_host(const std::vector<BlockId>& ids, const KeepSet& ke
       host.free_slot(slots[i]);  // the block stays on disk
       if (!first) first = name_block(errors[i], want[i]);
       continue;
+    }
+    if (!host_crc_known_.empty()) {  // the read checked it: it comes along
+      static_cast<uint32_t*>(host_crc_memory_->data())[slots[i]] = tier(Tier::disk).block_crc(disk_slots[i]);
+      host_crc_known_[size_t(slots[i])] = 1;
     }
     tier(Tier::disk).free_slot(disk_slots[i]);
     directory_.set_loc(want[i], {Tier::host, slots[i]});

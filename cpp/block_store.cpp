@@ -32,6 +32,17 @@ BlockStore::BlockStore(const CacheConfig& cfg, DeviceBackend& backend) : cfg_(cf
   tiers_[int(Tier::disk)] = make_tier(cfg_.cold_tier, {cfg_, backend_, cfg_.disk_blocks, block}, "cold_tier");
   if (backend_.on_cuda() && tiered()) host_mapped_ = backend_.device_address(tier(Tier::host).data());
   if (cfg_.disk_blocks > 0) io_ = std::make_unique<IoPool>(kColdThreads);
+  if (cfg_.disk_blocks > 0 && tiered() && backend_.checksums_blocks() && tier(Tier::disk).keeps_crc()) {
+    host_crc_memory_ = std::make_unique<TierMemory>(backend_, MemoryKind::pinned_host,
+                                                    size_t(cfg_.host_blocks) * sizeof(uint32_t));
+    host_crc_device_ = static_cast<uint32_t*>(backend_.device_address(host_crc_memory_->data()));
+    host_crc_known_.assign(size_t(cfg_.host_blocks), 0);
+  }
+}
+
+const uint32_t* BlockStore::host_crc(int32_t host_slot) const {
+  if (host_crc_known_.empty() || !host_crc_known_[size_t(host_slot)]) return nullptr;
+  return static_cast<const uint32_t*>(host_crc_memory_->data()) + host_slot;
 }
 
 // Copies still in flight read or write the tiers' memory: they finish before it goes.

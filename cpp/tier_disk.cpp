@@ -3,8 +3,12 @@
 // kept in memory beside its slot (the file lives no longer than the engine), and every read checks
 // it: a block that comes back different raises CorruptBlock instead of handing out wrong data.
 //
-// A block's CRC is computed on a checksum thread while its own write runs (both only read the
-// buffer), so the write waits for the disk, not for the checksum, when a core is free. A block is
+// A block that comes with its CRC (write_block_with_crc: computed on the GPU before the block
+// left the device, cuda/block_crc.cu, or the one a read checked) is written without reading it
+// again. Otherwise its CRC is computed on a checksum thread while its own write runs (both only
+// read the buffer), so the write waits for the disk, not for the checksum, when a core is free.
+// (On an H100 host any CPU pass over a buffer before or during its O_DIRECT write slowed the
+// write ~40%, docs/LAB_NOTES.md: hence the GPU's CRC where there is one.) A block is
 // read in pieces, each piece's CRC (continuing the one before) running on a checksum thread while
 // the next piece is read: only the last piece's checksum, computed on the I/O thread itself, adds
 // to the read. (Without the checksum a block is read in the same pieces, so that benches compare
@@ -61,6 +65,13 @@ class DiskTier final : public TierStorage {
     file_.write(slot, src);
     crc_[size_t(slot)] = crc.value();
   }
+
+  bool keeps_crc() const override { return checksum_; }
+  void write_block_with_crc(int32_t slot, const void* src, uint32_t crc) override {
+    file_.write(slot, src);
+    if (checksum_) crc_[size_t(slot)] = crc;
+  }
+  uint32_t block_crc(int32_t slot) const override { return crc_[size_t(slot)]; }
 
   void read_block(int32_t slot, void* dst) const override {
     const uint32_t got = read_pieces(slot, static_cast<char*>(dst));

@@ -23,6 +23,7 @@
 #include "pagedkv/policy.h"
 #include "pagedkv/stats.h"
 #include "pagedkv/tier.h"
+#include "pagedkv/tier_memory.h"
 
 namespace pagedkv {
 
@@ -166,6 +167,16 @@ class BlockStore {
   std::unordered_map<BlockId, Fence> host_ready_;    // host copies still landing
   std::unordered_map<BlockId, Fence> device_ready_;  // prefetched device copies still landing
   uint64_t landing_epoch_ = 0;  // bumps with every prefetch that leaves copies landing
+  // The CRC-32C of each host slot's bytes where it is known without reading them: a block
+  // checksummed on the device on its way down (DeviceBackend::checksums_blocks), or one read back
+  // from the cold tier, which checked it. The cold tier's write takes it as given. Only with a
+  // backend that checksums and a cold tier that checks: [host capacity] uint32 of pinned memory
+  // (the device writes it), valid once the slot's host_ready_ fence has passed; and per slot
+  // whether it holds its bytes' CRC.
+  std::unique_ptr<TierMemory> host_crc_memory_;
+  uint32_t* host_crc_device_ = nullptr;  // host_crc_memory_ as the device writes it
+  std::vector<uint8_t> host_crc_known_;
+  const uint32_t* host_crc(int32_t host_slot) const;  // nullptr where not known
   // Host blocks a staging copy may still read: the cell holds the latest such copy's fence.
   std::unordered_map<BlockId, std::shared_ptr<Fence>> host_read_by_;
   KeepSet pinned_;        // the open decode step's blocks

@@ -21,6 +21,9 @@ enum class MemoryKind { host, pinned_host, cuda_device };
 struct BlockCopy {
   void* dst;        // one block of `block_bytes` in the destination tier
   const void* src;  // one block in the source tier
+  // to_host() on a backend that checksums_blocks(): where the source block's CRC-32C goes (one
+  // uint32 of memory from allocate(pinned_host), by its device_address()), or nullptr for none.
+  uint32_t* crc = nullptr;
 };
 
 // Calls f(dst, src, bytes) once per run of `copies` adjacent in both source and destination, so
@@ -98,7 +101,13 @@ class DeviceBackend {
   // Device -> host after everything enqueued on `compute` so far and after `waits` (host slots an
   // earlier copy still reads). The fence passes when the host copies are complete and the device
   // sources may be overwritten.
+  // Copies that ask (BlockCopy::crc) also get their source block's CRC-32C, written by the time
+  // the fence passes.
   virtual Fence to_host(const std::vector<BlockCopy>& copies, const std::vector<Fence>& waits, void* compute) = 0;
+  // Whether to_host() computes the CRC-32C of blocks on the device (CUDA: a kernel beside the
+  // copy), so the disk tier need not read them again to checksum them. The CPU does not: its
+  // blocks are checksummed by the disk tier itself.
+  virtual bool checksums_blocks() const { return false; }
   // Host -> device after `compute`'s work so far and after `waits`. With `compute_waits`,
   // `compute` waits for the copies before its next work; without (prefetches), the caller keeps
   // the fence and orders a reader after it when one comes.

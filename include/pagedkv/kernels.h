@@ -67,4 +67,14 @@ cudaError_t gather_from_mapped_host(void* dst, const void* host_base, const int3
                                     int64_t slice_bytes, int64_t block_bytes, int64_t offset, int num_sms,
                                     cudaStream_t stream, const GatherShape& shape = GatherShape{});
 
+// One block to checksum: its bytes in device memory, and where its CRC-32C goes (device memory,
+// or pinned host memory by its device address).
+struct BlockCrcJob {
+  const void* src;  // [block_bytes] device memory
+  uint32_t* crc;    // one value, written when the kernel ends
+};
+// The CRC-32C of each job's `block_bytes` (crc32c.h's value: the host checks it), on `stream`
+// (cuda/block_crc.cu).
+cudaError_t crc32c_blocks(const BlockCrcJob* jobs, int64_t count, size_t block_bytes, cudaStream_t stream);
+
 }  // namespace pagedkv::cuda

@@ -48,6 +48,20 @@ class TierStorage {
   // the slot's old bytes to the caller, who changes no location before these return.
   virtual void write_block(int32_t slot, const void* src) = 0;
   virtual void read_block(int32_t slot, void* dst) const = 0;
+  // Tiers that checksum their blocks (the disk tier with CacheConfig::disk_checksum): a block's
+  // CRC-32C (crc32c.h) comes back checked by read_block; write_block_with_crc() takes it from the
+  // caller instead of reading the bytes again (a CRC computed on the device before the block left
+  // it also covers its stay in host memory); block_crc() gives the one kept for a slot, which
+  // read_block() just checked. Tiers that do not checksum ignore the CRC and have none to give.
+  virtual bool keeps_crc() const { return false; }
+  virtual void write_block_with_crc(int32_t slot, const void* src, uint32_t crc) {
+    (void)crc;
+    write_block(slot, src);
+  }
+  virtual uint32_t block_crc(int32_t slot) const {
+    (void)slot;
+    return 0;
+  }
   // `bytes` of a block from `offset` (one layer's slice: layer * bytes_per_block / num_layers) to
   // host memory. Memory tiers read it in place; others read the block and cut the slice out, or
   // override this with something cheaper.

@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <random>
 
 #include "pagedkv/kernels.h"
 
@@ -26,3 +27,5 @@ extern cuda::AttentionTuning g_tuning;
 extern int g_num_sms;                   // of device 0, set by main
 void bench(const char* out_path);      // --bench [file]
 void bench_prefill(const char* out_path);  // --prefill-bench [file]
+// cuda/block_crc.cu against crc32c() (block_crc_check.cu): failed batches, each counted in n.
+int check_block_crc(std::mt19937_64& rng, bool quick, int& n);

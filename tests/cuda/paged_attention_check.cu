@@ -442,6 +442,7 @@ int main(int argc, char** argv) {
         ++n;
         if (!check_kv_write(rng, dt, hd, bs)) ++fails, std::printf("FAIL kv_write %s hd=%d bs=%d\n", dtype_name(dt), hd, bs);
       }
+  fails += check_block_crc(rng, mode == "--quick", n);  // block_crc_check.cu
   const auto cases = make_sweep(mode == "--quick", rng);
   double worst_all = 0;
   for (const Case& c : cases) {

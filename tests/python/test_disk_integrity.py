@@ -167,6 +167,57 @@ def test_corrupt_block_is_named_and_the_rest_stays_exact(tmp_path, head_dim, blo
     kv.check_invariants()
 
 
+# On CUDA, a block's CRC-32C is computed on the GPU beside its eviction copy (cuda/block_crc.cu) and
+# carried with its host slot; a block read back from disk carries the CRC its read checked. The
+# disk tier writes such blocks without checksumming them again (stats()["disk_crcs_carried"]), so
+# a GPU CRC unequal to crc32c() of the bytes would fail the reads below. Shapes: head_dim 128 /
+# block 16 (16 KiB blocks in bf16, O_DIRECT) and head_dim 80 / block 3 (1920 bytes, buffered).
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim,block_size", [(128, 16), (80, 3)])
+def test_cuda_blocks_carry_their_gpu_crc_to_disk(tmp_path, head_dim, block_size):
+    gen = torch.Generator().manual_seed(23)
+    kv = pagedkv.PagedKV(LAYERS, HEADS, head_dim, block_size=block_size, dtype=torch.bfloat16, device="cuda",
+                         device_blocks=6, host_blocks=4, disk_blocks=96, disk_path=tmp_path)
+    seqs = {}
+    for _ in range(5):  # 5 x 4 blocks: most go down to disk
+        s = kv.add_sequence()
+        rows = [(torch.randn(4 * block_size - 1, HEADS, head_dim, generator=gen).to(torch.bfloat16).cuda(),
+                 torch.randn(4 * block_size - 1, HEADS, head_dim, generator=gen).to(torch.bfloat16).cuda())
+                for _ in range(LAYERS)]
+        for layer, (k, v) in enumerate(rows):
+            kv.append([s], layer, k, v)
+        seqs[s] = rows
+    for _ in range(3):  # up and down again, in turns: host slots filled by disk reads spill too
+        for s, rows in seqs.items():
+            kv.prefetch([s])
+            for layer, (k, v) in enumerate(rows):
+                got_k, got_v = kv.gather(s, layer)
+                assert torch.equal(got_k, k) and torch.equal(got_v, v), f"sequence {s} layer {layer}"
+            kv.check_invariants()
+    st = kv.stats()
+    assert st["blocks_to_disk"] > 20 and st["blocks_from_disk"] > 20, st
+    assert st["disk_crcs_carried"] == st["blocks_to_disk"], st  # every block written came with its CRC
+
+    # The carried CRC is checked like a computed one: a flipped byte is reported, the rest exact.
+    a = next(s for s in seqs if any(t == "disk" for t, _ in kv.block_table(s)))
+    logical, slot = disk_block_of(kv, a)
+    size = LAYERS * 2 * HEADS * block_size * head_dim * 2
+    flip_byte(tmp_path, slot * size + size // 3)
+    with pytest.raises(pagedkv.CorruptBlockError, match=f"sequence {a} logical block {logical}"):
+        kv.gather(a, 0)
+    kv.check_invariants()
+    for s, rows in seqs.items():
+        if s != a:
+            assert torch.equal(kv.gather(s, 1)[0], rows[1][0])
+
+
+def test_cpu_caches_checksum_on_the_disk_tier(tmp_path):
+    kv = make(tmp_path, 64, 4)
+    fill(kv, torch.Generator().manual_seed(5), rows=40)
+    st = kv.stats()
+    assert st["blocks_to_disk"] > 0 and st["disk_crcs_carried"] == 0, st
+
+
 # Blocks of 256 KiB and more are checksummed on a checksum thread while their own write runs, and
 # the CRC folds 256 bytes a step on CPUs with VPCLMULQDQ (the last size % 256 bytes on the crc32
 # path). (layers, head_dim, block_size): 2.5 MiB blocks (O_DIRECT) and 1,101,600-byte ones
