@@ -97,6 +97,7 @@ __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, 
   using S = PrefillShape<HD>;
   constexpr int kRows = S::kN / 4;  // rows of a tile per producer warp
   constexpr int kIters = kRows * S::kChunks / 32;
+  constexpr int kGroups = (F & kSplitKV) != 0 ? 2 : 1;  // cp.async groups committed per tile (K, V)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* pool = static_cast<const T*>(p.pool);
   const int32_t* bt_row = p.block_table + int64_t(w.seq) * p.max_blocks;
@@ -120,6 +121,11 @@ __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, 
       if (t + 1 < w.n_tiles) lookup(t + 1, key_next, blk_next);  // lands while this tile waits
     }
     if (t >= S::kStages) mbar_wait(&empty[s], ((t / S::kStages) - 1) & 1);
+    // Tile t - kStages's copies into this stage have landed: its consumers could release the stage
+    // only after its full barrier, which this thread's arrival reached only once they had. Saying
+    // so with a group wait costs nothing (no group is pending that long) and lets compute-sanitizer
+    // racecheck, which follows cp.async groups and not mbarrier arrivals, see the order.
+    if (t >= S::kStages) cp_async_wait<kGroups * (S::kStages - 1)>();
     if constexpr ((F & kPrefetchBT) == 0) lookup(t, key, blk);
     int64_t off = kNoRow;
     if (key >= 0) off = tile_offset(p, blk, 0, w.kvh) + int64_t(key % p.block_size) * HD;
@@ -170,6 +176,7 @@ __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, 
         copy(true, false);
         cp_async_arrive_noinc(&full[s]);
       }
+      cp_async_commit();  // (empty when the tile came by TMA: the count stays per tile)
       if (t >= S::kStages) mbar_wait(&emptyV[s], ((t / S::kStages) - 1) & 1);
       if (tma) {
         tma_copy(&fullV[s], false, true);
@@ -183,6 +190,7 @@ __device__ __forceinline__ void prefill_producer(const PagedAttentionParams& p, 
       copy(true, true);
       cp_async_arrive_noinc(&full[s]);
     }
+    cp_async_commit();
   }
   cp_async_wait<0>();
 }
