@@ -10,8 +10,8 @@
 #   env: HF_ARGS, SERVE_ARGS, LONGCTX_ARGS, PREFILL_ARGS (e.g. --quick), PYTEST_K and *_TIMEOUT (see below);
 #   longctx1m: mode (d) to 1M tokens on a machine with 512 GiB of RAM (an x4 kind);
 #   checksum: the disk CRC's placement outside the engine (bench/disk_crc_probe.cpp), then the
-#   engine's paired cost with CUDA caches (the folding CRC, the crc32 instruction's, whole-block
-#   reads), its A/A control and CPU caches of the same block size (both CRC paths);
+#   engine's paired cost with CUDA caches (the CRC on the GPU going down; up, the folding CRC, the
+#   crc32 instruction's, whole-block reads), its A/A control and CPU caches of the same block size;
 #   all = tests,demo,kernel,offload,serve; more = longctx,hf (the long runs)
 set -uo pipefail
 what=${1:-all}
@@ -55,13 +55,13 @@ if has checksum; then
   g++ -O2 -std=c++17 -Iinclude bench/disk_crc_probe.cpp cpp/disk_file.cpp cpp/crc32c.cpp cpp/checksum_threads.cpp \
     -pthread -o build/disk_crc_probe \
     && ./build/disk_crc_probe /tmp 128 2 21 2>&1 | tee "$OUT/crc_probe.txt"
-  # Each run: environment | arguments. PAGEDKV_CRC32C_PATH=crc32: the disk tier's CRC on the crc32
-  # instruction instead of the folding; PAGEDKV_DISK_READ_PIECE_KIB=0: blocks read whole, then checked.
-  for run in "|--device cuda" "PAGEDKV_CRC32C_PATH=crc32|--device cuda" "PAGEDKV_DISK_READ_PIECE_KIB=0|--device cuda" \
-             "|--device cuda --control" "|--device cpu --dtype bfloat16" "PAGEDKV_CRC32C_PATH=crc32|--device cpu --dtype bfloat16"; do
+  # --disk-crc crc32: the disk tier's CPU CRC on the crc32 instruction instead of the folding;
+  # --disk-read-piece 0: blocks read whole, then checked (PagedKV(disk_crc=, disk_read_piece=)).
+  for run in "--device cuda" "--device cuda --disk-crc crc32" "--device cuda --disk-read-piece 0" \
+             "--device cuda --control" "--device cpu --dtype bfloat16" "--device cpu --dtype bfloat16 --disk-crc crc32"; do
     (( ${CHECKSUM_RUNS:-99} > 0 )) || break; CHECKSUM_RUNS=$(( ${CHECKSUM_RUNS:-99} - 1 ))  # (the first N runs only)
-    echo "== bench checksum ${run#*|} (${run%%|*})"
-    env ${run%%|*} timeout ${CHECKSUM_TIMEOUT:-120} python3 -m pagedkv bench checksum ${run#*|} \
+    echo "== bench checksum $run"
+    timeout ${CHECKSUM_TIMEOUT:-120} python3 -m pagedkv bench checksum $run \
       --rounds ${CHECKSUM_ROUNDS:-41} --gib 0.5 --out "$OUT" 2>&1 | grep -v -E "Warning|INFO"
   done
 fi

@@ -57,7 +57,7 @@ int main(int argc, char** argv) {
   std::memset(buf, 1, size_t(n) * bytes);
   DiskFile file(dir, n, bytes);
   std::vector<uint32_t> crcs(static_cast<size_t>(n));
-  ChecksumThreads checksums(kThreads);  // the disk tier's: one per I/O thread
+  ChecksumThreads checksums(kThreads, crc32c_best());  // the disk tier's: one per I/O thread
   auto blk = [&](int i) { return buf + size_t(i) * bytes; };
   auto refresh = [&](int r) {  // the host slots get new bytes between swaps (not in the timing)
     for (int i = 0; i < n; ++i) std::memset(blk(i), r & 0xff, bytes);

@@ -172,7 +172,7 @@ NB_MODULE(_C, m) {
               std::map<std::string, double> policy_params, double low_watermark,
               double high_watermark, int32_t staging, std::tuple<int, int, int> gather_shape,
               int32_t copy_batch, std::string cold_tier, int32_t stripe_world, int32_t stripe_rank,
-              bool disk_checksum) {
+              bool disk_checksum, int64_t disk_read_piece, std::string disk_crc) {
              CacheConfig c;
              c.num_layers = num_layers;
              c.num_kv_heads = num_kv_heads;
@@ -203,6 +203,11 @@ NB_MODULE(_C, m) {
              c.stripe_world = stripe_world;
              c.stripe_rank = stripe_rank;
              c.disk_checksum = disk_checksum;
+             c.disk_read_piece = disk_read_piece;
+             PKV_CHECK(disk_crc == "fold" || disk_crc == "crc32" || disk_crc == "portable", ArgumentError,
+                       "disk_crc: expected fold, crc32 or portable, got '", disk_crc, "'");
+             c.disk_crc = disk_crc == "fold" ? Crc32cPath::fold : disk_crc == "crc32" ? Crc32cPath::crc32
+                                                                                     : Crc32cPath::portable;
              new (self) Engine(c);
            },
            "num_layers"_a, "num_kv_heads"_a, "head_dim"_a, "block_size"_a, "dtype"_a,
@@ -212,7 +217,7 @@ NB_MODULE(_C, m) {
            "gather_shape"_a = std::make_tuple(GatherShape{}.unroll, GatherShape{}.threads,
                                               GatherShape{}.ctas_per_sm),
            "copy_batch"_a = 0, "cold_tier"_a = "disk", "stripe_world"_a = 1, "stripe_rank"_a = 0,
-           "disk_checksum"_a = true)
+           "disk_checksum"_a = true, "disk_read_piece"_a = CacheConfig{}.disk_read_piece, "disk_crc"_a = "fold")
       // Every call below releases the GIL before it enters the engine, so a thread waiting for the
       // engine's lock (another thread is inside) never holds up the rest of Python.
       .def("add_sequence", &Engine::add_sequence, nb::call_guard<nb::gil_scoped_release>())

@@ -4,7 +4,7 @@
 
 namespace pagedkv {
 
-ChecksumThreads::ChecksumThreads(int threads) {
+ChecksumThreads::ChecksumThreads(int threads, Crc32cPath path) : path_(path) {
   for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { work(); });
 }
 
@@ -29,7 +29,7 @@ void ChecksumThreads::work() {
       if (job->taken) continue;  // its caller computed it already
       job->taken = true;
     }
-    const uint32_t crc = crc32c(job->data, job->len, job->crc);
+    const uint32_t crc = crc32c_on(path_, job->data, job->len, job->crc);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job->crc = crc;
@@ -57,7 +57,7 @@ uint32_t ChecksumThreads::Pending::value() {
   if (!job_->taken) {  // no checksum thread has started it: cheaper to do it here than to wait
     job_->taken = true;
     lock.unlock();
-    const uint32_t crc = crc32c(job_->data, job_->len, job_->crc);
+    const uint32_t crc = crc32c_on(owner_->path_, job_->data, job_->len, job_->crc);
     lock.lock();
     job_->crc = crc;
     job_->done = true;  // (the queue's entry is skipped by the thread that pops it)

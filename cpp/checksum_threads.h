@@ -13,6 +13,8 @@
 #include <thread>
 #include <vector>
 
+#include "pagedkv/crc32c.h"
+
 namespace pagedkv {
 
 class ChecksumThreads {
@@ -35,7 +37,8 @@ class ChecksumThreads {
     std::shared_ptr<Job> job_;
   };
 
-  explicit ChecksumThreads(int threads);
+  // `path`: the CRC path jobs run on (crc32c_on: at most it, as this CPU has it).
+  ChecksumThreads(int threads, Crc32cPath path);
   ~ChecksumThreads();
   ChecksumThreads(const ChecksumThreads&) = delete;
   ChecksumThreads& operator=(const ChecksumThreads&) = delete;
@@ -52,6 +55,7 @@ class ChecksumThreads {
     bool done = false;
   };
   void work();
+  Crc32cPath path_;
   std::mutex mutex_;
   std::condition_variable wake_, done_;
   std::deque<std::shared_ptr<Job>> jobs_;

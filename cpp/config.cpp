@@ -35,6 +35,12 @@ void validate_config(const CacheConfig& c) {
             c.stripe_rank, " is not in a group of ", c.stripe_world);
   PKV_CHECK(c.disk_blocks == 0 || c.host_blocks > 0, ArgumentError,
             "disk_blocks: the disk tier is staged through pinned host memory; give host_blocks > 0");
+  PKV_CHECK(c.disk_read_piece == 0 || (c.disk_read_piece % 4096 == 0 && c.disk_read_piece >= (int64_t(256) << 10) &&
+                                         c.disk_read_piece <= (int64_t(1) << 40)),
+            ArgumentError, "disk_read_piece: expected 0 (whole blocks) or a multiple of 4096 from 262144 to 2^40 bytes, got ",
+            c.disk_read_piece);
+  PKV_CHECK(c.disk_crc == Crc32cPath::fold || c.disk_crc == Crc32cPath::crc32 || c.disk_crc == Crc32cPath::portable,
+            ArgumentError, "disk_crc: expected fold, crc32 or portable");
   const GatherShape& g = c.gather_shape;
   PKV_CHECK(g.unroll == 2 || g.unroll == 4 || g.unroll == 8 || g.unroll == 16, ArgumentError,
             "gather_shape: unroll must be 2, 4, 8 or 16, got ", g.unroll);

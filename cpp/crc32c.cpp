@@ -7,9 +7,7 @@
 #include "pagedkv/crc32c.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -241,16 +239,7 @@ Crc32cPath cpu_best() {
 }  // namespace
 
 Crc32cPath crc32c_best() {
-  // PAGEDKV_CRC32C_PATH=crc32 (or portable) caps the path, read once: to time the paths against
-  // each other inside the engine (bench/device_run.sh checksum). Other values are ignored.
-  static const Crc32cPath best = [] {
-    const Crc32cPath cpu = cpu_best();
-    const char* env = std::getenv("PAGEDKV_CRC32C_PATH");
-    if (env == nullptr) return cpu;
-    const std::string want(env);
-    const Crc32cPath cap = want == "portable" ? Crc32cPath::portable : want == "crc32" ? Crc32cPath::crc32 : Crc32cPath::fold;
-    return std::min(cpu, cap);
-  }();
+  static const Crc32cPath best = cpu_best();
   return best;
 }
 

@@ -12,14 +12,12 @@
 // read in pieces, each piece's CRC (continuing the one before) running on a checksum thread while
 // the next piece is read: only the last piece's checksum, computed on the I/O thread itself, adds
 // to the read. (Without the checksum a block is read in the same pieces, so that benches compare
-// the checksum alone.) PAGEDKV_DISK_READ_PIECE_KIB (a multiple of 4; 0: whole blocks, the CRC
-// after the read) changes the piece size, read once per tier: benches time the two against each
-// other on one host.
+// the checksum alone.) CacheConfig::disk_read_piece sets the piece (0: whole blocks, the CRC after
+// the read) and CacheConfig::disk_crc caps the CRC path: benches time the ways against each other.
 // CacheConfig::disk_checksum = false skips both (benches time the checksum's cost with it).
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
-#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -35,18 +33,19 @@ namespace {
 // Blocks smaller than this are checksummed inline: handing them to another thread would cost
 // more than the CRC itself.
 constexpr size_t kOverlapMin = 256 << 10;
-constexpr size_t kReadPiece = 512 << 10;  // (a multiple of 4096: pieces keep O_DIRECT's alignment)
 constexpr int kChecksumThreads = 4;       // one per I/O thread (block_store.cpp, kColdThreads)
-static_assert(kOverlapMin <= kReadPiece, "a block read in several pieces must have checksum threads");
 
 class DiskTier final : public TierStorage {
  public:
   explicit DiskTier(const TierSpec& s)
-      : TierStorage(s.num_slots, s.block_bytes), checksum_(s.cfg.disk_checksum), read_piece_(read_piece()) {
+      : TierStorage(s.num_slots, s.block_bytes),
+        checksum_(s.cfg.disk_checksum),
+        path_(std::min(crc32c_best(), s.cfg.disk_crc)),
+        read_piece_(size_t(s.cfg.disk_read_piece)) {
     if (s.num_slots > 0) {
       file_ = DiskFile(s.cfg.disk_path, s.num_slots, s.block_bytes);
       crc_.assign(size_t(s.num_slots), 0);
-      if (checksum_ && s.block_bytes >= kOverlapMin) checksums_ = std::make_unique<ChecksumThreads>(kChecksumThreads);
+      if (checksum_ && s.block_bytes >= kOverlapMin) checksums_ = std::make_unique<ChecksumThreads>(kChecksumThreads, path_);
     }
   }
   const char* kind() const override { return "disk"; }
@@ -56,7 +55,7 @@ class DiskTier final : public TierStorage {
   void write_block(int32_t slot, const void* src) override {
     if (!checksum_) return file_.write(slot, src);
     if (!checksums_) {
-      const uint32_t crc = crc32c(src, bytes_per_block());
+      const uint32_t crc = crc32c_on(path_, src, bytes_per_block());
       file_.write(slot, src);
       crc_[size_t(slot)] = crc;
       return;
@@ -84,7 +83,7 @@ class DiskTier final : public TierStorage {
   }
 
  private:
-  // Reads a block in pieces of kReadPiece (the same reads with the checksum and without, so
+  // Reads a block in pieces of read_piece_ (the same reads with the checksum and without, so
   // benches compare the checksum alone) and returns its CRC (0 without the checksum). Piece i's
   // CRC runs on a checksum thread while piece i + 1 is read; the last piece's, with nothing left
   // to overlap, on this thread. (A block of more than one piece is at least kOverlapMin: it has
@@ -99,22 +98,10 @@ class DiskTier final : public TierStorage {
       file_.read(slot, dst + at, at, len);
       if (!checksum_) continue;
       if (before) crc = before->value();
-      if (at + len == n) return crc32c(dst + at, len, crc);
+      if (at + len == n) return crc32c_on(path_, dst + at, len, crc);
       before.emplace(checksums_->start(dst + at, len, crc));
     }
     return crc;
-  }
-  // kReadPiece, or PAGEDKV_DISK_READ_PIECE_KIB's (0: whole blocks) where it is a multiple of 4 KiB
-  // (O_DIRECT's alignment) and at least kOverlapMin (so that a block of several pieces has
-  // checksum threads).
-  static size_t read_piece() {
-    const char* env = std::getenv("PAGEDKV_DISK_READ_PIECE_KIB");
-    if (env == nullptr) return kReadPiece;
-    char* end = nullptr;
-    const unsigned long kib = std::strtoul(env, &end, 10);
-    if (end == env || *end != '\0' || kib % 4 != 0 || kib > (1ul << 30)) return kReadPiece;
-    if (kib != 0 && (kib << 10) < kOverlapMin) return kReadPiece;
-    return size_t(kib) << 10;
   }
   static std::string hex(uint32_t v) {
     char s[11];
@@ -122,7 +109,8 @@ class DiskTier final : public TierStorage {
     return s;
   }
   bool checksum_;
-  size_t read_piece_;  // bytes, 0: whole blocks
+  Crc32cPath path_;    // CacheConfig::disk_crc, or below it where this CPU lacks it
+  size_t read_piece_;  // bytes (a multiple of 4096, at least kOverlapMin: config.cpp), 0: whole blocks
   DiskFile file_;
   std::vector<uint32_t> crc_;  // [capacity] the CRC-32C of the block last written to each slot
   std::unique_ptr<ChecksumThreads> checksums_;  // with the checksum, for blocks of kOverlapMin or more

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <string>
 
+#include "pagedkv/crc32c.h"
 #include "pagedkv/gather_shape.h"
 #include "pagedkv/policy.h"
 #include "pagedkv/types.h"
@@ -47,6 +48,13 @@ struct CacheConfig {
   // their CRC-32C (no corruption is detected), so `bench offload` can time the checksum's cost as
   // the same swaps with it and without it. Default on; Python: PagedKV(disk_checksum=).
   bool disk_checksum = true;
+  // The disk tier's reads and checksum, speed only (benches time the ways against each other):
+  // blocks are read in pieces of disk_read_piece bytes, each piece's CRC running on a checksum
+  // thread while the next is read (a multiple of 4096 of at least 256 KiB; 0: whole blocks, the
+  // CRC after), and the CRC runs on the fastest path this CPU has, at most disk_crc.
+  // Python: PagedKV(disk_read_piece=, disk_crc=).
+  int64_t disk_read_piece = int64_t(512) << 10;
+  Crc32cPath disk_crc = Crc32cPath::fold;
   // Which registered tier implementation holds the coldest level (tier.h): "disk" (a file of block
   // slots) unless a test or an extension registers another.
   std::string cold_tier = "disk";

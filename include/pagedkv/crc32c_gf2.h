@@ -10,10 +10,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#ifndef PKV_HOST_DEVICE
 #if defined(__CUDACC__)
 #define PKV_HOST_DEVICE __host__ __device__
 #else
 #define PKV_HOST_DEVICE
+#endif
 #endif
 
 namespace pagedkv::crc32c_gf2 {

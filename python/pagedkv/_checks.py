@@ -233,6 +233,21 @@ COPY_BATCH_CODES = {"batch": 0, "overlap": 1, "off": 2}
 GATHER_SHAPE_DEFAULT = (8, 512, 4)
 
 
+DISK_CRC_PATHS = ("fold", "crc32", "portable")
+
+
+def check_disk_tuning(disk_read_piece, disk_crc) -> None:
+    """PagedKV(disk_read_piece=, disk_crc=): the disk tier's read piece in bytes (0: whole blocks;
+    else a multiple of 4096 from 256 KiB up) and the CRC path it may run at most."""
+    if isinstance(disk_read_piece, bool) or not isinstance(disk_read_piece, int):
+        raise TypeError(f"PagedKV(): disk_read_piece must be an int (bytes), got {type(disk_read_piece).__name__}")
+    if disk_read_piece != 0 and not (disk_read_piece % 4096 == 0 and 256 * 1024 <= disk_read_piece <= 2**40):
+        raise ValueError("PagedKV(): disk_read_piece must be 0 (whole blocks) or a multiple of 4096 from 262144 "
+                         f"to 2**40 bytes, got {disk_read_piece}")
+    if not isinstance(disk_crc, str) or disk_crc not in DISK_CRC_PATHS:
+        raise ValueError(f"PagedKV(): disk_crc must be 'fold', 'crc32' or 'portable', got {disk_crc!r}")
+
+
 def check_tuning(staging, gather_shape, copy_batch) -> tuple[int, tuple[int, int, int], int]:
     """The tuning arguments of PagedKV() as the engine's codes; each failure names its argument."""
     if staging not in STAGING_CODES:

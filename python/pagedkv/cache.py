@@ -11,7 +11,7 @@ from torch.utils.dlpack import to_dlpack as _dl
 from . import _C
 from .policies import resolve as _resolve_policy
 from ._checks import (DTYPE_CODES, INT32_MAX, bounded_int, check_bool, check_constructor, check_scale,
-                      check_tensor, check_tuning, seq_id, seq_list, split_lengths)
+                      check_disk_tuning, check_tensor, check_tuning, seq_id, seq_list, split_lengths)
 
 
 def _serialised(method):
@@ -46,7 +46,12 @@ class PagedKV:
     back different raises pagedkv.CorruptBlockError (an OSError) naming its sequence(s) and
     logical block, and other blocks stay readable. Failed disk I/O raises OSError with errno.
     disk_checksum=False turns the CRC off (nothing then detects a corrupted block): for measuring
-    its cost (BENCHMARKS.md, the disk tier's checksum), not a tuning choice.
+    its cost (BENCHMARKS.md, the disk tier's checksum), not a tuning choice. Tuning of the disk
+    tier (speed only): disk_read_piece=524288 reads blocks in pieces of that many bytes, each
+    piece's CRC overlapping the next piece's read (a multiple of 4096 of at least 262144; 0: whole
+    blocks, checked after); disk_crc="fold" | "crc32" | "portable" caps the CPU's CRC path (the
+    fastest the CPU has, at most this one). With CUDA caches a block's CRC is computed on the GPU
+    as it is evicted, and the disk write takes it as given.
 
     Distributed context: with group= a torch.distributed process group, logical block i of every
     sequence lives on rank i % world; every rank makes the same calls with the same arguments
@@ -67,12 +72,14 @@ class PagedKV:
                  window: int | None = None, sink_tokens: int = 0, retain: bool = True,
                  rope=None, positions: str = "original", watermarks=(0.02, 0.05),
                  staging: str = "kernel", gather_shape=None, copy_batch: str = "batch",
-                 group=None, merge: str = "allreduce", disk_checksum: bool = True):
+                 group=None, merge: str = "allreduce", disk_checksum: bool = True,
+                 disk_read_piece: int = 512 * 1024, disk_crc: str = "fold"):
         device = check_constructor(num_layers, num_kv_heads, head_dim, block_size, dtype, device,
                                     device_blocks, host_blocks, disk_blocks, disk_path, window,
                                     sink_tokens, retain, rope, positions)
         staging_code, shape, copy_batch_code = check_tuning(staging, gather_shape, copy_batch)
         check_bool(disk_checksum, "disk_checksum", "PagedKV()")
+        check_disk_tuning(disk_read_piece, disk_crc)
         policy_name, policy_params = _resolve_policy(policy)
         low, high = self._watermarks(watermarks)
         self.group, self.rank, self.world = group, 0, 1
@@ -94,7 +101,7 @@ class PagedKV:
         self.policy = policy
         self.rope, self.positions = rope, positions
         self.staging, self.gather_shape, self.copy_batch = staging, gather_shape, copy_batch
-        self.disk_checksum = disk_checksum
+        self.disk_checksum, self.disk_read_piece, self.disk_crc = disk_checksum, disk_read_piece, disk_crc
         # StreamingLLM positions: the kernels turn each row's query for its sinks (streaming.py).
         self._sink_rope = None
         if positions == "cache":
@@ -113,7 +120,7 @@ class PagedKV:
                 policy_params=policy_params, low_watermark=low if host_blocks else 0.0,
                 high_watermark=high if host_blocks else 0.0, staging=staging_code, gather_shape=shape,
                 copy_batch=copy_batch_code, stripe_world=self.world, stripe_rank=self.rank,
-                disk_checksum=disk_checksum)
+                disk_checksum=disk_checksum, disk_read_piece=disk_read_piece, disk_crc=disk_crc)
             self._engine = _C.Engine(**self._engine_args)
         except Exception as e:  # (with a group, every rank learns of it before anyone goes on)
             if group is None:

@@ -25,7 +25,7 @@ std::vector<unsigned char> random_bytes(size_t n, uint64_t seed) {
 TEST(ChecksumThreads, ValuesMatchTheCrcWhoeverComputesThem) {
   const auto bytes = random_bytes(3 << 20, 1);
   for (int threads : {0, 1, 4}) {  // 0: every job falls to value()'s caller
-    ChecksumThreads pool(threads);
+    ChecksumThreads pool(threads, crc32c_best());
     std::vector<ChecksumThreads::Pending> pending;
     std::vector<uint32_t> want;
     std::mt19937_64 rng(uint64_t(threads) + 7);
@@ -45,7 +45,7 @@ TEST(ChecksumThreads, ValuesMatchTheCrcWhoeverComputesThem) {
 
 TEST(ChecksumThreads, ChainedPiecesGiveTheWholeBuffersCrc) {
   const auto bytes = random_bytes((2 << 20) + 12345, 2);
-  ChecksumThreads pool(4);
+  ChecksumThreads pool(4, crc32c_best());
   std::vector<std::thread> readers;
   std::vector<uint32_t> got(8);
   for (int r = 0; r < 8; ++r)  // several callers at once, as the I/O threads are
@@ -65,7 +65,7 @@ TEST(ChecksumThreads, ChainedPiecesGiveTheWholeBuffersCrc) {
 
 TEST(ChecksumThreads, PendingsDroppedUnaskedAndThePoolStops) {
   const auto bytes = random_bytes(1 << 20, 3);
-  ChecksumThreads pool(2);
+  ChecksumThreads pool(2, Crc32cPath::portable);
   for (int i = 0; i < 50; ++i) {
     ChecksumThreads::Pending p = pool.start(bytes.data(), bytes.size());
     (void)p;  // its destructor waits for it (or computes it)

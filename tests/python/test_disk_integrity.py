@@ -97,23 +97,41 @@ def test_crc32c_binding_known_values():
     assert _C.crc32c(x) == _C.crc32c(x, portable=True)
 
 
-@pytest.mark.parametrize("cap", ["crc32", "portable"])
-def test_crc32c_path_capped_by_the_environment(cap):
-    # PAGEDKV_CRC32C_PATH caps the path the disk tier runs (benches time the paths inside the
-    # engine); the values stay the same.
-    code = textwrap.dedent(f"""
-        import torch
-        from pagedkv import _C
-        paths = _C.crc32c_paths()
-        assert "{cap}" in paths and paths.index("{cap}") == 0, paths
-        x = torch.randint(0, 256, (70_001,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-        assert _C.crc32c(x) == _C.crc32c(x, portable=True)
-    """)
-    env = dict(os.environ, PAGEDKV_CRC32C_PATH=cap)
-    if cap == "crc32" and "crc32" not in _C.crc32c_paths():
-        pytest.skip("this CPU has no crc32 instruction")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+@pytest.mark.parametrize("disk_crc", ["fold", "crc32", "portable"])
+def test_disk_crc_path_is_a_config_choice(tmp_path, disk_crc):
+    # PagedKV(disk_crc=) caps the CPU path the disk tier's CRC runs on (benches time the paths
+    # inside the engine): any path reads every block back exact and still finds a flipped byte.
+    gen = torch.Generator().manual_seed(4)
+    kv = make(tmp_path, 64, 4, disk_crc=disk_crc)
+    assert kv.disk_crc == disk_crc
+    a, a_data = fill(kv, gen)
+    others = [fill(kv, gen) for _ in range(3)]
+    logical, slot = disk_block_of(kv, a)
+    flip_byte(tmp_path, slot * block_bytes(kv) + 5)
+    with pytest.raises(pagedkv.CorruptBlockError, match=f"sequence {a} logical block {logical}"):
+        kv.gather(a, 0)
+    for s, data in others:
+        assert_exact(kv, s, data)
+    kv.check_invariants()
+
+
+@pytest.mark.parametrize("bad,err", [("crc32c", ValueError), ("", ValueError), (None, ValueError), (3, ValueError)])
+def test_bad_disk_crc_is_named(tmp_path, bad, err):
+    with pytest.raises(err, match="disk_crc"):
+        make(tmp_path, 64, 4, disk_crc=bad)
+
+
+@pytest.mark.parametrize("bad,err", [(1, ValueError), (4096, ValueError), (256 * 1024 + 4, ValueError),
+                                     (-4096, ValueError), (2**41, ValueError), (True, TypeError),
+                                     (512.0 * 1024, TypeError), ("524288", TypeError)])
+def test_bad_disk_read_piece_is_named(tmp_path, bad, err):
+    with pytest.raises(err, match="disk_read_piece"):
+        make(tmp_path, 64, 4, disk_read_piece=bad)
+    with pytest.raises((ValueError, TypeError), match="disk_read_piece"):  # the engine checks it too
+        _C.Engine(num_layers=1, num_kv_heads=1, head_dim=8, block_size=4, dtype=0, device_blocks=2, host_blocks=2,
+                  disk_blocks=2, disk_path=str(tmp_path), window=0, sink_tokens=0, retain=True, on_cuda=False,
+                  cuda_device=0, policy="lru", policy_params={}, low_watermark=0.0, high_watermark=0.0,
+                  disk_read_piece=bad if isinstance(bad, int) and not isinstance(bad, bool) else -1)
 
 
 @pytest.mark.parametrize("head_dim,block_size", SHAPES)
@@ -227,15 +245,13 @@ PIECE = 512 << 10
 
 
 @pytest.mark.parametrize("layers,head_dim,block_size", BIG)
-@pytest.mark.parametrize("piece_kib", [None, "0", "256"])
-def test_big_blocks_are_checked_in_every_piece(tmp_path, monkeypatch, layers, head_dim, block_size, piece_kib):
-    # piece_kib: PAGEDKV_DISK_READ_PIECE_KIB (None: the default 512 KiB pieces; 0: whole blocks)
-    if piece_kib is not None:
-        monkeypatch.setenv("PAGEDKV_DISK_READ_PIECE_KIB", piece_kib)
+@pytest.mark.parametrize("piece", [512 * 1024, 0, 256 * 1024, 768 * 1024])
+def test_big_blocks_are_checked_in_every_piece(tmp_path, layers, head_dim, block_size, piece):
+    # piece: PagedKV(disk_read_piece=) (the default 512 KiB; 0: whole blocks, checked after)
     gen = torch.Generator().manual_seed(5)
     kv = pagedkv.PagedKV(num_layers=layers, num_kv_heads=1, head_dim=head_dim, block_size=block_size,
                          dtype=torch.float32, device="cpu", device_blocks=2, host_blocks=2, disk_blocks=16,
-                         disk_path=tmp_path)
+                         disk_path=tmp_path, disk_read_piece=piece)
     size = layers * 2 * block_size * head_dim * 4
     seqs = []
     for _ in range(11):  # one block each: most go to disk
@@ -435,18 +451,22 @@ def test_missing_disk_path_is_a_file_not_found_error(tmp_path):
     assert info.value.errno == errno.ENOENT
 
 
-@pytest.mark.parametrize("dtype", [None, "bfloat16"])
-def test_bench_checksum_runs(tmp_path, dtype):
-    """`python -m pagedkv bench checksum` at a toy size: finishes, saves its JSON, figures positive."""
+@pytest.mark.parametrize("dtype,tuning", [(None, {}), ("bfloat16", {"disk_read_piece": 0, "disk_crc": "portable"})])
+def test_bench_checksum_runs(tmp_path, dtype, tuning):
+    """`python -m pagedkv bench checksum` at a toy size: finishes, saves its JSON, figures positive;
+    --disk-read-piece / --disk-crc reach both caches and the JSON."""
     import json
 
     out = tmp_path / "out"
+    flags = [x for k, v in tuning.items() for x in ("--" + k.replace("_", "-"), str(v))]
     r = subprocess.run([sys.executable, "-m", "pagedkv", "bench", "checksum", "--blocks", "40", "--gib", "0.05",
                         "--rounds", "2", "--disk-path", str(tmp_path), "--out", str(out)]
-                       + (["--dtype", dtype] if dtype else []), capture_output=True, text=True, timeout=300)
+                       + (["--dtype", dtype] if dtype else []) + flags, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     (path,) = out.glob("checksum-*.json")
     res = json.loads(path.read_text())
+    assert res["disk_tuning"] == {"disk_read_piece": 512 * 1024, "disk_crc": "fold", **tuning}
+    assert res["cost"]["disk_tuning"] == res["disk_tuning"]
     assert res["dtype"] == (dtype or "float32") and res["device"] == "cpu"
     assert res["block_bytes"] == res["cost"]["block_bytes"] == (2 << 20 if dtype else 4 << 20)
     assert res["crc32c_gb_s"]["portable"] > 0 and all(v > 0 for v in res["crc32c_gb_s"].values())

@@ -1,12 +1,15 @@
 """`python -m pagedkv bench checksum`: what the disk tier's per-block CRC-32C costs (caches on the
 CPU by default; `--device cuda` puts them on the GPU, their blocks crossing the pinned host tier).
 
-Every block written to the disk tier is checksummed once on the way down (on a checksum thread,
-while its own write runs) and checked once on the way up (docs/DESIGN.md, disk integrity).
+Every block written to the disk tier is checksummed once on the way down (CPU caches: on a
+checksum thread while its own write runs; CUDA caches: on the GPU as the block is evicted, the
+write taking that CRC as given) and checked once on the way up, on the CPU (docs/DESIGN.md, disk
+integrity). `--disk-read-piece` and `--disk-crc` set both caches' PagedKV(disk_read_piece=,
+disk_crc=), so one host times the ways against each other.
 Measured in one run:
   crc32c      GB/s of the checksum alone on one thread over one disk-tier block, on each path this
               CPU has (carry-less-multiply folding, the crc32 instruction, the portable tables;
-              the first is what the disk tier runs);
+              the disk tier runs the first at most --disk-crc);
   cost        the same swaps through the disk tier by two caches alike but for the checksum,
               taking turns (disk_tier.checksum_cost): time with it over time without, less 1,
               median and quartiles per direction. Target: under 2%;
@@ -19,7 +22,6 @@ reports when there is nothing to find, the floor under the cost.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 
@@ -51,21 +53,23 @@ def main(args) -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
     dtype_name = str(dtype).removeprefix("torch.")
     ceilings = disk_ceilings(path, args.gib)
-    cost = checksum_cost(path, args.blocks, args.rounds, device=args.device, dtype=dtype, control=args.control)
+    tuning = {"disk_read_piece": args.disk_read_piece, "disk_crc": args.disk_crc}
+    cost = checksum_cost(path, args.blocks, args.rounds, device=args.device, dtype=dtype, control=args.control,
+                         **tuning)
     block_bytes = cost["block_bytes"]
-    paths = _C.crc32c_paths()  # fastest first: the disk tier's
+    paths = _C.crc32c_paths()  # this CPU's, fastest first
+    order = ["fold", "crc32", "portable"]
+    runs = next(p for p in paths if order.index(p) >= order.index(args.disk_crc))  # the disk tier's
     crc = {p: crc32c_rate(block_bytes, p) for p in paths}
-    bound = {way: cost[way]["gb_s_checksum"] / crc[paths[0]] for way in ("write", "read")}
+    bound = {way: cost[way]["gb_s_checksum"] / crc[runs] for way in ("write", "read")}
     print(f"checksum (crc32c) of {block_bytes / 2**20:.0f} MiB disk-tier blocks, one thread: "
-          + ", ".join(f"{crc[p]:.2f} GB/s ({p})" for p in paths) + f"; the disk tier runs {paths[0]}")
+          + ", ".join(f"{crc[p]:.2f} GB/s ({p})" for p in paths) + f"; the disk tier runs {runs}")
     for line in checksum_lines(cost, ceilings):
         print("  " + line)
     print(f"  were nothing overlapped, the checksum's own time (at its rate on a cached block) would be write "
           f"{100 * bound['write']:.2f}%, read {100 * bound['read']:.2f}% of the disk tier's")
     print(f"  caches on {args.device} in {dtype_name}: the blocks cross "
           + ("a pinned host tier (copy engines)" if args.device == "cuda" else "a host tier (memcpy)"))
-    # (the disk tier's diagnostic switches, where set: cpp/crc32c.cpp, cpp/tier_disk.cpp)
-    env = {k: os.getenv(k) for k in ("PAGEDKV_CRC32C_PATH", "PAGEDKV_DISK_READ_PIECE_KIB") if os.getenv(k) is not None}
-    if env:
-        print("  disk tier switches set: " + ", ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"  saved {save('checksum', {'device': args.device, 'control': args.control, 'dtype': dtype_name, 'block_bytes': block_bytes, 'crc32c_gb_s': crc, 'ceilings': ceilings, 'cost': cost, 'bound': bound, 'switches': env})}")
+    print(f"  disk tier: PagedKV(disk_read_piece={args.disk_read_piece}, disk_crc={args.disk_crc!r})"
+          + (" (whole blocks, checked after the read)" if args.disk_read_piece == 0 else ""))
+    print(f"  saved {save('checksum', {'device': args.device, 'control': args.control, 'dtype': dtype_name, 'block_bytes': block_bytes, 'crc32c_gb_s': crc, 'ceilings': ceilings, 'cost': cost, 'bound': bound, 'disk_tuning': tuning})}")

@@ -65,11 +65,11 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
-def _spilled_cache(checksum: bool, path: str, blocks: int, device: str, dtype: torch.dtype):
+def _spilled_cache(checksum: bool, path: str, blocks: int, device: str, dtype: torch.dtype, **disk_tuning):
     """A cache with one sequence of `blocks` blocks in every layer, and a host tier of 32 blocks in
     front of its disk tier: each offload of the sequence spills all but a few blocks to disk."""
     kv = PagedKV(LAYERS, HK, D, block_size=BS, dtype=dtype, device=device, device_blocks=blocks + 8,
-                 host_blocks=32, disk_blocks=blocks + 40, disk_path=path, disk_checksum=checksum)
+                 host_blocks=32, disk_blocks=blocks + 40, disk_path=path, disk_checksum=checksum, **disk_tuning)
     s = kv.add_sequence()
     rows = torch.randn(blocks * BS, HK, D, device=device).to(dtype)
     for layer in range(LAYERS):
@@ -95,16 +95,17 @@ def _round_trip(kv, s, device: str) -> tuple[float, float]:
 
 
 def checksum_cost(path: str, blocks: int, rounds: int, device: str = "cuda", dtype: torch.dtype | None = None,
-                  control: bool = False) -> dict:
+                  control: bool = False, **disk_tuning) -> dict:
     """The disk-tier checksum's cost, measured: two caches alike but for the per-block CRC-32C
     (one checksums, one does not) take turns, `rounds` times, at the same swap (offload through
     the host tier to disk, prefetch back), which of the two goes first alternating. Per round and
     direction: time with the checksum over time without, less 1 (0.02 = 2% slower); median and
     quartiles over the rounds (one warm-up round not counted), and the median GB/s of each.
     `control`: both caches without the checksum (an A/A run), so the "cost" is the method's own
-    bias and spread on this machine (two files, two pools), the floor a real cost stands on."""
-    caches = {ck: _spilled_cache(ck and not control, path, blocks, device, dtype or default_dtype(device))
-              for ck in (True, False)}
+    bias and spread on this machine (two files, two pools), the floor a real cost stands on.
+    `disk_tuning`: PagedKV(disk_read_piece=, disk_crc=) of both caches."""
+    caches = {ck: _spilled_cache(ck and not control, path, blocks, device, dtype or default_dtype(device),
+                                 **disk_tuning) for ck in (True, False)}
     rates = {True: [], False: []}
     for i in range(rounds + 1):
         for ck in ((True, False) if i % 2 == 0 else (False, True)):
@@ -114,7 +115,8 @@ def checksum_cost(path: str, blocks: int, rounds: int, device: str = "cuda", dty
         if not torch.equal(kv.gather(s, LAYERS - 1)[0], rows):
             raise SystemExit("bench: the blocks came back from disk different")
         kv.check_invariants()
-    out = {"blocks": blocks, "rounds": rounds, "block_bytes": caches[True][0].block_bytes, "control": control}
+    out = {"blocks": blocks, "rounds": rounds, "block_bytes": caches[True][0].block_bytes, "control": control,
+           "disk_tuning": disk_tuning}
     for d, way in enumerate(("write", "read")):
         on, off = [r[d] for r in rates[True][1:]], [r[d] for r in rates[False][1:]]
         cost = sorted(b / a - 1 for a, b in zip(on, off))
