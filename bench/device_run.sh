@@ -55,10 +55,10 @@ if has checksum; then
   g++ -O2 -std=c++17 -Iinclude bench/disk_crc_probe.cpp cpp/disk_file.cpp cpp/crc32c.cpp cpp/checksum_threads.cpp \
     -pthread -o build/disk_crc_probe \
     && ./build/disk_crc_probe /tmp 128 2 21 2>&1 | tee "$OUT/crc_probe.txt"
-  # --disk-crc crc32: the disk tier's CPU CRC on the crc32 instruction instead of the folding;
+  # --disk-crc fold: the disk tier's CPU CRC on the AVX-512 folding instead of the crc32 instruction;
   # --disk-read-piece 0: blocks read whole, then checked (PagedKV(disk_crc=, disk_read_piece=)).
-  for run in "--device cuda" "--device cuda --disk-crc crc32" "--device cuda --disk-read-piece 0" \
-             "--device cuda --control" "--device cpu --dtype bfloat16" "--device cpu --dtype bfloat16 --disk-crc crc32"; do
+  for run in "--device cuda" "--device cuda --disk-crc fold" "--device cuda --disk-read-piece 0" \
+             "--device cuda --control" "--device cpu --dtype bfloat16" "--device cpu --dtype bfloat16 --disk-crc fold"; do
     (( ${CHECKSUM_RUNS:-99} > 0 )) || break; CHECKSUM_RUNS=$(( ${CHECKSUM_RUNS:-99} - 1 ))  # (the first N runs only)
     echo "== bench checksum $run"
     timeout ${CHECKSUM_TIMEOUT:-120} python3 -m pagedkv bench checksum $run \

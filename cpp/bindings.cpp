@@ -217,7 +217,7 @@ NB_MODULE(_C, m) {
            "gather_shape"_a = std::make_tuple(GatherShape{}.unroll, GatherShape{}.threads,
                                               GatherShape{}.ctas_per_sm),
            "copy_batch"_a = 0, "cold_tier"_a = "disk", "stripe_world"_a = 1, "stripe_rank"_a = 0,
-           "disk_checksum"_a = true, "disk_read_piece"_a = CacheConfig{}.disk_read_piece, "disk_crc"_a = "fold")
+           "disk_checksum"_a = true, "disk_read_piece"_a = CacheConfig{}.disk_read_piece, "disk_crc"_a = "crc32")
       // Every call below releases the GIL before it enters the engine, so a thread waiting for the
       // engine's lock (another thread is inside) never holds up the rest of Python.
       .def("add_sequence", &Engine::add_sequence, nb::call_guard<nb::gil_scoped_release>())

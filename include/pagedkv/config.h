@@ -51,10 +51,13 @@ struct CacheConfig {
   // The disk tier's reads and checksum, speed only (benches time the ways against each other):
   // blocks are read in pieces of disk_read_piece bytes, each piece's CRC running on a checksum
   // thread while the next is read (a multiple of 4096 of at least 256 KiB; 0: whole blocks, the
-  // CRC after), and the CRC runs on the fastest path this CPU has, at most disk_crc.
-  // Python: PagedKV(disk_read_piece=, disk_crc=).
+  // CRC after), and the CRC runs on the fastest path this CPU has, at most disk_crc. The crc32
+  // instruction by default, not the AVX-512 folding though that is twice as fast on one thread:
+  // inside the engine, beside four I/O threads, the folding cost more in every paired run on the
+  // GPU machines' hosts (BENCHMARKS.md, the disk tier's checksum). Python: PagedKV(disk_read_piece=,
+  // disk_crc=).
   int64_t disk_read_piece = int64_t(512) << 10;
-  Crc32cPath disk_crc = Crc32cPath::fold;
+  Crc32cPath disk_crc = Crc32cPath::crc32;
   // Which registered tier implementation holds the coldest level (tier.h): "disk" (a file of block
   // slots) unless a test or an extension registers another.
   std::string cold_tier = "disk";

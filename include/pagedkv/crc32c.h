@@ -16,10 +16,11 @@ uint32_t crc32c_portable(const void* data, size_t len, uint32_t crc = 0);
 // Whether crc32c() runs on CPU instructions made for it (folding or crc32), not on the tables.
 bool crc32c_hardware();
 
-// The ways crc32c() can run; it takes the fastest this CPU has (checked once); the disk tier takes
-// at most CacheConfig::disk_crc's (benches). All give the same value. fold: carry-less multiplies on 512-bit registers (AVX-512 + VPCLMULQDQ), about twice the
-// crc32 instruction's rate on long blocks; crc32: SSE4.2's crc32 on three streams; portable:
-// slicing-by-8 tables.
+// The ways crc32c() can run; it takes the fastest this CPU has (checked once); the disk tier runs
+// at most CacheConfig::disk_crc's (crc32 by default). All give the same value. fold: carry-less
+// multiplies on 512-bit registers (AVX-512 + VPCLMULQDQ), about twice the crc32 instruction's rate
+// on long blocks on one thread; crc32: SSE4.2's crc32 on three streams; portable: slicing-by-8
+// tables.
 enum class Crc32cPath { portable, crc32, fold };
 Crc32cPath crc32c_best();
 const char* crc32c_path_name(Crc32cPath path);

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
                     help="A/A run: neither cache checksums, so the reported cost is the method's own bias")
     ck.add_argument("--disk-read-piece", type=int, default=512 * 1024,
                     help="both caches' PagedKV(disk_read_piece=): bytes per read piece (0: whole blocks)")
-    ck.add_argument("--disk-crc", default="fold", choices=["fold", "crc32", "portable"],
+    ck.add_argument("--disk-crc", default="crc32", choices=["fold", "crc32", "portable"],
                     help="both caches' PagedKV(disk_crc=): the CPU CRC path at most")
 
     srv = add_bench("serve", help="Zipf chat sessions over a device tier smaller than their KV, per policy")

@@ -465,7 +465,7 @@ def test_bench_checksum_runs(tmp_path, dtype, tuning):
     assert r.returncode == 0, r.stdout + r.stderr
     (path,) = out.glob("checksum-*.json")
     res = json.loads(path.read_text())
-    assert res["disk_tuning"] == {"disk_read_piece": 512 * 1024, "disk_crc": "fold", **tuning}
+    assert res["disk_tuning"] == {"disk_read_piece": 512 * 1024, "disk_crc": "crc32", **tuning}
     assert res["cost"]["disk_tuning"] == res["disk_tuning"]
     assert res["dtype"] == (dtype or "float32") and res["device"] == "cpu"
     assert res["block_bytes"] == res["cost"]["block_bytes"] == (2 << 20 if dtype else 4 << 20)

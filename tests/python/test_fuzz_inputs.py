@@ -192,7 +192,7 @@ BASE_CTOR = dict(num_layers=2, num_kv_heads=2, head_dim=16, block_size=4, dtype=
                  device_blocks=8, host_blocks=8, disk_blocks=8, disk_path=None, policy="lru", window=None,
                  sink_tokens=0, retain=True, rope=None, positions="original", watermarks=(0.02, 0.05),
                  staging="kernel", gather_shape=None, copy_batch="batch", disk_checksum=True,
-                 disk_read_piece=512 * 1024, disk_crc="fold")
+                 disk_read_piece=512 * 1024, disk_crc="crc32")
 
 
 def ctor_values():
