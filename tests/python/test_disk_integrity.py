@@ -236,22 +236,24 @@ def test_cpu_caches_checksum_on_the_disk_tier(tmp_path):
     assert st["blocks_to_disk"] > 0 and st["disk_crcs_carried"] == 0, st
 
 
-# Blocks of 256 KiB and more are checksummed on a checksum thread while their own write runs, and
-# the CRC folds 256 bytes a step on CPUs with VPCLMULQDQ (the last size % 256 bytes on the crc32
-# path). (layers, head_dim, block_size): 2.5 MiB blocks (O_DIRECT) and 1,101,600-byte ones
+# Blocks of 256 KiB and more are checksummed on a checksum thread while their own write runs; with
+# disk_crc="fold" the CRC folds 256 bytes a step on CPUs with VPCLMULQDQ (the last size % 256 bytes
+# on the crc32 path), by default it runs the crc32 instruction on three streams. (layers, head_dim, block_size): 2.5 MiB blocks (O_DIRECT) and 1,101,600-byte ones
 # (buffered; 32 bytes past the last whole step). PIECE: boundaries to flip bytes on either side of.
 BIG = [(40, 128, 64), (81, 100, 17)]
 PIECE = 512 << 10
 
 
 @pytest.mark.parametrize("layers,head_dim,block_size", BIG)
-@pytest.mark.parametrize("piece", [512 * 1024, 0, 256 * 1024, 768 * 1024])
-def test_big_blocks_are_checked_in_every_piece(tmp_path, layers, head_dim, block_size, piece):
-    # piece: PagedKV(disk_read_piece=) (the default 512 KiB; 0: whole blocks, checked after)
+@pytest.mark.parametrize("piece,crc", [(512 * 1024, "crc32"), (512 * 1024, "fold"), (0, "crc32"), (0, "fold"),
+                                       (256 * 1024, "crc32"), (768 * 1024, "fold")])
+def test_big_blocks_are_checked_in_every_piece(tmp_path, layers, head_dim, block_size, piece, crc):
+    # piece: PagedKV(disk_read_piece=) (the default 512 KiB; 0: whole blocks, checked after);
+    # crc: PagedKV(disk_crc=) (the default crc32 instruction, or the folding)
     gen = torch.Generator().manual_seed(5)
     kv = pagedkv.PagedKV(num_layers=layers, num_kv_heads=1, head_dim=head_dim, block_size=block_size,
                          dtype=torch.float32, device="cpu", device_blocks=2, host_blocks=2, disk_blocks=16,
-                         disk_path=tmp_path, disk_read_piece=piece)
+                         disk_path=tmp_path, disk_read_piece=piece, disk_crc=crc)
     size = layers * 2 * block_size * head_dim * 4
     seqs = []
     for _ in range(11):  # one block each: most go to disk
