@@ -11,8 +11,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 if ! [ -x build/pa_check ] || ldd build/pa_check 2>&1 | grep -q "not found"; then
   mkdir -p build
   nvcc -std=c++17 -O3 -Iinclude --expt-relaxed-constexpr -lineinfo -gencode=arch=compute_90a,code=sm_90a \
-    tests/cuda/paged_attention_check.cu tests/cuda/paged_attention_bench.cu cuda/paged_attention.cu \
-    cuda/prefill_sm90.cu cuda/kv_write.cu cuda/host_copy.cu -o build/pa_check || exit 1
+    tests/cuda/paged_attention_check.cu tests/cuda/paged_attention_bench.cu tests/cuda/block_crc_check.cu \
+    cuda/paged_attention.cu cuda/prefill_sm90.cu cuda/kv_write.cu cuda/host_copy.cu cuda/block_crc.cu \
+    cpp/crc32c.cpp -o build/pa_check || exit 1
 fi
 mode=${1:-quick}
 case "$mode" in

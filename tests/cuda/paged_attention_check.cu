@@ -2,9 +2,8 @@
 // Oracle: a naive float64 CPU loop over the same block table and pool, rounded to the dtype.
 // Every pool element no query may see is NaN, so reading one (or an unmapped block) shows up.
 //
-//   nvcc -std=c++17 -O3 -Iinclude -gencode=arch=compute_90a,code=sm_90a \
-//     tests/cuda/paged_attention_check.cu tests/cuda/paged_attention_bench.cu cuda/paged_attention.cu \
-//     cuda/kv_write.cu cuda/host_copy.cu -o build/pa_check
+//   bash bench/kernel_check.sh (compiles build/pa_check from the files it lists), or CMake's
+//   pagedkv_cuda_check (PAGEDKV_TESTS=ON with CUDA)
 //   build/pa_check            full sweep       build/pa_check --quick   small sweep (sanitizers)
 //   build/pa_check --bench [file]   decode timings (CUDA-graph replay), also written to file
 // Environment: PKV_VARIANT=1 forces the 3-stage kernel (head_dim <= 128), -1 the base kernel
