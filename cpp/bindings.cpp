@@ -10,6 +10,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <optional>
+#include <utility>
 
 #include "pagedkv/crc32c.h"
 #include "pagedkv/device_backend.h"
@@ -131,6 +132,18 @@ nb::dict stats_dict(const Stats& s) {
 
 void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
+// The CRC paths by the names Python uses (PagedKV(disk_crc=), _C.crc32c(path=)), fastest first.
+constexpr std::pair<const char*, Crc32cPath> kCrcPaths[] = {
+    {"fold", Crc32cPath::fold}, {"crc32", Crc32cPath::crc32}, {"portable", Crc32cPath::portable}};
+
+// The path named `name`; ArgumentError naming `what` (and "best" where `best` is allowed) otherwise.
+Crc32cPath crc_path_named(const std::string& name, const char* what, bool best) {
+  if (best && name == "best") return crc32c_best();
+  for (const auto& [key, path] : kCrcPaths)
+    if (name == key) return path;
+  PKV_FAIL(ArgumentError, what, " must be ", best ? "'best', " : "", "'fold', 'crc32' or 'portable', got '", name, "'");
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -144,12 +157,7 @@ NB_MODULE(_C, m) {
   // the next when the CPU lacks it; crc32c_paths() lists those it has).
   m.def("crc32c",
         [](const nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu>& data, bool portable, const std::string& path) {
-          const Crc32cPath p = portable || path == "portable" ? Crc32cPath::portable
-                               : path == "crc32"              ? Crc32cPath::crc32
-                               : path == "fold"               ? Crc32cPath::fold
-                                                              : crc32c_best();
-          PKV_CHECK(portable || path == "best" || path == "portable" || path == "crc32" || path == "fold",
-                    ArgumentError, "crc32c(): path must be 'best', 'fold', 'crc32' or 'portable', got '", path, "'");
+          const Crc32cPath p = portable ? Crc32cPath::portable : crc_path_named(path, "crc32c(): path", true);
           nb::gil_scoped_release release;
           return crc32c_on(p, data.data(), data.size());
         },
@@ -158,8 +166,8 @@ NB_MODULE(_C, m) {
   m.def("crc32c_hardware", [] { return crc32c_hardware(); });
   m.def("crc32c_paths", [] {  // the paths this CPU has, fastest first (the first is "best")
     std::vector<std::string> out;
-    for (Crc32cPath p : {Crc32cPath::fold, Crc32cPath::crc32, Crc32cPath::portable})
-      if (p <= crc32c_best()) out.push_back(p == Crc32cPath::fold ? "fold" : p == Crc32cPath::crc32 ? "crc32" : "portable");
+    for (const auto& [key, path] : kCrcPaths)
+      if (path <= crc32c_best()) out.push_back(key);
     return out;
   });
 
@@ -204,10 +212,7 @@ NB_MODULE(_C, m) {
              c.stripe_rank = stripe_rank;
              c.disk_checksum = disk_checksum;
              c.disk_read_piece = disk_read_piece;
-             PKV_CHECK(disk_crc == "fold" || disk_crc == "crc32" || disk_crc == "portable", ArgumentError,
-                       "disk_crc: expected fold, crc32 or portable, got '", disk_crc, "'");
-             c.disk_crc = disk_crc == "fold" ? Crc32cPath::fold : disk_crc == "crc32" ? Crc32cPath::crc32
-                                                                                     : Crc32cPath::portable;
+             c.disk_crc = crc_path_named(disk_crc, "disk_crc", false);
              new (self) Engine(c);
            },
            "num_layers"_a, "num_kv_heads"_a, "head_dim"_a, "block_size"_a, "dtype"_a,

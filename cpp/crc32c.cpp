@@ -5,6 +5,7 @@
 // so three independent streams over adjacent chunks keep it busy, and the chunks' CRCs are joined
 // by "shift by n zero bytes" tables (multiplying by x^(8n) mod P, linear in the CRC).
 #include "pagedkv/crc32c.h"
+#include "pagedkv/crc32c_gf2.h"
 
 #include <algorithm>
 #include <cstring>
@@ -17,7 +18,7 @@
 namespace pagedkv {
 namespace {
 
-constexpr uint32_t kPoly = 0x82F63B78u;
+namespace gf2 = crc32c_gf2;
 
 uint64_t load64(const unsigned char* p) {  // (unaligned, without undefined behaviour)
   uint64_t v;
@@ -28,11 +29,7 @@ uint64_t load64(const unsigned char* p) {  // (unaligned, without undefined beha
 struct SliceTables {
   uint32_t t[8][256];
   SliceTables() {
-    for (uint32_t n = 0; n < 256; ++n) {
-      uint32_t c = n;
-      for (int k = 0; k < 8; ++k) c = c & 1 ? (c >> 1) ^ kPoly : c >> 1;
-      t[0][n] = c;
-    }
+    for (uint32_t n = 0; n < 256; ++n) t[0][n] = gf2::update_byte(0, uint8_t(n));
     for (uint32_t n = 0; n < 256; ++n)
       for (int k = 1; k < 8; ++k) t[k][n] = (t[k - 1][n] >> 8) ^ t[0][t[k - 1][n] & 0xff];
   }
@@ -43,31 +40,14 @@ const SliceTables& slice_tables() {
   return tables;
 }
 
-// -- GF(2) 32x32 matrices: the operator that feeds n zero bytes through a CRC --
-uint32_t times(const uint32_t* mat, uint32_t vec) {
-  uint32_t sum = 0;
-  for (; vec; vec >>= 1, ++mat)
-    if (vec & 1) sum ^= *mat;
-  return sum;
-}
-
-void square(uint32_t* out, const uint32_t* mat) {
-  for (int n = 0; n < 32; ++n) out[n] = times(mat, mat[n]);
-}
-
-// Byte-wise tables applying the operator for `len` zero bytes (len a power of two).
+// Byte-wise tables applying the operator for `len` zero bytes: multiplying by x^(8 len) mod P,
+// which is linear in the CRC, byte by byte.
 struct ShiftTable {
   uint32_t t[4][256];
   explicit ShiftTable(size_t len) {
-    uint32_t op[32], sq[32];
-    op[0] = kPoly;  // one zero bit
-    for (int n = 1; n < 32; ++n) op[n] = 1u << (n - 1);
-    for (size_t bits = 1; bits < len * 8; bits <<= 1) {  // square up to len * 8 zero bits
-      square(sq, op);
-      std::memcpy(op, sq, sizeof op);
-    }
+    const uint32_t op = gf2::x_to_the(8 * uint64_t(len));
     for (uint32_t n = 0; n < 256; ++n)
-      for (int k = 0; k < 4; ++k) t[k][n] = times(op, n << (8 * k));
+      for (int k = 0; k < 4; ++k) t[k][n] = gf2::multiply(n << (8 * k), op);
   }
   uint32_t shift(uint32_t crc) const {
     return t[0][crc & 0xff] ^ t[1][(crc >> 8) & 0xff] ^ t[2][(crc >> 16) & 0xff] ^ t[3][crc >> 24];
@@ -127,30 +107,17 @@ bool cpu_has_sse42() {
 // bit-reflected; the 33 accounts for the reflected product's extra bit and the 32-bit remainder
 // the crc32 instruction takes at the end), XORed into the lane d bytes on. --
 
-// x^n mod P, bit-reflected (x^0 is bit 31): "1" fed through n zero bits.
-uint32_t xn_mod_p(uint64_t n) {
-  uint32_t op[32], sq[32], v = 0x80000000u;
-  op[0] = kPoly;
-  for (int k = 1; k < 32; ++k) op[k] = 1u << (k - 1);
-  for (; n; n >>= 1) {
-    if (n & 1) v = times(op, v);
-    square(sq, op);
-    std::memcpy(op, sq, sizeof op);
-  }
-  return v;
-}
-
 struct FoldConstants {
   uint64_t lo[4], hi[4];  // [d / 16 - 1 for d = 16, 32, 48, 64], and [4] below for d = 256
   uint64_t lo256, hi256;
   FoldConstants() {
     for (int i = 0; i < 4; ++i) {
       const uint64_t d = 16 * uint64_t(i + 1);
-      lo[i] = xn_mod_p(8 * d + 64 - 33);
-      hi[i] = xn_mod_p(8 * d - 33);
+      lo[i] = gf2::x_to_the(8 * d + 64 - 33);
+      hi[i] = gf2::x_to_the(8 * d - 33);
     }
-    lo256 = xn_mod_p(8 * 256 + 64 - 33);
-    hi256 = xn_mod_p(8 * 256 - 33);
+    lo256 = gf2::x_to_the(8 * 256 + 64 - 33);
+    hi256 = gf2::x_to_the(8 * 256 - 33);
   }
 };
 

@@ -83,8 +83,12 @@ __global__ void __launch_bounds__(kThreads) block_crc_kernel(const __grid_consta
 
 cudaError_t crc32c_blocks(const BlockCrcJob* jobs, int64_t count, size_t block_bytes, cudaStream_t stream) {
   if (count <= 0) return cudaSuccess;
-  Launch l;
-  gf2::zeros_squares(l.squares);
+  static const Launch proto = [] {  // the squares, computed once
+    Launch p{};
+    gf2::zeros_squares(p.squares);
+    return p;
+  }();
+  Launch l = proto;
   l.start = gf2::start_term(block_bytes, l.squares);
   l.block_bytes = block_bytes;
   for (int64_t at = 0; at < count; at += kJobsPerLaunch) {

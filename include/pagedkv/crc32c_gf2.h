@@ -7,7 +7,6 @@
 //   crc32c(buffer) = ~(~0 * x^(8 len) ^ XOR_i update(0, C_i) * x^(8 e_i))     (mod P)
 // and the chunks can be done in any order, by any thread: the GPU checksums a block that way.
 #pragma once
-#include <cstddef>
 #include <cstdint>
 
 #ifndef PKV_HOST_DEVICE
@@ -31,6 +30,17 @@ PKV_HOST_DEVICE inline uint32_t multiply(uint32_t a, uint32_t b) {
     b = (b & 1u) ? (b >> 1) ^ kPoly : b >> 1;  // b * x
   }
   return product;
+}
+
+// x^n mod P: n zero bits fed through the register, by squaring (the host's constants: the crc32
+// path's shift tables, the folding's multipliers).
+PKV_HOST_DEVICE inline uint32_t x_to_the(uint64_t n) {
+  uint32_t result = kOne, power = kOne >> 1;  // x^0, x^1
+  for (; n != 0; n >>= 1) {
+    if (n & 1u) result = multiply(result, power);
+    power = multiply(power, power);
+  }
+  return result;
 }
 
 // x^(8 n) mod P: n zero bytes fed through the register. squares[k] = x^(8 * 2^k) mod P.

@@ -28,6 +28,7 @@ import time
 import torch
 
 from .. import _C, cuda_available
+from .._checks import DISK_CRC_PATHS
 from .common import save
 from .disk_tier import checksum_cost, checksum_lines, default_dtype, disk_ceilings
 
@@ -58,8 +59,8 @@ def main(args) -> None:
                          **tuning)
     block_bytes = cost["block_bytes"]
     paths = _C.crc32c_paths()  # this CPU's, fastest first
-    order = ["fold", "crc32", "portable"]
-    runs = next(p for p in paths if order.index(p) >= order.index(args.disk_crc))  # the disk tier's
+    runs = next(p for p in paths  # the disk tier's: the fastest at most --disk-crc (both lists fastest first)
+                if DISK_CRC_PATHS.index(p) >= DISK_CRC_PATHS.index(args.disk_crc))
     crc = {p: crc32c_rate(block_bytes, p) for p in paths}
     bound = {way: cost[way]["gb_s_checksum"] / crc[runs] for way in ("write", "read")}
     print(f"checksum (crc32c) of {block_bytes / 2**20:.0f} MiB disk-tier blocks, one thread: "
